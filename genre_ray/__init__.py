@@ -1,0 +1,1 @@
+"""genre-ray: tune music-genre classifiers on GTZAN with Ray Tune."""

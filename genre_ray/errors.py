@@ -1,0 +1,28 @@
+"""The one exception family for errors a user can cause, and how commands report them."""
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable, NoReturn
+
+
+class UserError(Exception):
+    """A problem the user can fix: the message names the thing and the fix."""
+
+
+def exit_on_user_error(main: Callable[..., int | None]) -> Callable[..., NoReturn]:
+    """Wrap a command's `main`: a UserError becomes one line on stderr and exit code 2.
+
+    Anything else is a bug and keeps its traceback.
+    """
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs) -> NoReturn:
+        try:
+            code = main(*args, **kwargs)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+        sys.exit(code or 0)
+
+    return wrapper

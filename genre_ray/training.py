@@ -1,0 +1,220 @@
+"""Stage training: the one plain-PyTorch loop every trial runs (no Ray here).
+
+Data stays resident on the device and is batched by index: a permutation per epoch,
+one gather per batch, no DataLoader, no per-item Python. `Trainer.fit` runs N epochs
+and calls `on_epoch(metrics, evaluation)` after each: the seam the Ray trainable uses
+to report and checkpoint. `Trainer.state_dict()` holds everything a resume needs.
+
+    python -m genre_ray.training [--data-dir D] [--model CEL] [--feature spectrogram]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from genre_ray.config import defaults
+from genre_ray.errors import exit_on_user_error
+
+OPTIMIZERS = {
+    "adam": lambda params, lr, wd: torch.optim.Adam(params, lr=lr, weight_decay=wd),
+    "sgd": lambda params, lr, wd: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd),
+}
+SCHEDULERS = {
+    "none": lambda opt, epochs: None,
+    "plateau": lambda opt, epochs: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=2),
+    "cosine": lambda opt, epochs: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs),
+}
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class Evaluation:
+    """loss, accuracy; probs: (n, n_classes); confusion: (n_classes, n_classes), rows = truth."""
+
+    loss: float
+    accuracy: float
+    probs: torch.Tensor
+    confusion: torch.Tensor
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) for a reproducible run."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device() -> torch.device:
+    """CUDA when present (Ray sets CUDA_VISIBLE_DEVICES per trial), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """Index tensors covering range(n): shuffled when a generator is given."""
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    yield from order.split(batch_size)
+
+
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                y: torch.Tensor, batch_size: int, generator: torch.Generator,
+                transform: nn.Module | None = None) -> float:
+    """One pass over (x: (n, *shape), y: (n,)) in shuffled batches; returns the mean loss."""
+    model.train()
+    total = torch.zeros((), device=x.device)
+    for idx in batches(len(x), batch_size, generator):
+        xb, yb = _on(model, x[idx.to(x.device)]), _on(model, y[idx.to(y.device)])
+        if transform is not None:
+            xb = transform(xb)
+        loss = nn.functional.cross_entropy(model(xb), yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.detach() * len(idx)
+    mean = total.item() / len(x)  # one device sync per epoch, not per batch
+    if not math.isfinite(mean):
+        raise Diverged(f"training loss is {mean}; lower the learning rate")
+    return mean
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, n_classes: int,
+             batch_size: int = 256) -> Evaluation:
+    """Loss, accuracy, class probabilities and confusion matrix of (x, y) in eval mode."""
+    model.eval()
+    logits = torch.cat([model(_on(model, x[idx.to(x.device)]))
+                        for idx in batches(len(x), batch_size)])
+    y = _on(model, y)
+    loss = nn.functional.cross_entropy(logits, y).item()
+    pred = logits.argmax(dim=1)
+    confusion = torch.bincount(y * n_classes + pred, minlength=n_classes ** 2)
+    return Evaluation(loss, (pred == y).float().mean().item(), logits.softmax(dim=1).cpu(),
+                      confusion.reshape(n_classes, n_classes).cpu())
+
+
+def _on(model: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """`t` on the model's device (a no-op when the data is resident there)."""
+    return t.to(next(model.parameters()).device, non_blocking=True)
+
+
+class Trainer:
+    """A model, its optimiser and schedule, and the train/val tensors it fits.
+
+    train, val: (x: (n, *input_shape), y: (n,)). Data is moved to the device once when
+    it fits (see `resident`), else kept in host memory and sent batch by batch.
+    """
+
+    def __init__(self, model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
+                 val: tuple[torch.Tensor, torch.Tensor], config: Mapping[str, Any], *,
+                 n_classes: int, epochs: int, seed: int = 0, device: torch.device | None = None,
+                 transform: nn.Module | None = None) -> None:
+        opts = {**defaults("training"), **config}
+        self.device = device or pick_device()
+        self.model = model.to(self.device)
+        self.train_xy = tuple(resident(t, self.device) for t in train)
+        self.val_xy = tuple(resident(t, self.device) for t in val)
+        self.n_classes, self.batch_size = n_classes, int(opts["batch_size"])
+        self.eval_batch_size = int(opts["eval_batch_size"])
+        self.transform = transform.to(self.device) if transform is not None else None
+        self.optimizer = OPTIMIZERS[opts["optimizer"]](model.parameters(), opts["learning_rate"],
+                                                       opts["weight_decay"])
+        self.scheduler = SCHEDULERS[opts["scheduler"]](self.optimizer, epochs)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch = 0
+
+    def evaluate(self) -> Evaluation:
+        return evaluate(self.model, *self.val_xy, self.n_classes, self.eval_batch_size)
+
+    def fit(self, epochs: int, on_epoch: Callable[[dict[str, float], Evaluation], bool | None]
+            = lambda metrics, evaluation: None) -> list[dict[str, float]]:
+        """Train until `epochs` in total (continuing after a resume); `on_epoch` may
+        return True to stop early. Returns the metrics of each epoch run here."""
+        history = []
+        while self.epoch < epochs:
+            train_loss = train_epoch(self.model, self.optimizer, *self.train_xy, self.batch_size,
+                                     self.generator, self.transform)
+            result = self.evaluate()
+            self.epoch += 1
+            metrics = {"epoch": self.epoch, "train_loss": train_loss, "val_loss": result.loss,
+                       "val_acc": result.accuracy, "lr": self.optimizer.param_groups[0]["lr"]}
+            self._step_scheduler(result.loss)
+            history.append(metrics)
+            if on_epoch(metrics, result):
+                break
+        return history
+
+    def _step_scheduler(self, val_loss: float) -> None:
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(val_loss)
+        elif self.scheduler is not None:
+            self.scheduler.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Model, optimiser, scheduler, shuffling RNG and epoch: all a resume needs."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                "generator": self.generator.get_state(), "epoch": self.epoch}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        self.epoch = state["epoch"]
+
+
+def resident(t: torch.Tensor, device: torch.device, budget: float = 0.5) -> torch.Tensor:
+    """`t` moved to `device` if it takes under `budget` of the device's free memory;
+    otherwise left in (pinned) host memory and batches are copied as they are used."""
+    if device.type != "cuda":
+        return t.to(device)
+    free, _ = torch.cuda.mem_get_info(device)
+    return t.to(device) if t.nbytes < budget * free else t.pin_memory()
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    """Train one model on one feature without Ray and print its per-epoch metrics."""
+    from genre_ray.features import batch_augmentation, build_features
+    from genre_ray.models import build_model, count_parameters
+
+    parser = argparse.ArgumentParser(prog="python -m genre_ray.training", description=main.__doc__)
+    parser.add_argument("--data-dir", type=Path, help="GTZAN folder (default: the embedded dataset)")
+    parser.add_argument("--model", default="CEL")
+    parser.add_argument("--feature", default="spectrogram")
+    parser.add_argument("--epochs", type=int, default=defaults("training")["epochs"])
+    parser.add_argument("--seed", type=int, default=defaults("training")["seed"])
+    parser.add_argument("--config", default="{}", help='JSON overrides, e.g. \'{"learning_rate": 3e-4}\'')
+    args = parser.parse_args(argv)
+    if args.data_dir is None:
+        from genre_ray.synthetic import embedded_dataset
+
+        args.data_dir = embedded_dataset()
+    fs = build_features(args.data_dir, args.feature)
+    config = {**defaults("seed_configs")[args.model], **json.loads(args.config)}
+    seed_everything(args.seed)
+    model = build_model(args.model, fs.input_shape, len(fs.classes), config)
+    print(f"{args.model} on {fs.feature} {fs.input_shape}: {count_parameters(model):,} parameters")
+    split = {name: (s.x, s.labels) for name, s in fs.splits.items()}
+    trainer = Trainer(model, split["train"], split["val"], config, n_classes=len(fs.classes),
+                      epochs=args.epochs, seed=args.seed, transform=batch_augmentation(fs.feature))
+    trainer.fit(args.epochs, lambda m, _: print(
+        f"epoch {m['epoch']:3d}  train_loss {m['train_loss']:.3f}  val_loss {m['val_loss']:.3f}  "
+        f"val_acc {m['val_acc']:.3f}", flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    main()

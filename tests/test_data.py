@@ -1,0 +1,186 @@
+"""Stage data on real audio files written by the tests (soundfile), no mocks."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+import torch
+from torchaudio.datasets import gtzan
+
+from genre_ray import data
+from genre_ray.errors import UserError
+from tests.conftest import GENRES, make_tree, run_module, write_tone
+
+SEG = 110250  # 5 s at 22050 Hz
+
+
+@pytest.mark.parametrize("layout,ext", [("genres", ".au"), ("genres_original", ".wav"),
+                                        (".", ".wav"), ("genres", ".wav")])
+def test_reads_every_gtzan_layout(tmp_path, layout, ext):
+    make_tree(tmp_path, layout=layout, ext=ext, tracks=3, seconds=11.0)
+    segs = data.load_segments(tmp_path, "random", seed=0)
+    assert segs.classes == sorted(GENRES)
+    total = sum(len(s.labels) for s in segs.splits.values())
+    assert total == 3 * 3 * 2  # 11 s: two full segments, a 1 s tail dropped
+    for part in segs.splits.values():
+        assert part.waves.shape[1:] == (SEG,) and part.waves.dtype == torch.float32
+        assert len(part.track_ids) == len(set(part.track.tolist()))
+
+
+def test_segments_keep_a_long_tail_padded_and_drop_a_short_one():
+    wave = torch.ones(2 * SEG + SEG // 2 + 10)  # tail just over half a segment
+    cut = data.segment(wave, SEG, SEG // 2)
+    assert cut.shape == (3, SEG)
+    assert cut[2, : SEG // 2 + 10].eq(1).all() and cut[2, SEG // 2 + 10:].eq(0).all()
+    assert data.segment(torch.ones(2 * SEG + 100), SEG, SEG // 2).shape == (2, SEG)
+    assert data.segment(torch.ones(100), SEG, SEG // 2).shape == (0, SEG)
+
+
+def test_stereo_and_44k_are_downmixed_and_resampled(tmp_path):
+    path = write_tone(tmp_path / "x.wav", 440.0, 2.0, rate=44100, channels=2)
+    wave = data.decode(path, 22050)
+    assert wave.shape == (44100,)
+    spectrum = torch.fft.rfft(wave).abs()
+    assert abs(spectrum.argmax().item() / 2.0 - 440.0) < 2  # the tone survives resampling
+
+
+def test_broken_file_is_skipped_and_reported(tmp_path):
+    make_tree(tmp_path, tracks=3)
+    broken = tmp_path / "genres_original" / "jazz" / "jazz.00054.wav"
+    broken.write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot really audio")
+    (tmp_path / "genres_original" / "jazz" / ".DS_Store").write_bytes(b"\x00")
+    segs = data.load_segments(tmp_path, "random", seed=0)
+    assert [p.name for p, _ in segs.skipped] == ["jazz.00054.wav"]
+    assert "does not decode" in segs.skipped[0][1]
+    assert [p.name for p in segs.ignored] == [".DS_Store"]
+    assert all("jazz.00054" not in s.track_ids for s in segs.splits.values())
+
+
+def _assert_disjoint(assigned):
+    ids = [set(t.track_id for t in assigned[name]) for name in data.SPLITS]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    return ids
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_random_split_is_by_track_stratified_and_seeded(tmp_path, seed):
+    tracks = data.scan(make_tree(tmp_path, tracks=10, seconds=0.1)).tracks
+    fractions = {"train": 0.6, "val": 0.2, "test": 0.2}
+    assigned = data.split_tracks(tracks, "random", seed=seed, fractions=fractions)
+    train, val, test = _assert_disjoint(assigned)
+    assert len(train | val | test) == len(tracks)
+    for genre in GENRES:  # stratified: 6/2/2 of each genre
+        assert [sum(tid.startswith(genre) for tid in s) for s in (train, val, test)] == [6, 2, 2]
+    again = data.split_tracks(tracks, "random", seed=seed, fractions=fractions)
+    assert again == assigned
+
+
+def _standin_gtzan(root: Path) -> list[data.Track]:
+    """Empty-of-music stand-ins named as every track of the fault-filtered lists."""
+    for tid in gtzan.filtered_train + gtzan.filtered_valid + gtzan.filtered_test:
+        genre = tid.split(".")[0]
+        write_tone(root / "genres" / genre / f"{tid}.au", 100.0, 0.01)
+    return data.scan(root).tracks
+
+
+def test_fault_filtered_counts_match_torchaudio_lists(tmp_path):
+    tracks = _standin_gtzan(tmp_path)
+    assigned = data.split_tracks(tracks, "fault-filtered", seed=0, fractions={})
+    assert [len(assigned[n]) for n in data.SPLITS] == [443, 197, 290]
+    _assert_disjoint(assigned)
+    (tmp_path / "genres" / "blues" / "blues.00029.au").unlink()  # the first listed train track
+    tracks = data.scan(tmp_path).tracks
+    assert [len(data.split_tracks(tracks, "fault-filtered", seed=0, fractions={})[n])
+            for n in data.SPLITS] == [442, 197, 290]
+    assert data.missing_tracks(tracks, "fault-filtered") == ["blues.00029"]
+
+
+def test_split_file_assigns_listed_tracks(tmp_path):
+    tracks = data.scan(make_tree(tmp_path, tracks=3, seconds=0.1)).tracks
+    lists = {"train": [f"{g}.00000" for g in GENRES] + [f"{g}.00001" for g in GENRES],
+             "val": ["blues.00002", "jazz.00002"], "test": ["classical.00002"]}
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps(lists))
+    assigned = data.split_tracks(tracks, str(path), seed=0, fractions={})
+    assert {n: sorted(t.track_id for t in assigned[n]) for n in data.SPLITS} == \
+        {n: sorted(v) for n, v in lists.items()}
+
+
+@pytest.mark.parametrize("lists,message", [
+    ({"train": ["blues.00000", "nope.00001"], "val": ["jazz.00000"], "test": ["classical.00000"]},
+     "not in the dataset"),
+    ({"train": ["blues.00000"], "val": [], "test": ["classical.00000"]}, "val split has no track"),
+    ({"train": ["blues.00000"], "val": ["blues.00000"], "test": ["jazz.00000"]}, "in both train and val"),
+    ({"train": ["blues.00000"]}, "exactly the keys train, val and test"),
+])
+def test_bad_split_files_are_refused(tmp_path, lists, message):
+    tracks = data.scan(make_tree(tmp_path, tracks=2, seconds=0.1)).tracks
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps(lists))
+    with pytest.raises(UserError, match=message):
+        data.split_tracks(tracks, str(path), seed=0, fractions={})
+
+
+def test_repeated_stems_across_genres_get_genre_prefixed_ids(tmp_path):
+    for genre in ("rock", "jazz"):
+        write_tone(tmp_path / genre / "01.wav", 300.0, 0.1)
+    write_tone(tmp_path / "jazz" / "02.wav", 300.0, 0.1)
+    ids = sorted(t.track_id for t in data.scan(tmp_path).tracks)
+    assert ids == ["02", "jazz/01", "rock/01"]
+
+
+def _text_only_genres(root: Path) -> None:
+    for genre in ("rock", "jazz"):
+        (root / genre).mkdir(parents=True)
+        (root / genre / "notes.txt").write_text("no audio here")
+
+
+@pytest.mark.parametrize("setup,message", [
+    (lambda root: root.rmdir(), "does not exist"),
+    (lambda root: None, "no genre folders"),
+    (_text_only_genres, "no genre folders"),
+    (lambda root: write_tone(root / "rock" / "rock.00000.wav", 300.0, 6.0), "at least two genre"),
+])
+def test_bad_data_dirs_are_one_clear_error(tmp_path, setup, message):
+    root = tmp_path / "d"
+    root.mkdir()
+    setup(root)
+    with pytest.raises(UserError, match=message):
+        data.scan(root)
+
+
+def test_genre_with_only_broken_files_is_an_error_when_its_tracks_are_needed(tmp_path):
+    make_tree(tmp_path, genres=["blues", "jazz"], tracks=3)
+    for path in (tmp_path / "genres_original" / "jazz").iterdir():
+        path.write_bytes(b"not audio at all")
+    segs = data.load_segments(tmp_path, "random", seed=0)
+    assert len(segs.skipped) == 3 and segs.classes == ["blues", "jazz"]
+    assert segs.splits["train"].labels.unique().tolist() == [0]
+
+
+def test_cli_reports_tracks_segments_and_skips(tmp_path):
+    make_tree(tmp_path, tracks=3, seconds=11.0)
+    (tmp_path / "genres_original" / "blues" / "blues.00009.wav").write_bytes(b"broken")
+    out = run_module("genre_ray.data", str(tmp_path), "--split", "random")
+    assert out.returncode == 0, out.stderr
+    assert "classical" in out.stdout and "skipped 1 file(s)" in out.stdout
+    assert "blues.00009.wav" in out.stdout
+    total_line = next(line for line in out.stdout.splitlines() if line.startswith("total"))
+    cells = [tuple(map(int, c.split("/"))) for c in total_line.split()[1:]]
+    assert len(cells) == 3 and all(tracks >= 3 for tracks, _ in cells)  # a track per genre
+    assert sum(t for t, _ in cells) == 9 and sum(s for _, s in cells) == 18  # 11 s: 2 segments
+
+
+@pytest.mark.parametrize("args,message", [
+    (["{missing}"], "does not exist"),
+    (["{tree}", "--split", "nonsense"], "neither 'random', 'fault-filtered'"),
+])
+def test_cli_user_errors_exit_2_without_traceback(tmp_path, args, message):
+    make_tree(tmp_path / "tree", tracks=3)
+    argv = [a.format(missing=tmp_path / "missing", tree=tmp_path / "tree") for a in args]
+    out = run_module("genre_ray.data", *argv)
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert out.stderr.count("\n") == 1

@@ -1,0 +1,156 @@
+"""Stage features: shapes, normalisation, augmentation, and the disk cache."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from genre_ray import features
+from genre_ray.errors import UserError
+from genre_ray.features import LogMel, build_features
+from genre_ray.files import atomic_path
+from tests.conftest import make_tree
+
+RATE, SEG = 22050, 110250
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    """3 genres x 3 tracks of 11 s: one track per genre per split, 2 segments each."""
+    return make_tree(tmp_path_factory.mktemp("tree"), tracks=3, seconds=11.0)
+
+
+@pytest.fixture(scope="module")
+def built(tree, tmp_path_factory):
+    """Both features of `tree`, computed once for the module's read-only tests."""
+    cache = tmp_path_factory.mktemp("module-cache")
+    return {f: build_features(tree, f, cache=cache) for f in features.FEATURES}
+
+
+def _peak_hz(wave: torch.Tensor) -> float:
+    return torch.fft.rfft(wave).abs().argmax().item() * RATE / wave.numel()
+
+
+def _tone(freq: float, seconds: float = 5.0) -> torch.Tensor:
+    return torch.sin(2 * torch.pi * freq * torch.arange(int(seconds * RATE)) / RATE)
+
+
+@pytest.mark.parametrize("feature,shape", [("waveform", (SEG,)), ("spectrogram", (64, 216))])
+def test_shapes_and_augmented_training_copies(built, feature, shape):
+    fs = built[feature]
+    assert fs.input_shape == shape and fs.classes == ["blues", "classical", "jazz"]
+    # 3 original training tracks x 2 segments, plus one time-stretched and one pitch-shifted copy
+    assert [len(fs.splits[n].x) for n in ("train", "val", "test")] == [18, 6, 6]
+    for part in fs.splits.values():
+        assert torch.isfinite(part.x).all() and part.x.dtype == torch.float32
+        assert part.labels.shape == part.track.shape == (len(part.x),)
+    train = fs.splits["train"]
+    assert torch.equal(train.labels[6:12], train.labels[:6])  # copies keep their labels
+
+
+def test_waveform_is_standardised_per_segment_and_silence_stays_finite():
+    x = torch.cat([torch.randn(3, 1000) * 5 + 2, torch.zeros(1, 1000)])
+    z = features.standardise(x)
+    assert torch.allclose(z[:3].mean(dim=1), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(z[:3].std(dim=1), torch.ones(3), atol=1e-4)
+    assert torch.equal(z[3], torch.zeros(1000))
+
+
+def test_spectrogram_uses_training_statistics_for_every_split(built):
+    fs = built["spectrogram"]
+    train = fs.splits["train"].x
+    assert torch.allclose(train.mean(dim=(0, 2)), torch.zeros(64), atol=1e-4)
+    assert torch.allclose(train.std(dim=(0, 2)), torch.ones(64), atol=1e-3)
+    assert fs.stats["mean"].shape == fs.stats["std"].shape == (64,)
+    val = fs.splits["val"].x  # normalised with train's stats: not its own zero mean
+    assert val.mean(dim=(0, 2)).abs().max() > 1e-2
+
+
+def test_logmel_batch_equals_per_item():
+    logmel = LogMel(RATE, n_fft=1024, hop_length=512, n_mels=64, f_min=0.0, top_db=80.0)
+    waves = torch.stack([_tone(440.0), 1e-3 * _tone(880.0)])  # very different loudness
+    batch = logmel(waves)
+    assert batch.shape == (2, 64, 216)
+    for i in range(2):
+        assert torch.allclose(batch[i], logmel(waves[i:i + 1])[0], atol=1e-4)
+
+
+def test_time_stretch_keeps_pitch_and_speeds_up():
+    wave = _tone(440.0) * torch.linspace(0, 1, 5 * RATE)  # a ramp: its end moves earlier
+    out = features.time_stretch(wave, 1.2)
+    assert out.shape == wave.shape
+    assert abs(_peak_hz(out) - 440.0) < 5
+    played = out.abs().nonzero().max().item() / wave.numel()
+    assert 0.8 < played < 0.86  # 1/1.2 of the segment is music, the rest zero padding
+
+
+def test_pitch_shift_moves_the_tone_by_its_semitones():
+    waves = torch.stack([_tone(440.0), _tone(440.0)])
+    out = features.pitch_shift(waves, RATE, torch.tensor([1, 2]))
+    for wave, steps in zip(out, (1, 2)):
+        assert abs(_peak_hz(wave) - 440.0 * 2 ** (steps / 12)) < 5
+
+
+def test_cache_hit_recomputes_nothing(tree, isolated_cache):
+    first = build_features(tree, "spectrogram")
+    entries = {p: p.stat().st_mtime_ns for p in (isolated_cache / "features").iterdir()}
+    again = build_features(tree, "spectogram")  # the seed's spelling hits the same entry
+    assert not first.from_cache and again.from_cache
+    assert {p: p.stat().st_mtime_ns for p in (isolated_cache / "features").iterdir()} == entries
+    for name, part in first.splits.items():
+        assert torch.equal(part.x, again.splits[name].x)
+
+
+def test_changed_input_file_or_parameter_misses_the_cache(tree, tmp_path):
+    cache = tmp_path / "cache"
+    build_features(tree, "waveform", cache=cache)
+    assert not build_features(tree, "waveform", seed=1, cache=cache).from_cache
+    assert build_features(tree, "waveform", cache=cache).from_cache
+    target = next((tree / "genres_original" / "jazz").iterdir())
+    target.write_bytes(target.read_bytes())  # same content, new mtime
+    assert not build_features(tree, "waveform", cache=cache).from_cache
+
+
+@pytest.mark.parametrize("damage", [
+    lambda b: b[: len(b) // 2],                                               # truncated
+    lambda b: b[: len(b) // 2] + bytes([b[len(b) // 2] ^ 0xFF]) + b[len(b) // 2 + 1:],  # a flipped byte
+    lambda b: b"garbage",
+])
+def test_corrupt_entry_is_detected_and_rebuilt(tree, tmp_path, caplog, damage):
+    cache = tmp_path / "cache"
+    clean = build_features(tree, "spectrogram", cache=cache)
+    entry = next((cache / "features").glob("spectrogram-*.pt"))
+    entry.write_bytes(damage(entry.read_bytes()))
+    with caplog.at_level(logging.WARNING):
+        rebuilt = build_features(tree, "spectrogram", cache=cache)
+    assert not rebuilt.from_cache and "corrupt" in caplog.text and entry.name in caplog.text
+    assert torch.equal(rebuilt.splits["train"].x, clean.splits["train"].x)
+    assert build_features(tree, "spectrogram", cache=cache).from_cache
+
+
+def test_interrupted_write_leaves_nothing(tmp_path):
+    target = tmp_path / "entry.pt"
+    target.write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise KeyboardInterrupt
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["entry.pt"]
+
+
+def test_unknown_feature_is_a_clear_error(tree):
+    with pytest.raises(UserError, match="unknown feature 'mfcc'.*waveform, spectrogram"):
+        build_features(tree, "mfcc")
+
+
+def test_batch_augmentations_keep_shape_and_mask_each_item_differently():
+    torch.manual_seed(0)
+    spec = features.batch_augmentation("spectrogram")
+    x = torch.ones(8, 64, 216)
+    masked = spec(x)
+    assert masked.shape == x.shape and (masked == 0).any()
+    zero_cols = [(m == 0).all(dim=0).nonzero().flatten().tolist() for m in masked]
+    assert len({tuple(c) for c in zero_cols}) > 1  # masks are drawn per item
+    noisy = features.batch_augmentation("waveform")(torch.zeros(4, 1000))
+    assert 0.005 < noisy.std().item() < 0.02
