@@ -159,6 +159,7 @@ class LogMel(torch.nn.Module):
         return self.to_db(self.mel(waves).unsqueeze(1)).squeeze(1)
 
 
+@torch.no_grad()
 def _feature_entry(waves: dict[str, Any], feature: str, params: dict[str, Any]) -> dict[str, Any]:
     """Compute one feature for every split of a segments entry (a plain dict)."""
     splits = waves["splits"]
@@ -177,6 +178,7 @@ def _feature_entry(waves: dict[str, Any], feature: str, params: dict[str, Any]) 
             "splits": {name: {**part, "x": xs[name]} for name, part in splits.items()}}
 
 
+@torch.no_grad()  # T.PitchShift's lazy kernel is a Parameter: keep its graph out of the data
 def _segments_entry(data_dir: Path, params: dict[str, Any]) -> dict[str, Any]:
     """Decode and cut the dataset, and add the augmented training copies."""
     log.info("decoding %s and augmenting its training segments (cached after this run)", data_dir)

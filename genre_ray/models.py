@@ -72,7 +72,7 @@ class MLP2(nn.Module):
 
 
 class ConvNet(nn.Module):
-    """The CEL family: conv blocks, global average pooling, dense blocks, linear head.
+    """The CEL family: conv blocks, average over time, dense blocks, linear head.
 
     `(batch, samples) -> (batch, n_classes)` with 1-D convolutions, or
     `(batch, n_mels, frames) -> (batch, n_classes)` with 2-D ones. Each of the
@@ -85,10 +85,15 @@ class ConvNet(nn.Module):
     conv (`stem_kernel`, `stem_stride`) as width-3 convs over 110,250 raw samples cost far
     too much; the stem keys are ignored on 2-D input. Pools use `ceil_mode`, so each halves
     a dimension rounding up and a dimension never falls below 1: any input size works,
-    except a waveform shorter than `stem_kernel` (UserError). Global average pooling keeps
-    the head at `nodes` inputs whatever the input size (the seed flattened conv maps into
-    100M-parameter heads). Then `dense_layers` blocks of [Linear(nodes, nodes), activation,
-    Dropout] and Linear(nodes, n_classes).
+    except a waveform shorter than `stem_kernel` (UserError).
+
+    The conv maps are averaged over time only: a spectrogram keeps its pooled frequency
+    axis, since where in frequency a pattern sits is what tells genres apart (averaging
+    over frequency too made pure tones an octave apart indistinguishable). The head thus
+    takes `nodes * ceil(n_mels / 2**hidden_layers)` inputs (`nodes` for waveforms): small
+    whatever the clip length (the seed flattened conv maps into 100M-parameter heads).
+    Then `dense_layers` blocks of [Linear(-> nodes), activation, Dropout] and
+    Linear(nodes, n_classes).
     """
 
     def __init__(self, input_shape: tuple[int, ...], n_classes: int,
@@ -107,14 +112,16 @@ class ConvNet(nn.Module):
         blocks = [nn.Sequential(conv(i, o, 3, padding=1), norm(o), activation(),
                                 pool(2, ceil_mode=True), nn.Dropout(dropout_prob))
                   for i, o in zip([widths[0] if stem else 1] + widths, widths)]
-        dense = [nn.Sequential(nn.Linear(nodes, nodes), activation(), nn.Dropout(dropout_prob))
-                 for _ in range(dense_layers)]
+        bands = math.ceil(input_shape[0] / 2 ** hidden_layers) if len(input_shape) == 2 else 1
+        widths_in = [nodes * bands] + [nodes] * dense_layers
+        dense = [nn.Sequential(nn.Linear(i, nodes), activation(), nn.Dropout(dropout_prob))
+                 for i in widths_in[:-1]]
         self.features = nn.Sequential(*stem, *blocks)
-        self.head = nn.Sequential(nn.Flatten(), *dense, nn.Linear(nodes, n_classes))
+        self.head = nn.Sequential(*dense, nn.Linear(widths_in[-1], n_classes))
 
     def forward(self, x: Tensor) -> Tensor:
-        maps = self.features(x.unsqueeze(1))
-        return self.head(maps.mean(dim=tuple(range(2, maps.dim()))))
+        maps = self.features(x.unsqueeze(1))  # (batch, nodes, [bands,] time)
+        return self.head(maps.mean(dim=-1).flatten(1))
 
 
 def _stem(samples: int, width: int, activation: Callable[[], nn.Module],

@@ -161,10 +161,12 @@ class Trainer:
             self.scheduler.step()
 
     def state_dict(self) -> dict[str, Any]:
-        """Model, optimiser, scheduler, shuffling RNG and epoch: all a resume needs."""
+        """Model, optimiser, scheduler, RNGs (shuffling, dropout, masks) and epoch:
+        everything a resume needs to continue exactly as an uninterrupted run."""
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler else None,
-                "generator": self.generator.get_state(), "epoch": self.epoch}
+                "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "epoch": self.epoch}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -172,6 +174,7 @@ class Trainer:
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
         self.epoch = state["epoch"]
 
 
@@ -203,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
 
         args.data_dir = embedded_dataset()
     fs = build_features(args.data_dir, args.feature)
-    config = {**defaults("seed_configs")[args.model], **json.loads(args.config)}
+    config = {**defaults("seed_configs").get(args.model, {}), **json.loads(args.config)}
     seed_everything(args.seed)
     model = build_model(args.model, fs.input_shape, len(fs.classes), config)
     print(f"{args.model} on {fs.feature} {fs.input_shape}: {count_parameters(model):,} parameters")

@@ -44,6 +44,7 @@ def test_shapes_and_augmented_training_copies(built, feature, shape):
     assert [len(fs.splits[n].x) for n in ("train", "val", "test")] == [18, 6, 6]
     for part in fs.splits.values():
         assert torch.isfinite(part.x).all() and part.x.dtype == torch.float32
+        assert not part.x.requires_grad  # plain data, no autograd graph attached
         assert part.labels.shape == part.track.shape == (len(part.x),)
     train = fs.splits["train"]
     assert torch.equal(train.labels[6:12], train.labels[:6])  # copies keep their labels
