@@ -167,8 +167,20 @@ def load_segments(data_dir: Path, split: str | Path | None = None, *, seed: int 
     splits = {name: _cut_split(assigned[name], found.genres, rate, length, min_tail, skipped)
               for name in SPLITS}
     _require_tracks({name: part.track_ids for name, part in splits.items()}, "decodable ")
+    _require_every_genre(splits, found.genres, skipped)
     return SegmentSet(found.genres, splits, rate, skipped, found.ignored,
                       missing_tracks(found.tracks, split or split_params["kind"]))
+
+
+def _require_every_genre(splits: dict[str, Split], genres: list[str],
+                         skipped: list[tuple[Path, str]]) -> None:
+    present = set(torch.cat([part.labels for part in splits.values()]).tolist())
+    for label, genre in enumerate(genres):
+        if label not in present:
+            reasons = [f"{p.name}: {why}" for p, why in skipped if p.parent.name == genre]
+            raise UserError(f"genre folder {genre!r} has no decodable audio ({len(reasons)} file(s) "
+                            f"skipped, e.g. {reasons[0] if reasons else 'none'}); fix or remove "
+                            "its files, or remove the folder")
 
 
 def _subdirs(folder: Path) -> list[Path]:

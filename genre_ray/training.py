@@ -103,6 +103,15 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, n_classes: int,
                       confusion.reshape(n_classes, n_classes).cpu())
 
 
+def track_accuracy(probs: torch.Tensor, track: torch.Tensor, labels: torch.Tensor) -> float:
+    """Accuracy per track, a track's class being the argmax of its segments' mean
+    probability. probs: (n, n_classes); track (index of each segment's track), labels: (n,)."""
+    n_tracks = int(track.max()) + 1
+    sums = torch.zeros(n_tracks, probs.shape[1]).index_add_(0, track, probs)
+    truth = torch.zeros(n_tracks, dtype=torch.long).scatter_(0, track, labels)
+    return (sums.argmax(dim=1) == truth).float().mean().item()
+
+
 def _on(model: nn.Module, t: torch.Tensor) -> torch.Tensor:
     """`t` on the model's device (a no-op when the data is resident there)."""
     return t.to(next(model.parameters()).device, non_blocking=True)

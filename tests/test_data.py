@@ -11,7 +11,7 @@ from torchaudio.datasets import gtzan
 
 from genre_ray import data
 from genre_ray.errors import UserError
-from tests.conftest import GENRES, make_tree, run_module, write_tone
+from tests.helpers import GENRES, make_tree, run_module, write_tone
 
 SEG = 110250  # 5 s at 22050 Hz
 
@@ -151,13 +151,12 @@ def test_bad_data_dirs_are_one_clear_error(tmp_path, setup, message):
         data.scan(root)
 
 
-def test_genre_with_only_broken_files_is_an_error_when_its_tracks_are_needed(tmp_path):
-    make_tree(tmp_path, genres=["blues", "jazz"], tracks=3)
+def test_genre_folder_without_decodable_audio_is_a_clear_error(tmp_path):
+    make_tree(tmp_path, genres=["blues", "jazz", "rock"], tracks=3)
     for path in (tmp_path / "genres_original" / "jazz").iterdir():
         path.write_bytes(b"not audio at all")
-    segs = data.load_segments(tmp_path, "random", seed=0)
-    assert len(segs.skipped) == 3 and segs.classes == ["blues", "jazz"]
-    assert segs.splits["train"].labels.unique().tolist() == [0]
+    with pytest.raises(UserError, match="genre folder 'jazz' has no decodable audio.*3 file"):
+        data.load_segments(tmp_path, "random", seed=0)
 
 
 def test_cli_reports_tracks_segments_and_skips(tmp_path):

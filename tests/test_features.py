@@ -10,7 +10,7 @@ from genre_ray import features
 from genre_ray.errors import UserError
 from genre_ray.features import LogMel, build_features
 from genre_ray.files import atomic_path
-from tests.conftest import make_tree
+from tests.helpers import make_tree
 
 RATE, SEG = 22050, 110250
 

@@ -8,7 +8,7 @@ from genre_ray import training
 from genre_ray.features import batch_augmentation, build_features
 from genre_ray.models import build_model
 from genre_ray.training import Diverged, Trainer, evaluate
-from tests.conftest import make_tree, run_module
+from tests.helpers import make_tree, run_module
 
 CONFIG = {"learning_rate": 0.001, "batch_size": 8, "nodes": 16, "hidden_layers": 2,
           "dropout_prob": 0.1, "dense_layers": 1}
@@ -68,6 +68,15 @@ def test_same_seed_same_run_and_resume_continues_exactly(tones):
     resumed = _trainer(tones, model="MLP2", seed=99)  # other init: all must come from state
     resumed.load_state_dict(state)
     assert resumed.fit(4) == straight[2:]
+
+
+def test_track_accuracy_averages_probabilities_not_votes():
+    # track 0, truth 0: two segments lean weakly to class 1, one is sure of class 0.
+    # Voting says 1; the mean probability says 0. Track 1, truth 1: plainly right.
+    probs = torch.tensor([[0.45, 0.55], [0.45, 0.55], [0.99, 0.01], [0.2, 0.8]])
+    track, labels = torch.tensor([0, 0, 0, 1]), torch.tensor([0, 0, 0, 1])
+    assert training.track_accuracy(probs, track, labels) == 1.0
+    assert training.track_accuracy(probs, track, torch.tensor([1, 1, 1, 1])) == 0.5
 
 
 def test_on_epoch_can_stop_and_sees_the_evaluation(tones):

@@ -1,0 +1,87 @@
+"""Training loop: segments/s of genre_ray's loop over a plain DataLoader loop, same run.
+
+    python -m bench.training_loop [--epochs 3] [--data-dir D]
+
+For CEL on spectrograms and MLP on waveforms (the seed's settings), both loops train
+the same model on the same tensors with the same batch size and optimiser; only the
+batching differs: an index gather on resident data vs DataLoader(TensorDataset)
+collating item by item. Epochs alternate between the two loops to share any drift in
+machine load. Goal: ratio >= 1.0 on this CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from bench.common import context
+from genre_ray.config import defaults
+from genre_ray.features import build_features
+from genre_ray.models import build_model
+from genre_ray.synthetic import embedded_dataset
+from genre_ray.training import pick_device, seed_everything, train_epoch
+
+PAIRS = [("CEL", "spectrogram"), ("MLP", "waveform")]
+
+
+def dataloader_epoch(model, optimizer, loader: DataLoader, device: torch.device) -> float:
+    """The baseline: the textbook DataLoader loop."""
+    model.train()
+    total = 0.0
+    for xb, yb in loader:
+        xb, yb = xb.to(device), yb.to(device)
+        loss = torch.nn.functional.cross_entropy(model(xb), yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(yb)
+    return total / len(loader.dataset)
+
+
+def bench_pair(model_name: str, feature: str, data_dir: Path, epochs: int) -> float:
+    fs = build_features(data_dir, feature)
+    x, y = fs.splits["train"].x, fs.splits["train"].labels
+    config = defaults("seed_configs")[model_name]
+    device = pick_device()
+    seed_everything(0)
+    model = build_model(model_name, fs.input_shape, len(fs.classes), config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config["learning_rate"])
+    resident_x, resident_y = x.to(device), y.to(device)
+    loader = DataLoader(TensorDataset(x, y), batch_size=config["batch_size"], shuffle=True)
+    generator = torch.Generator().manual_seed(0)
+    ours = {"genre_ray": lambda: train_epoch(model, optimizer, resident_x, resident_y,
+                                             config["batch_size"], generator),
+            "DataLoader": lambda: dataloader_epoch(model, optimizer, loader, device)}
+    rates: dict[str, list[float]] = {name: [] for name in ours}
+    for _ in range(epochs + 1):  # the first round warms up and is dropped
+        for name, run in ours.items():
+            start = time.perf_counter()
+            run()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            rates[name].append(len(x) / (time.perf_counter() - start))
+    median = {name: statistics.median(r[1:]) for name, r in rates.items()}
+    ratio = median["genre_ray"] / median["DataLoader"]
+    print(f"{model_name} on {feature} {fs.input_shape}, {len(x)} segments, {device}: "
+          f"genre_ray {median['genre_ray']:.0f} seg/s, DataLoader {median['DataLoader']:.0f} seg/s, "
+          f"ratio {ratio:.2f} (goal >= 1.0)")
+    return ratio
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--data-dir", type=Path)
+    args = parser.parse_args()
+    data_dir = args.data_dir or embedded_dataset()
+    print(context())
+    for model_name, feature in PAIRS:
+        bench_pair(model_name, feature, data_dir, args.epochs)
+
+
+if __name__ == "__main__":
+    main()

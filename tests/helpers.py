@@ -1,0 +1,42 @@
+"""Test helpers: tiny real audio trees written with soundfile, and running commands."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+REPO = Path(__file__).resolve().parents[1]
+GENRES = ["blues", "classical", "jazz"]
+
+
+def write_tone(path: Path, freq: float, seconds: float, rate: int = 22050, channels: int = 1,
+               fmt: str | None = None) -> Path:
+    """A sine tone with a little noise, as 16-bit PCM; format from the suffix (.wav, .au)."""
+    rng = np.random.default_rng(int(freq))
+    t = np.arange(int(seconds * rate)) / rate
+    mono = 0.5 * np.sin(2 * np.pi * freq * t) + 0.01 * rng.standard_normal(t.size)
+    audio = np.repeat(mono[:, None], channels, axis=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), audio, rate, subtype="PCM_16", format=fmt)
+    return path
+
+
+def make_tree(root: Path, *, layout: str = "genres_original", ext: str = ".wav",
+              genres: list[str] = GENRES, tracks: int = 3, seconds: float = 6.0,
+              rate: int = 22050, channels: int = 1) -> Path:
+    """GTZAN-named files `<layout>/<genre>/<genre>.000NN<ext>`; a tone per genre."""
+    base = root / layout if layout != "." else root
+    for g, genre in enumerate(genres):
+        for i in range(tracks):
+            write_tone(base / genre / f"{genre}.{i:05d}{ext}", 220.0 * (g + 1) + 7 * i,
+                       seconds, rate, channels)
+    return root
+
+
+def run_module(*args: str, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m ARGS` as a user would; returns the completed process (text output)."""
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
