@@ -2,11 +2,12 @@
 
     python -m bench.training_loop [--epochs 3] [--data-dir D]
 
-For CEL on spectrograms and MLP on waveforms (the seed's settings), both loops train
-the same model on the same tensors with the same batch size and optimiser; only the
-batching differs: an index gather on resident data vs DataLoader(TensorDataset)
-collating item by item. Epochs alternate between the two loops to share any drift in
-machine load. Goal: ratio >= 1.0 on this CPU.
+For CEL on spectrograms and MLP on waveforms (the seed's settings), each loop trains
+its own copy of the same initial model on the same tensors with the same batch size.
+genre_ray's side is what `Trainer` builds: data resident on the device, batches by
+index gather, fused Adam, conv2d weights in channels_last. The baseline is the textbook loop: DataLoader(TensorDataset)
+collating item by item, default torch.optim.Adam. Epochs alternate between the two
+loops, in ABBA order, to share any drift in machine load. Goal: ratio >= 1.0.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from genre_ray.config import defaults
 from genre_ray.features import build_features
 from genre_ray.models import build_model
 from genre_ray.synthetic import embedded_dataset
-from genre_ray.training import pick_device, seed_everything, train_epoch
+from genre_ray.training import Trainer, seed_everything, train_epoch
 
 PAIRS = [("CEL", "spectrogram"), ("MLP", "waveform")]
 
@@ -46,25 +47,29 @@ def bench_pair(model_name: str, feature: str, data_dir: Path, epochs: int) -> fl
     fs = build_features(data_dir, feature)
     x, y = fs.splits["train"].x, fs.splits["train"].labels
     config = defaults("seed_configs")[model_name]
-    device = pick_device()
-    seed_everything(0)
-    model = build_model(model_name, fs.input_shape, len(fs.classes), config).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config["learning_rate"])
-    resident_x, resident_y = x.to(device), y.to(device)
+    models = []
+    for _ in range(2):
+        seed_everything(0)
+        models.append(build_model(model_name, fs.input_shape, len(fs.classes), config))
+    trainer = Trainer(models[0], (x, y), (x[:1], y[:1]), config, n_classes=len(fs.classes),
+                      epochs=epochs)
+    device = trainer.device
+    baseline = models[1].to(device)
+    optimizer = torch.optim.Adam(baseline.parameters(), lr=config["learning_rate"])
     loader = DataLoader(TensorDataset(x, y), batch_size=config["batch_size"], shuffle=True)
-    generator = torch.Generator().manual_seed(0)
-    ours = {"genre_ray": lambda: train_epoch(model, optimizer, resident_x, resident_y,
-                                             config["batch_size"], generator),
-            "DataLoader": lambda: dataloader_epoch(model, optimizer, loader, device)}
-    rates: dict[str, list[float]] = {name: [] for name in ours}
-    for _ in range(epochs + 1):  # the first round warms up and is dropped
-        for name, run in ours.items():
+    loops = {"genre_ray": lambda: train_epoch(trainer.model, trainer.optimizer, *trainer.train_xy,
+                                              trainer.batch_size, trainer.generator),
+             "DataLoader": lambda: dataloader_epoch(baseline, optimizer, loader, device)}
+    rates: dict[str, list[float]] = {name: [] for name in loops}
+    for round_ in range(epochs + 1):  # round 0 warms up and is dropped
+        for name in (list(loops) if round_ % 2 else list(loops)[::-1]):
             start = time.perf_counter()
-            run()
+            loops[name]()
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            rates[name].append(len(x) / (time.perf_counter() - start))
-    median = {name: statistics.median(r[1:]) for name, r in rates.items()}
+            if round_:
+                rates[name].append(len(x) / (time.perf_counter() - start))
+    median = {name: statistics.median(r) for name, r in rates.items()}
     ratio = median["genre_ray"] / median["DataLoader"]
     print(f"{model_name} on {feature} {fs.input_shape}, {len(x)} segments, {device}: "
           f"genre_ray {median['genre_ray']:.0f} seg/s, DataLoader {median['DataLoader']:.0f} seg/s, "

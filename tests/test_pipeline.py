@@ -12,7 +12,7 @@ from genre_ray.models import build_model
 from genre_ray.training import Trainer, seed_everything
 from tests.helpers import run_module
 
-TRACKS, SECONDS = 6, 15.0  # per genre: 4 train / 1 val / 1 test tracks of 3 segments
+TRACKS, SECONDS = 10, 10.0  # per genre: 6 train / 2 val / 2 test tracks of 2 segments
 
 
 @pytest.fixture(scope="module")
@@ -27,23 +27,24 @@ def test_embedded_dataset_goes_through_the_gtzan_loader(small):
     assert len(found.tracks) == 10 * TRACKS and not found.ignored
     segs = data.load_segments(small, "random", seed=0)
     assert not segs.skipped
-    assert [len(segs.splits[n].track_ids) for n in data.SPLITS] == [40, 10, 10]
-    assert [len(segs.splits[n].labels) for n in data.SPLITS] == [120, 30, 30]
+    assert [len(segs.splits[n].track_ids) for n in data.SPLITS] == [60, 20, 20]
+    assert [len(segs.splits[n].labels) for n in data.SPLITS] == [120, 40, 40]
 
 
 def test_a_short_cnn_run_beats_chance_by_a_wide_margin(small):
-    """Val: 10 tracks x 3 segments. Chance is 0.10; segments of one track are correlated,
-    so count tracks: with 10 independent guesses the chance of 4 or more right is
-    P(Binomial(10, 0.1) >= 4) = 1.3 %, so 0.40 is a margin chance rarely reaches."""
+    """Val: 20 tracks x 2 segments; chance is 0.10. Segments of one track are correlated,
+    so count at worst 20 independent guesses: 0.35 needs 7 right, and
+    P(Binomial(20, 0.1) >= 7) = 0.24 %, 2.4 % even after looking at 10 epochs. Measured
+    here: 0.45-0.52 by epoch 10 (bench/baseline.py shows the full-size run)."""
     fs = build_features(small, "spectrogram")
     config = defaults("seed_configs")["CEL"]
     seed_everything(0)
     model = build_model("CEL", fs.input_shape, len(fs.classes), config)
     split = {n: (s.x, s.labels) for n, s in fs.splits.items()}
-    trainer = Trainer(model, split["train"], split["val"], config, n_classes=10, epochs=8,
+    trainer = Trainer(model, split["train"], split["val"], config, n_classes=10, epochs=10,
                       transform=batch_augmentation("spectrogram"))
-    history = trainer.fit(8)
-    assert max(m["val_acc"] for m in history) >= 0.40, history
+    history = trainer.fit(10)
+    assert max(m["val_acc"] for m in history) >= 0.35, history
 
 
 def test_data_cli_on_the_embedded_dataset(small):
