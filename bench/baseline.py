@@ -22,9 +22,9 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from bench.common import context
-from genre_ray.config import defaults
 from genre_ray.features import FeatureSet, batch_augmentation, build_features
 from genre_ray.models import build_model
+from genre_ray.search_space import first_point
 from genre_ray.synthetic import embedded_dataset
 from genre_ray.training import Trainer, evaluate, seed_everything, track_accuracy
 
@@ -48,7 +48,7 @@ def logistic_baseline(fs: FeatureSet) -> dict[str, float]:
 
 
 def cnn(fs: FeatureSet, model_name: str, epochs: int) -> dict[str, float]:
-    config = defaults("seed_configs")[model_name]
+    config = first_point(model_name)
     seed_everything(0)
     model = build_model(model_name, fs.input_shape, len(fs.classes), config)
     split = {n: (s.x, s.labels) for n, s in fs.splits.items()}

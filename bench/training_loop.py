@@ -20,9 +20,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from bench.common import context
-from genre_ray.config import defaults
 from genre_ray.features import build_features
 from genre_ray.models import build_model
+from genre_ray.search_space import first_point
 from genre_ray.synthetic import embedded_dataset
 from genre_ray.training import Trainer, seed_everything, train_epoch
 
@@ -46,7 +46,7 @@ def dataloader_epoch(model, optimizer, loader: DataLoader, device: torch.device)
 def bench_pair(model_name: str, feature: str, data_dir: Path, epochs: int) -> float:
     fs = build_features(data_dir, feature)
     x, y = fs.splits["train"].x, fs.splits["train"].labels
-    config = defaults("seed_configs")[model_name]
+    config = first_point(model_name)
     models = []
     for _ in range(2):
         seed_everything(0)

@@ -169,6 +169,13 @@ def build_model(name: str, input_shape: tuple[int, ...], n_classes: int,
     `DEFAULTS`, an unknown key or a bad value raises UserError.
     """
     spec = _spec(name)
+    values = check_config(config)
+    return spec.build(tuple(input_shape), n_classes, **{k: values[k] for k in spec.keys})
+
+
+def check_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The model keys of `config` with DEFAULTS filled in; UserError for an unknown key
+    or a bad value (training keys are accepted and left to the training loop)."""
     unknown = sorted(set(config) - DEFAULTS.keys() - TRAINING_KEYS)
     if unknown:
         raise UserError(f"unknown config key(s) {', '.join(unknown)}; valid keys: "
@@ -177,7 +184,7 @@ def build_model(name: str, input_shape: tuple[int, ...], n_classes: int,
     for key, (ok, expected) in _CHECKS.items():
         if not ok(values[key]):
             raise UserError(f"config key {key} must be {expected}, got {values[key]!r}")
-    return spec.build(tuple(input_shape), n_classes, **{k: values[k] for k in spec.keys})
+    return values
 
 
 def count_parameters(model: nn.Module) -> int:

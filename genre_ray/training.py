@@ -160,6 +160,8 @@ class Trainer:
             train_loss = train_epoch(self.model, self.optimizer, *self.train_xy, self.batch_size,
                                      self.generator, self.transform)
             result = self.evaluate()
+            if not math.isfinite(result.loss):
+                raise Diverged(f"validation loss is {result.loss}; lower the learning rate")
             self.epoch += 1
             metrics = {"epoch": self.epoch, "train_loss": train_loss, "val_loss": result.loss,
                        "val_acc": result.accuracy, "lr": self.optimizer.param_groups[0]["lr"]}
@@ -207,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     """Train one model on one feature without Ray and print its per-epoch metrics."""
     from genre_ray.features import batch_augmentation, build_features
     from genre_ray.models import build_model, count_parameters
+    from genre_ray.search_space import first_point
 
     parser = argparse.ArgumentParser(prog="python -m genre_ray.training", description=main.__doc__)
     parser.add_argument("--data-dir", type=Path, help="GTZAN folder (default: the embedded dataset)")
@@ -221,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
 
         args.data_dir = embedded_dataset()
     fs = build_features(args.data_dir, args.feature)
-    config = {**defaults("seed_configs").get(args.model, {}), **json.loads(args.config)}
+    config = {**first_point(args.model), **json.loads(args.config)}
     seed_everything(args.seed)
     model = build_model(args.model, fs.input_shape, len(fs.classes), config)
     print(f"{args.model} on {fs.feature} {fs.input_shape}: {count_parameters(model):,} parameters")

@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import pytest
-import soundfile as sf
 import torch
 from torchaudio.datasets import gtzan
 

@@ -6,9 +6,9 @@ import pytest
 from torchaudio.datasets.gtzan import gtzan_genres
 
 from genre_ray import data, synthetic
-from genre_ray.config import defaults
 from genre_ray.features import batch_augmentation, build_features
 from genre_ray.models import build_model
+from genre_ray.search_space import first_point
 from genre_ray.training import Trainer, seed_everything
 from tests.helpers import run_module
 
@@ -37,7 +37,7 @@ def test_a_short_cnn_run_beats_chance_by_a_wide_margin(small):
     P(Binomial(20, 0.1) >= 7) = 0.24 %, 2.4 % even after looking at 10 epochs. Measured
     here: 0.45-0.52 by epoch 10 (bench/baseline.py shows the full-size run)."""
     fs = build_features(small, "spectrogram")
-    config = defaults("seed_configs")["CEL"]
+    config = first_point("CEL")
     seed_everything(0)
     model = build_model("CEL", fs.input_shape, len(fs.classes), config)
     split = {n: (s.x, s.labels) for n, s in fs.splits.items()}
