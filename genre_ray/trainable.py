@@ -1,0 +1,63 @@
+"""Stage trainable: one Ray Tune trial trains one (model, feature, config) with the shared loop.
+
+The trial reads its feature set from the object store (put once per run by the tuner),
+builds the model, and runs `training.Trainer`. It reports every epoch, and checkpoints
+when the validation loss improves; the checkpoint holds everything a resume needs, so a
+retried or restored trial continues from its best epoch, not from epoch 0. It reads no
+file but its checkpoint.
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import ray
+import torch
+from ray import tune
+
+from genre_ray.features import FeatureSet, batch_augmentation
+from genre_ray.models import build_model
+from genre_ray.training import Evaluation, Trainer, seed_everything
+
+# Keys the tuner puts in every trial's config beside the searched hyperparameters.
+TRIAL_KEYS = frozenset({"pair", "model", "feature", "max_epochs", "seed"})
+STATE_FILE = "trial_state.pt"
+
+
+def train_pair(config: Mapping[str, Any], feature_refs: Mapping[str, ray.ObjectRef]) -> None:
+    """The function trainable: `config` = TRIAL_KEYS + hyperparameters."""
+    fs: FeatureSet = ray.get(feature_refs[config["feature"]])
+    hyper = {k: v for k, v in config.items() if k not in TRIAL_KEYS}
+    seed_everything(config["seed"])
+    model = build_model(config["model"], fs.input_shape, len(fs.classes), hyper)
+    train, val = fs.splits["train"], fs.splits["val"]
+    trainer = Trainer(model, (train.x, train.labels), (val.x, val.labels), hyper,
+                      n_classes=len(fs.classes), epochs=config["max_epochs"], seed=config["seed"],
+                      transform=batch_augmentation(fs.feature))
+    best = {"val_loss": math.inf}
+    checkpoint = tune.get_checkpoint()
+    if checkpoint:
+        state = load_trial_state(checkpoint)
+        trainer.load_state_dict(state["trainer"])
+        best["val_loss"] = state["val_loss"]
+
+    def report(metrics: dict[str, float], evaluation: Evaluation) -> None:
+        if metrics["val_loss"] >= best["val_loss"]:
+            tune.report(metrics)
+            return
+        best["val_loss"] = metrics["val_loss"]
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save({"trainer": trainer.state_dict(), "val_loss": metrics["val_loss"]},
+                       Path(folder) / STATE_FILE)
+            tune.report({**metrics, "val_confusion": evaluation.confusion.tolist()},
+                        checkpoint=tune.Checkpoint.from_directory(folder))
+
+    trainer.fit(config["max_epochs"], report)
+
+
+def load_trial_state(checkpoint: tune.Checkpoint) -> dict[str, Any]:
+    """The state a trial saved in `checkpoint`: {"trainer": ..., "val_loss": ...}."""
+    with checkpoint.as_directory() as folder:
+        return torch.load(Path(folder) / STATE_FILE, weights_only=True)

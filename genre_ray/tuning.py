@@ -1,0 +1,236 @@
+"""Stage tuning: every (model, feature) pair searched by its own Optuna study, in ONE Tuner.
+
+Pairs run side by side, not one after another: a search's tail (its last few trials)
+would leave the other slots idle, so one Tuner holds every pair's trials and keeps
+every slot busy until the whole run's last trial. Inside it each pair keeps its own
+search and its own early stopping:
+
+- `PairSearcher` hands each new trial to the pair with the fewest trials so far; each
+  pair has a `PrunedOptunaSearch` over its search-space file, with an explicit, seeded
+  TPE sampler and its own study `<run>/<pair>` in the run's Optuna storage.
+- `PairScheduler` gives each pair its own ASHAScheduler, so a pair's trials are only
+  ever compared with each other (one shared ASHA killed the pairs whose losses run
+  higher, whatever their promise).
+- ASHA-stopped trials are told to Optuna as PRUNED (Tune reports them as complete,
+  which would mislead TPE); a trial that errors or whose loss is not finite as FAIL.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from genre_ray.search_space import SearchSpace
+
+METRIC, MODE = "val_loss", "min"
+TIME_ATTR = "training_iteration"  # one per epoch
+
+
+def pair_name(model: str, feature: str) -> str:
+    return f"{model}_{feature}"
+
+
+class PrunedOptunaSearch(OptunaSearch):
+    """OptunaSearch that tells scheduler-stopped trials as PRUNED and bad ones as FAIL.
+
+    Tune skips `on_trial_result` for the result on which the scheduler stops a trial,
+    so a completing result with a later step than the last one seen was a stop.
+    """
+
+    def __init__(self, *args: Any, max_t: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._max_t = max_t
+        self._last_step: dict[str, int] = {}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self._last_step[trial_id] = result.get(TIME_ATTR, 0)
+        if _finite(result.get(self.metric)):
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return super().on_trial_complete(trial_id, result, error)
+        trial, result = self._ot_trials[trial_id], result or {}
+        value, step = result.get(self.metric), int(result.get(TIME_ATTR, 0))
+        if error or not _finite(value):
+            self._ot_study.tell(trial, state=TrialState.FAIL)
+        else:
+            stopped = step > self._last_step.get(trial_id, 0)
+            if stopped:
+                trial.report(float(value), step)
+            if stopped and step < self._max_t:
+                self._ot_study.tell(trial, state=TrialState.PRUNED)  # value: last intermediate
+            else:
+                self._ot_study.tell(trial, float(value), state=TrialState.COMPLETE)
+        self._completed_trials.add(trial_id)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+class PairSearcher(Searcher):
+    """One searcher per pair behind Tune's single Searcher interface.
+
+    Each suggestion goes to the pair with the fewest trials so far (ties: the order
+    given), and carries the pair's constant keys; results are routed back by trial id.
+    """
+
+    def __init__(self, searchers: dict[str, Searcher], budgets: dict[str, int],
+                 constants: dict[str, dict[str, Any]]) -> None:
+        super().__init__(metric=METRIC, mode=MODE)
+        self._searchers, self._budgets, self._constants = searchers, budgets, constants
+        self._started: Counter[str] = Counter()
+        self._owner: dict[str, str] = {}
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return False  # each pair's searcher owns its space
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        open_pairs = [p for p in self._searchers if self._started[p] < self._budgets[p]]
+        if not open_pairs:
+            return Searcher.FINISHED
+        for pair in sorted(open_pairs, key=lambda p: self._started[p]):
+            config = self._searchers[pair].suggest(trial_id)
+            if config is not None and config != Searcher.FINISHED:
+                self._started[pair] += 1
+                self._owner[trial_id] = pair
+                return {**config, **self._constants[pair]}
+        return None
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._owner:
+            self._searchers[self._owner[trial_id]].on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        if trial_id in self._owner:
+            self._searchers[self._owner[trial_id]].on_trial_complete(trial_id, result, error)
+
+    def save(self, checkpoint_path: str) -> None:
+        import pickle
+
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        import pickle
+
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
+
+
+class PairScheduler(FIFOScheduler):
+    """One trial scheduler per pair (`config["pair"]`), each made by `factory()`."""
+
+    def __init__(self, factory: Callable[[], TrialScheduler]) -> None:
+        super().__init__()
+        self._factory = factory
+        self._schedulers: dict[str, TrialScheduler] = {}
+
+    def _of(self, trial) -> TrialScheduler:
+        pair = trial.config["pair"]
+        if pair not in self._schedulers:
+            self._schedulers[pair] = self._factory()
+        return self._schedulers[pair]
+
+    def on_trial_add(self, controller, trial) -> None:
+        self._of(trial).on_trial_add(controller, trial)
+
+    def on_trial_error(self, controller, trial) -> None:
+        self._of(trial).on_trial_error(controller, trial)
+
+    def on_trial_result(self, controller, trial, result: dict) -> str:
+        return self._of(trial).on_trial_result(controller, trial, result)
+
+    def on_trial_complete(self, controller, trial, result: dict) -> None:
+        self._of(trial).on_trial_complete(controller, trial, result)
+
+    def on_trial_remove(self, controller, trial) -> None:
+        self._of(trial).on_trial_remove(controller, trial)
+
+    def debug_string(self) -> str:
+        return "\n".join(f"{pair}: {s.debug_string()}" for pair, s in self._schedulers.items())
+
+
+@dataclass
+class SearchSettings:
+    """What `build_search` needs besides the spaces (values: defaults.yaml `tune`)."""
+
+    run_name: str
+    storage: optuna.storages.BaseStorage
+    num_samples: int
+    max_epochs: int
+    grace_period: int
+    reduction_factor: int
+    n_startup_trials: int
+    seed: int
+
+
+def build_search(pairs: list[tuple[str, str]], spaces: dict[str, SearchSpace],
+                 settings: SearchSettings) -> tuple[PairSearcher, PairScheduler]:
+    """The searcher and scheduler of a run over `pairs` of (model, feature)."""
+    searchers, constants = {}, {}
+    for i, (model, feature) in enumerate(pairs):
+        pair = pair_name(model, feature)
+        space = spaces[model]
+        sampler = optuna.samplers.TPESampler(  # explicit: Optuna 5 changed TPE's defaults
+            seed=settings.seed + i, n_startup_trials=settings.n_startup_trials,
+            multivariate=True, constant_liar=True)
+        searchers[pair] = PrunedOptunaSearch(
+            space.distributions, metric=METRIC, mode=MODE, sampler=sampler,
+            points_to_evaluate=[space.first_point], storage=settings.storage,
+            study_name=f"{settings.run_name}/{pair}", max_t=settings.max_epochs)
+        constants[pair] = {"pair": pair, "model": model, "feature": feature,
+                           "max_epochs": settings.max_epochs, "seed": settings.seed}
+    budgets = {pair: settings.num_samples for pair in searchers}
+    scheduler = PairScheduler(lambda: ASHAScheduler(
+        metric=METRIC, mode=MODE, time_attr=TIME_ATTR, max_t=settings.max_epochs,
+        grace_period=settings.grace_period, reduction_factor=settings.reduction_factor))
+    return PairSearcher(searchers, budgets, constants), scheduler
+
+
+def optuna_storage(run_dir: Path) -> optuna.storages.BaseStorage:
+    """The run's Optuna storage: a journal file, readable with optuna.load_study."""
+    from optuna.storages.journal import JournalFileBackend
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(JournalFileBackend(str(run_dir / "optuna.journal")))
+
+
+def fit(feature_refs: dict[str, Any], searcher: PairSearcher, scheduler: PairScheduler, *,
+        storage_path: str, name: str, num_trials: int, cpus_per_trial: float,
+        gpus_per_trial: float, max_concurrent: int, callbacks: list | None = None,
+        verbose: int = 1):
+    """Run every pair's trials in one Tuner; returns Tune's ResultGrid.
+
+    The feature sets reach trials through `tune.with_parameters` as object refs put
+    once per run; each trial fetches only its own feature. Checkpoints are bounded to
+    one per trial: the best by validation loss (a trial checkpoints only on improvement,
+    so the best is also the latest, which is what a resume needs).
+    """
+    from ray import tune
+
+    from genre_ray.trainable import train_pair
+
+    trainable = tune.with_resources(tune.with_parameters(train_pair, feature_refs=feature_refs),
+                                    {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
+                                    num_samples=num_trials, max_concurrent_trials=max_concurrent),
+        run_config=tune.RunConfig(
+            name=name, storage_path=storage_path, callbacks=callbacks, verbose=verbose,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC,
+                                                    checkpoint_score_order=MODE),
+            failure_config=tune.FailureConfig(max_failures=2)))
+    return tuner.fit()

@@ -1,0 +1,69 @@
+"""Stage tuning with real Ray (local), real Optuna and the real trainable, on tiny data."""
+from __future__ import annotations
+
+import optuna
+import pytest
+import ray
+from optuna.trial import TrialState
+
+from genre_ray import tuning
+from genre_ray.features import build_features
+from genre_ray.search_space import load_space
+from genre_ray.tuning import SearchSettings, build_search
+from tests.helpers import make_tree
+
+PAIRS = [("MLP", "spectrogram"), ("MLP2", "waveform")]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One real tuning run: 2 pairs x 4 trials x up to 3 epochs, ASHA grace 1."""
+    root = make_tree(tmp_path_factory.mktemp("tones"), tracks=3, seconds=6.0)
+    cache = tmp_path_factory.mktemp("cache")
+    run_dir = tmp_path_factory.mktemp("runs") / "test-run"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        refs = {f: ray.put(build_features(root, f, cache=cache)) for f in ("spectrogram", "waveform")}
+        storage = tuning.optuna_storage(run_dir)
+        settings = SearchSettings(run_name="test-run", storage=storage, num_samples=4,
+                                  max_epochs=3, grace_period=1, reduction_factor=2,
+                                  n_startup_trials=2, seed=0)
+        spaces = {m: load_space(m) for m, _ in PAIRS}
+        searcher, scheduler = build_search(PAIRS, spaces, settings)
+        grid = tuning.fit(refs, searcher, scheduler, storage_path=str(run_dir.parent),
+                          name=run_dir.name, num_trials=8, cpus_per_trial=1, gpus_per_trial=0,
+                          max_concurrent=2, verbose=0)
+    finally:
+        ray.shutdown()
+    return grid, storage, spaces
+
+
+def test_each_pair_has_its_own_study_with_the_seed_point_first(run):
+    grid, storage, spaces = run
+    for model, feature in PAIRS:
+        study = optuna.load_study(study_name=f"test-run/{model}_{feature}", storage=storage)
+        assert len(study.trials) == 4
+        assert study.trials[0].params == spaces[model].first_point
+        assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
+
+
+def test_asha_stopped_trials_are_pruned_in_optuna(run):
+    grid, storage, _ = run
+    epochs = {r.metrics["trial_id"]: r.metrics["training_iteration"] for r in grid}
+    assert min(epochs.values()) < 3  # ASHA stopped someone at a rung
+    for model, feature in PAIRS:
+        study = optuna.load_study(study_name=f"test-run/{model}_{feature}", storage=storage)
+        for t in study.trials:
+            last_step = max(t.intermediate_values)
+            assert (t.state == TrialState.PRUNED) == (last_step < 3), (t.number, t.state, last_step)
+
+
+def test_every_trial_reports_every_epoch_and_keeps_one_checkpoint(run):
+    grid, _, _ = run
+    assert len(grid) == 8 and not grid.errors
+    for result in grid:
+        history = result.metrics_dataframe
+        assert list(history["epoch"]) == list(range(1, len(history) + 1))
+        assert {"train_loss", "val_loss", "val_acc"} <= set(history.columns)
+        best = result.get_best_checkpoint(tuning.METRIC, tuning.MODE)
+        assert best is not None and len(result.best_checkpoints) == 1
