@@ -1,0 +1,191 @@
+"""Stage tracking: W&B mode resolution, and real Tune runs logged by real W&B (offline),
+read back from W&B's own run files with W&B's own reader (`wandb leet inspect`)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import ray
+from ray import tune
+
+from genre_ray import tuning
+from genre_ray.errors import UserError
+from genre_ray.features import build_features
+from genre_ray.search_space import load_space
+from genre_ray.tracking import resolve_mode, sync_hint, wandb_callback
+from genre_ray.tuning import SearchSettings, build_search
+from tests.helpers import make_tree
+
+KEY = "WANDB_API_KEY"
+
+
+@pytest.fixture
+def no_key(monkeypatch):
+    monkeypatch.delenv(KEY, raising=False)
+
+
+@pytest.mark.parametrize("line", ["WANDB_API_KEY=abc123", 'WANDB_API_KEY="abc123"',
+                                  "export WANDB_API_KEY='abc123'  ",
+                                  "WANDB_API_KEY=abc123  # mine"])
+def test_auto_is_online_with_a_key_in_the_env_file_and_exports_it(no_key, tmp_path, line):
+    env = tmp_path / ".env"
+    env.write_text(f"# secrets\nOTHER=1\n{line}\n")
+    assert resolve_mode("auto", env) == "online"
+    assert os.environ[KEY] == "abc123"
+
+
+def test_auto_is_online_with_a_key_in_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(KEY, "from-env")
+    (tmp_path / ".env").write_text("WANDB_API_KEY=from-file\n")
+    assert resolve_mode("auto", tmp_path / ".env") == "online"
+    assert os.environ[KEY] == "from-env"  # the environment wins
+
+
+def test_auto_without_a_key_is_offline(no_key, tmp_path):
+    (tmp_path / ".env").write_text("# WANDB_API_KEY=commented-out\nOTHER=1\n")
+    assert resolve_mode("auto", tmp_path / ".env") == "offline"
+    assert resolve_mode("auto", tmp_path / "missing.env") == "offline"
+    assert KEY not in os.environ
+
+
+def test_online_without_a_key_names_the_fix(no_key, tmp_path):
+    with pytest.raises(UserError, match="WANDB_API_KEY.*--wandb offline"):
+        resolve_mode("online", tmp_path / ".env")
+
+
+def test_off_and_offline_ignore_the_key(monkeypatch, tmp_path):
+    monkeypatch.setenv(KEY, "k")
+    assert resolve_mode("off", tmp_path / ".env") is None
+    assert resolve_mode("offline", tmp_path / ".env") == "offline"
+    assert wandb_callback(None, project="p", run_dir=tmp_path, classes=["a"]) == []
+
+
+def test_sync_hint_names_the_runs_folder(tmp_path):
+    assert f"wandb sync {tmp_path}/wandb/offline-run-*" in sync_hint(tmp_path)
+
+
+# ---- real Ray + real W&B offline ------------------------------------------------------
+
+def read_run(folder: Path) -> dict:
+    """One W&B run folder as W&B's own reader (`wandb leet inspect --json`) decodes it:
+    the run record (id, group, tags), history rows, the final summary, the exit record."""
+    cli = [str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json", str(folder)]
+    out = subprocess.run(cli, capture_output=True, text=True, check=True).stdout
+    run = {"history": [], "summary": {}, "exit": None}
+    for record in map(json.loads, out.splitlines()):
+        kind, body = record["type"], record.get(record["type"])
+        if kind == "run":
+            run.update(id=body["run_id"], group=body["run_group"], tags=body.get("tags", []))
+        elif kind == "history":
+            run["history"].append(body["item"])
+        elif kind == "summary":
+            run["summary"].update(body.get("update", {}))  # nested keys joined with "."
+        elif kind == "exit":
+            run["exit"] = body
+    return run
+
+
+def read_runs(run_dir: Path) -> dict[str, tuple[Path, dict]]:
+    """trial id -> (folder, run) for every W&B run folder of a tuning run."""
+    runs = [(f, read_run(f)) for f in sorted((run_dir / "wandb").glob("offline-run-*"))]
+    return {run["id"]: (folder, run) for folder, run in runs}
+
+
+class InterruptOnFirstResult(tune.Callback):
+    """Ctrl-C, once, as a user would, after a trial has reported (a second one would abort)."""
+
+    fired = False
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if not self.fired:
+            self.fired = True
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def endless(config):
+    for epoch in range(1, 10_000):
+        tune.report({"epoch": epoch, "val_loss": 1.0 / epoch})
+        time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A tiny tuning run (1 pair x 2 trials x up to 3 epochs), and one interrupted by Ctrl-C."""
+    root = make_tree(tmp_path_factory.mktemp("tones"), tracks=3, seconds=6.0)
+    base = tmp_path_factory.mktemp("runs")
+    run_dir, stopped_dir = base / "tuned", base / "stopped"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        session = Path(ray._private.worker._global_node.get_session_dir_path())
+        fs = build_features(root, "spectrogram", cache=tmp_path_factory.mktemp("cache"))
+        settings = SearchSettings(run_name="tuned", storage=tuning.optuna_storage(run_dir),
+                                  num_samples=2, max_epochs=3, grace_period=1,
+                                  reduction_factor=2, n_startup_trials=2, seed=0)
+        searcher, scheduler = build_search([("MLP", "spectrogram")], {"MLP": load_space("MLP")},
+                                           settings)
+        grid = tuning.fit({"spectrogram": ray.put(fs)}, searcher, scheduler,
+                          storage_path=str(base), name="tuned", num_trials=2, cpus_per_trial=1,
+                          gpus_per_trial=0, max_concurrent=2, verbose=0,
+                          callbacks=wandb_callback("offline", project="test", run_dir=run_dir,
+                                                   classes=fs.classes))
+        tune.Tuner(endless, param_space={"pair": "MLP_waveform", "model": "MLP",
+                                         "feature": "waveform"},
+                   run_config=tune.RunConfig(
+                       storage_path=str(base), name="stopped", verbose=0,
+                       callbacks=[*wandb_callback("offline", project="test",
+                                                  run_dir=stopped_dir, classes=["a"]),
+                                  InterruptOnFirstResult()])).fit()
+    finally:
+        ray.shutdown()
+    return SimpleNamespace(grid=grid, run_dir=run_dir, classes=fs.classes, session=session,
+                           wandb=read_runs(run_dir), stopped=read_runs(stopped_dir))
+
+
+def test_one_run_per_trial_grouped_by_pair_with_every_epoch(runs):
+    assert len(runs.grid) == 2 and not runs.grid.errors
+    assert sorted(runs.wandb) == sorted(r.metrics["trial_id"] for r in runs.grid)
+    for result in runs.grid:
+        _, run = runs.wandb[result.metrics["trial_id"]]
+        assert run["group"] == "MLP_spectrogram" and run["exit"]["exit_code"] == 0
+        assert set(run["tags"]) == {"MLP", "spectrogram"}
+        tune_rows = result.metrics_dataframe
+        assert [h["epoch"] for h in run["history"]] == list(tune_rows["epoch"])
+        for h, (_, row) in zip(run["history"], tune_rows.iterrows()):
+            for key in ("train_loss", "val_loss", "val_acc", "lr"):
+                assert h[key] == pytest.approx(row[key])
+
+
+def test_summary_holds_the_best_epochs_confusion_matrix(runs):
+    classes = runs.classes
+    for result in runs.grid:
+        folder, run = runs.wandb[result.metrics["trial_id"]]
+        summary, (_, best) = run["summary"], result.best_checkpoints[0]
+        assert summary["best_val_loss"] == pytest.approx(best["val_loss"])
+        assert summary["best_val_acc"] == pytest.approx(best["val_acc"])
+        assert summary["best_epoch"] == best["epoch"]
+        table = json.loads((folder / "files" / summary["val_confusion_table.path"]).read_text())
+        matrix = [[0.0] * len(classes) for _ in classes]
+        for actual, predicted, n in table["data"]:
+            matrix[classes.index(actual)][classes.index(predicted)] = n
+        assert matrix == best["val_confusion"]
+
+
+def test_run_files_stay_under_the_run_dir(runs):
+    wandb_files = list(runs.run_dir.parent.rglob("*.wandb"))
+    assert len(wandb_files) == 2 + 1  # the tuned run's trials, and the interrupted one
+    assert {f.parent.parent for f in wandb_files} == {runs.run_dir / "wandb",
+                                                      runs.run_dir.parent / "stopped" / "wandb"}
+    assert not list(runs.session.rglob("*.wandb")) and not list(runs.session.rglob("offline-run-*"))
+
+
+def test_ctrl_c_closes_the_runs_of_interrupted_trials(runs):
+    ((_, run),) = runs.stopped.values()
+    assert run["exit"] is not None and run["exit"]["exit_code"] == 0  # finished, not killed
+    assert run["history"] and run["history"][0]["val_loss"] == 1.0
