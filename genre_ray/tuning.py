@@ -199,6 +199,12 @@ def build_search(pairs: list[tuple[str, str]], spaces: dict[str, SearchSpace],
     return PairSearcher(searchers, budgets, constants), scheduler
 
 
+def _trial_name(trial) -> str:
+    """`<model>_<feature>_<trial id>`: short, and says which pair (Ray's default lists
+    every hyperparameter in the folder name)."""
+    return f"{trial.config['pair']}_{trial.trial_id}"
+
+
 def optuna_storage(run_dir: Path) -> optuna.storages.BaseStorage:
     """The run's Optuna storage: a journal file, readable with optuna.load_study."""
     from optuna.storages.journal import JournalFileBackend
@@ -227,7 +233,8 @@ def fit(feature_refs: dict[str, Any], searcher: PairSearcher, scheduler: PairSch
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
-                                    num_samples=num_trials, max_concurrent_trials=max_concurrent),
+                                    num_samples=num_trials, max_concurrent_trials=max_concurrent,
+                                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(
             name=name, storage_path=storage_path, callbacks=callbacks, verbose=verbose,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC,
