@@ -98,7 +98,7 @@ def _export_pair(grid, model: str, fs: FeatureSet, output_dir: Path, run_dir: Pa
     results = [r for r in grid if r.config.get("pair") == pair]
     epochs = [int(r.metrics.get("training_iteration", 0)) for r in results if not r.error]
     pruned = sum(e < max_epochs for e in epochs)
-    best = export.best_of_pair(results, pair, load_trial_state)
+    best = export.best_of_pair(results, load_trial_state)
     if best is None:
         return PairSummary(pair, float("nan"), float("nan"), len(epochs) - pruned, pruned, None)
     hyper = {k: v for k, v in best.config.items() if k not in TRIAL_KEYS}

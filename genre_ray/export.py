@@ -37,15 +37,13 @@ class Best:
     state_dict: dict[str, torch.Tensor]
 
 
-def best_of_pair(results: Iterable, pair: str, load_state) -> Best | None:
-    """The lowest-val-loss checkpoint over the pair's trials (Tune `Result`s), or None.
+def best_of_pair(results: Iterable, load_state) -> Best | None:
+    """The lowest-val-loss checkpoint over one pair's trials (Tune `Result`s), or None.
 
     `load_state(checkpoint)` returns the trial's saved state (trainable.load_trial_state).
     """
     best: Best | None = None
     for result in results:
-        if result.config.get("pair") != pair:
-            continue
         for checkpoint, metrics in result.best_checkpoints:
             loss = metrics.get("val_loss", math.inf)
             if math.isfinite(loss) and (best is None or loss < best.metrics["val_loss"]):

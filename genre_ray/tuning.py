@@ -17,6 +17,7 @@ search and its own early stopping:
 from __future__ import annotations
 
 import math
+import pickle
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,14 +118,10 @@ class PairSearcher(Searcher):
             self._searchers[self._owner[trial_id]].on_trial_complete(trial_id, result, error)
 
     def save(self, checkpoint_path: str) -> None:
-        import pickle
-
         with open(checkpoint_path, "wb") as f:
             pickle.dump(self.__dict__, f)
 
     def restore(self, checkpoint_path: str) -> None:
-        import pickle
-
         with open(checkpoint_path, "rb") as f:
             self.__dict__.update(pickle.load(f))
 
