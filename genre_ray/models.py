@@ -24,17 +24,18 @@ TRAINING_KEYS = frozenset({"learning_rate", "batch_size", *defaults("training")}
 
 _WHOLE = "an integer >= {}"
 _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "nodes": (lambda v: _is_int(v) and v >= 1, _WHOLE.format(1)),
-    "hidden_layers": (lambda v: _is_int(v) and v >= 1, _WHOLE.format(1)),
-    "dense_layers": (lambda v: _is_int(v) and v >= 0, _WHOLE.format(0)),
-    "stem_kernel": (lambda v: _is_int(v) and v >= 1, _WHOLE.format(1)),
-    "stem_stride": (lambda v: _is_int(v) and v >= 1, _WHOLE.format(1)),
+    "nodes": (lambda v: is_int(v) and v >= 1, _WHOLE.format(1)),
+    "hidden_layers": (lambda v: is_int(v) and v >= 1, _WHOLE.format(1)),
+    "dense_layers": (lambda v: is_int(v) and v >= 0, _WHOLE.format(0)),
+    "stem_kernel": (lambda v: is_int(v) and v >= 1, _WHOLE.format(1)),
+    "stem_stride": (lambda v: is_int(v) and v >= 1, _WHOLE.format(1)),
     "dropout_prob": (lambda v: isinstance(v, Real) and not isinstance(v, bool) and 0 <= v < 1,
                      "a number in [0, 1)"),
 }
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An integer that is not a bool (config values: `True` is not 1 layer)."""
     return isinstance(value, Integral) and not isinstance(value, bool)
 
 

@@ -42,10 +42,6 @@ class _SpecError(ValueError):
     """A bad distribution spec; the loader adds the file and the key to the message."""
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -54,7 +50,7 @@ def _bounds(arg: Any, *, integer: bool = False, positive: bool = False) -> tuple
     """`[low, high]` with low < high (and low > 0 for a log scale) or _SpecError."""
     kind = "integers" if integer else "numbers"
     if not (isinstance(arg, list) and len(arg) == 2
-            and all(_is_int(v) if integer else _is_number(v) for v in arg)):
+            and all(models.is_int(v) if integer else _is_number(v) for v in arg)):
         hint = " (write 2, not 2.0)" if integer else ""
         raise _SpecError(f"needs [low, high], two {kind}{hint}, got {arg!r}")
     low, high = arg
@@ -88,7 +84,7 @@ DISTRIBUTIONS: dict[str, Callable[[Any], BaseDistribution]] = {
 # What a training key accepts (models check their own keys; see _check_value).
 _TRAINING_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "learning_rate": (lambda v: _is_number(v) and v > 0, "a number > 0"),
-    "batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "batch_size": (lambda v: models.is_int(v) and v >= 1, "an integer >= 1"),
     "weight_decay": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
     "optimizer": (lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
     "scheduler": (lambda v: v in SCHEDULERS, f"one of {', '.join(SCHEDULERS)}"),
@@ -246,7 +242,7 @@ def _same(a: Any, b: Any) -> bool:
 def _contains(distribution: BaseDistribution, value: Any) -> bool:
     if isinstance(distribution, CategoricalDistribution):
         return any(_same(value, choice) for choice in distribution.choices)
-    if isinstance(distribution, IntDistribution) and not _is_int(value):
+    if isinstance(distribution, IntDistribution) and not models.is_int(value):
         return False
     return _is_number(value) and distribution.low <= value <= distribution.high
 
