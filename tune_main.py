@@ -50,8 +50,8 @@ def parse(argv: list[str] | None = None) -> experiment.Options:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
-    rows = experiment.run(parse(argv))
-    print(experiment.summary_table(rows))
+    summary = experiment.run(parse(argv))
+    print(experiment.summary_table(summary))
     print(f"wall time {time.perf_counter() - start:.0f} s")
     return 0
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,11 +54,24 @@ class PairSummary:
     export_path: Path | None
 
 
-def run(opts: Options) -> list[PairSummary]:
+@dataclass
+class RunSummary:
+    """Per-pair results, and how busy the Tuner kept its trial slots."""
+
+    pairs: list[PairSummary]
+    tuning_s: float
+    slots: int
+    utilisation: float
+
+
+def run(opts: Options) -> RunSummary:
     """Tune every (model, feature) pair of `opts` and export the best model of each."""
+    import optuna
     import ray
 
     from genre_ray.tracking import resolve_mode, sync_hint, wandb_callback
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per study and trial
 
     spaces = {model: load_space(model, opts.search_spaces) for model in opts.models}
     features = [canonical_feature(f) for f in opts.features]
@@ -79,17 +93,19 @@ def run(opts: Options) -> list[PairSummary]:
             seed=opts.seed))
         callbacks = wandb_callback(mode, project=opts.wandb_project, run_dir=run_dir,
                                    classes=next(iter(sets.values())).classes)
+        slots, start = _slots(opts), time.perf_counter()
         grid = tuning.fit(refs, searcher, scheduler, storage_path=str(run_dir.parent), name=name,
                           num_trials=opts.num_samples * len(pairs),
                           cpus_per_trial=opts.cpus_per_trial, gpus_per_trial=opts.gpus_per_trial,
-                          max_concurrent=_slots(opts), callbacks=callbacks)
+                          max_concurrent=slots, callbacks=callbacks)
+        tuning_s = time.perf_counter() - start
     finally:
         ray.shutdown()
     summaries = [_export_pair(grid, m, sets[f], output_dir, run_dir, opts.max_epochs)
                  for m, f in pairs]
     if mode == "offline":
         print(sync_hint(run_dir))
-    return summaries
+    return RunSummary(summaries, tuning_s, slots, tuning.utilisation(grid, tuning_s, slots))
 
 
 def _export_pair(grid, model: str, fs: FeatureSet, output_dir: Path, run_dir: Path,
@@ -108,11 +124,13 @@ def _export_pair(grid, model: str, fs: FeatureSet, output_dir: Path, run_dir: Pa
                        len(epochs) - pruned, pruned, output_dir / name)
 
 
-def summary_table(rows: list[PairSummary]) -> str:
+def summary_table(summary: RunSummary) -> str:
     """The per-pair summary printed at the end of a run."""
     lines = [f"{'pair':<22}{'val_acc':>8}{'val_loss':>9}{'finished':>9}{'pruned':>7}  export"]
     lines += [f"{r.pair:<22}{r.val_acc:>8.3f}{r.val_loss:>9.3f}{r.finished:>9}{r.pruned:>7}  "
-              f"{r.export_path or 'none (no trial finished an epoch)'}" for r in rows]
+              f"{r.export_path or 'none (no trial finished an epoch)'}" for r in summary.pairs]
+    lines.append(f"tuning took {summary.tuning_s:.0f} s on {summary.slots} trial slots, "
+                 f"busy {summary.utilisation:.0%} of the time")
     return "\n".join(lines)
 
 

@@ -81,7 +81,7 @@ class ConvNet(nn.Module):
     MaxPool 2, Dropout]. Block i is `min(nodes, max(8, nodes // 2**(hidden_layers-1-i)))`
     channels wide, so the last is `nodes` wide: each pool quarters the area of a 2-D map,
     so doubling channels keeps every block's cost about equal; at the seed's settings on
-    a 64x216 spectrogram that is ~34M multiply-adds per item instead of ~170M at a constant
+    a 64x108 spectrogram that is ~17M multiply-adds per item instead of ~85M at a constant
     width of 64, which matters on a 2-core CPU. 1-D input first goes through a strided stem
     conv (`stem_kernel`, `stem_stride`) as width-3 convs over 110,250 raw samples cost far
     too much; the stem keys are ignored on 2-D input. Pools use `ceil_mode`, so each halves

@@ -8,6 +8,7 @@ file but its checkpoint.
 """
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 from pathlib import Path
@@ -28,6 +29,7 @@ STATE_FILE = "trial_state.pt"
 
 def train_pair(config: Mapping[str, Any], feature_refs: Mapping[str, ray.ObjectRef]) -> None:
     """The function trainable: `config` = TRIAL_KEYS + hyperparameters."""
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # a line per checkpoint
     fs: FeatureSet = ray.get(feature_refs[config["feature"]])
     hyper = {k: v for k, v in config.items() if k not in TRIAL_KEYS}
     seed_everything(config["seed"])

@@ -17,6 +17,7 @@ search and its own early stopping:
 from __future__ import annotations
 
 import math
+import os
 import pickle
 from collections import Counter
 from dataclasses import dataclass
@@ -225,12 +226,19 @@ def fit(feature_refs: dict[str, Any], searcher: PairSearcher, scheduler: PairSch
 
     from genre_ray.trainable import train_pair
 
+    # num_to_keep=1 makes Tune snapshot its state after every checkpoint, and warn when
+    # snapshots come less than 5 s apart: the price of a bounded disk, and no bottleneck
+    # (bench/utilisation.py: the default run keeps its slots ~99% busy). A user's own
+    # threshold is kept.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
     trainable = tune.with_resources(tune.with_parameters(train_pair, feature_refs=feature_refs),
                                     {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
                                     num_samples=num_trials, max_concurrent_trials=max_concurrent,
+                                    reuse_actors=True,  # no process start per trial
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(
             name=name, storage_path=storage_path, callbacks=callbacks, verbose=verbose,
@@ -238,3 +246,11 @@ def fit(feature_refs: dict[str, Any], searcher: PairSearcher, scheduler: PairSch
                                                     checkpoint_score_order=MODE),
             failure_config=tune.FailureConfig(max_failures=2)))
     return tuner.fit()
+
+
+def utilisation(grid, wall_s: float, slots: int) -> float:
+    """Busy trial-seconds over `wall_s` x `slots`: the share of the run's trial slots that
+    trials kept busy. A trial is busy while its trainable runs (Tune's `time_total_s`:
+    setup and epochs); starting it, and a slot left empty, count as idle."""
+    busy = sum(r.metrics.get("time_total_s", 0.0) for r in grid if r.metrics)
+    return busy / (wall_s * slots)

@@ -141,7 +141,7 @@ def test_bad_values_name_the_key(key, value):
 
 
 def test_bad_shapes_raise_user_error():
-    with pytest.raises(UserError, match="stem_kernel=64"):
+    with pytest.raises(UserError, match="stem_kernel=512"):
         build_model("CEL", (10,), 10, {})
     with pytest.raises(UserError, match=r"\(2, 3, 4\)"):
         build_model("CEL2", (2, 3, 4), 10, {})
