@@ -188,13 +188,18 @@ def build_search(pairs: list[tuple[str, str]], spaces: dict[str, SearchSpace],
             space.distributions, metric=METRIC, mode=MODE, sampler=sampler,
             points_to_evaluate=[space.first_point], storage=settings.storage,
             study_name=f"{settings.run_name}/{pair}", max_t=settings.max_epochs)
-        constants[pair] = {"pair": pair, "model": model, "feature": feature,
-                           "max_epochs": settings.max_epochs, "seed": settings.seed}
+        constants[pair] = trial_constants(model, feature, settings)
     budgets = {pair: settings.num_samples for pair in searchers}
     scheduler = PairScheduler(lambda: ASHAScheduler(
         metric=METRIC, mode=MODE, time_attr=TIME_ATTR, max_t=settings.max_epochs,
         grace_period=settings.grace_period, reduction_factor=settings.reduction_factor))
     return PairSearcher(searchers, budgets, constants), scheduler
+
+
+def trial_constants(model: str, feature: str, settings: SearchSettings) -> dict[str, Any]:
+    """The keys every trial of a pair carries beside its hyperparameters (trainable.TRIAL_KEYS)."""
+    return {"pair": pair_name(model, feature), "model": model, "feature": feature,
+            "max_epochs": settings.max_epochs, "seed": settings.seed}
 
 
 def _trial_name(trial) -> str:
@@ -214,8 +219,9 @@ def optuna_storage(run_dir: Path) -> optuna.storages.BaseStorage:
 def fit(feature_refs: dict[str, Any], searcher: PairSearcher, scheduler: PairScheduler, *,
         storage_path: str, name: str, num_trials: int, cpus_per_trial: float,
         gpus_per_trial: float, max_concurrent: int, callbacks: list | None = None,
-        verbose: int = 1):
-    """Run every pair's trials in one Tuner; returns Tune's ResultGrid.
+        stop: Any = None, verbose: int = 1):
+    """Run every pair's trials in one Tuner; returns Tune's ResultGrid. `stop`: Tune's
+    RunConfig(stop=...), e.g. a Stopper that ends the run at a budget.
 
     The feature sets reach trials through `tune.with_parameters` as object refs put
     once per run; each trial fetches only its own feature. Checkpoints are bounded to
@@ -241,7 +247,7 @@ def fit(feature_refs: dict[str, Any], searcher: PairSearcher, scheduler: PairSch
                                     reuse_actors=True,  # no process start per trial
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(
-            name=name, storage_path=storage_path, callbacks=callbacks, verbose=verbose,
+            name=name, storage_path=storage_path, callbacks=callbacks, verbose=verbose, stop=stop,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC,
                                                     checkpoint_score_order=MODE),
             failure_config=tune.FailureConfig(max_failures=2)))

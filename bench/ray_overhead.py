@@ -1,0 +1,96 @@
+"""Ray overhead: epoch throughput inside a Tune trial over the plain loop, same run.
+
+    python -m bench.ray_overhead [--epochs 6] [--cpus 2] [--wandb offline|off]
+
+For CEL on spectrograms and MLP on waveforms at the seed's settings, the same model
+trains for `--epochs` epochs three times: with the plain loop (`Trainer.fit`, what
+`python -m genre_ray.training` runs), then as one trial of the real Tuner (features from
+the object store, a report every epoch, a checkpoint on every improvement, W&B logging),
+then with the plain loop again, so drift in machine load falls on both sides. Each side
+gets `--cpus` threads (Ray gives a trial OMP_NUM_THREADS = its CPUs). An epoch's time in
+the trial is Tune's `time_this_iter_s` (training, evaluation, report, checkpoint); the
+first epoch of each side is dropped (setup, warm-up), and medians are compared.
+Goal: ratio >= 0.9.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import torch
+
+from bench.common import context
+from genre_ray import tuning
+from genre_ray.features import FeatureSet, batch_augmentation, build_features
+from genre_ray.models import build_model
+from genre_ray.search_space import first_point, load_space
+from genre_ray.synthetic import embedded_dataset
+from genre_ray.tracking import wandb_callback
+from genre_ray.training import Trainer, seed_everything
+
+PAIRS = [("CEL", "spectrogram"), ("MLP", "waveform")]
+
+
+def plain_epochs(model_name: str, fs: FeatureSet, epochs: int) -> list[float]:
+    """Seconds per epoch of the plain loop (the trainable's work without Ray)."""
+    config = first_point(model_name)
+    seed_everything(0)
+    model = build_model(model_name, fs.input_shape, len(fs.classes), config)
+    train, val = fs.splits["train"], fs.splits["val"]
+    trainer = Trainer(model, (train.x, train.labels), (val.x, val.labels), config,
+                      n_classes=len(fs.classes), epochs=epochs, transform=batch_augmentation(fs.feature))
+    stamps = [time.perf_counter()]
+    trainer.fit(epochs, lambda metrics, evaluation: stamps.append(time.perf_counter()))
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def trial_epochs(model_name: str, fs: FeatureSet, epochs: int, cpus: int, wandb: str,
+                 folder: Path) -> list[float]:
+    """Seconds per epoch (Tune's time_this_iter_s) of one trial of the real Tuner."""
+    pair = [(model_name, fs.feature)]
+    run_dir = folder / tuning.pair_name(model_name, fs.feature)
+    searcher, scheduler = tuning.build_search(pair, {model_name: load_space(model_name)},
+                                              tuning.SearchSettings(
+        run_name=run_dir.name, storage=tuning.optuna_storage(run_dir), num_samples=1,
+        max_epochs=epochs, grace_period=epochs, reduction_factor=2, n_startup_trials=1, seed=0))
+    callbacks = (wandb_callback("offline", project="bench", run_dir=run_dir, classes=fs.classes)
+                 if wandb == "offline" else [])
+    grid = tuning.fit({fs.feature: ray.put(fs)}, searcher, scheduler, storage_path=str(folder),
+                      name=run_dir.name, num_trials=1, cpus_per_trial=cpus, gpus_per_trial=0,
+                      max_concurrent=1, callbacks=callbacks, verbose=0)
+    return grid[0].metrics_dataframe["time_this_iter_s"].tolist()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--wandb", choices=["offline", "off"], default="offline")
+    args = parser.parse_args()
+    torch.set_num_threads(args.cpus)
+    data_dir = embedded_dataset()
+    ray.init(num_cpus=args.cpus, include_dashboard=False, configure_logging=False)
+    print(context())
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for model_name, feature in PAIRS:
+                fs = build_features(data_dir, feature)
+                plain = plain_epochs(model_name, fs, args.epochs)[1:]
+                trial = trial_epochs(model_name, fs, args.epochs, args.cpus, args.wandb,
+                                     Path(tmp))[1:]
+                plain += plain_epochs(model_name, fs, args.epochs)[1:]
+                rate = {side: len(fs.splits["train"].x) / statistics.median(times)
+                        for side, times in (("plain", plain), ("trial", trial))}
+                print(f"{model_name} on {feature}: plain loop {rate['plain']:.0f} seg/s, "
+                      f"Tune trial {rate['trial']:.0f} seg/s (W&B {args.wandb}), "
+                      f"ratio {rate['trial'] / rate['plain']:.2f} (goal >= 0.9)", flush=True)
+    finally:
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
