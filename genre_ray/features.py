@@ -10,6 +10,8 @@ the split, every parameter and the library versions, so a second call loads inst
 of recomputing. Entries are written atomically and carry a checksum: a corrupt entry
 is reported, rebuilt and replaced. Masking (spectrogram) and noise (waveform) are
 applied on the fly to training batches, on the device, by `batch_augmentation`.
+`compute_feature` is the one path from segments to model input: the cached splits and
+`genre_ray.predict` both go through it.
 """
 from __future__ import annotations
 
@@ -160,22 +162,49 @@ class LogMel(torch.nn.Module):
 
 
 @torch.no_grad()
-def _feature_entry(waves: dict[str, Any], feature: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Compute one feature for every split of a segments entry (a plain dict)."""
-    splits = waves["splits"]
+def compute_feature(waves: torch.Tensor, feature: str, sample_rate: int,
+                    feature_params: dict[str, Any], stats: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`feature` of segments, normalised with training `stats` (empty for waveform):
+    (n, samples) -> (n, *input_shape). The one path from audio to model input, shared by
+    the cached dataset features and `genre_ray.predict`."""
+    feature = canonical_feature(feature)
+    return _normalise(_unnormalised(waves, feature, sample_rate, feature_params), feature, stats)
+
+
+def _unnormalised(waves: torch.Tensor, feature: str, sample_rate: int,
+                  params: dict[str, Any]) -> torch.Tensor:
+    """Standardised segments, or log-mels in chunks (bounds peak memory)."""
     if feature == "waveform":
-        xs = {name: standardise(part["x"]) for name, part in splits.items()}
-        stats: dict[str, torch.Tensor] = {}
-    else:
-        logmel = LogMel(waves["meta"]["sample_rate"], **params)
-        xs = {name: torch.cat([logmel(c) for c in part["x"].split(CHUNK)])
-              for name, part in splits.items()}
-        stats = {"mean": xs["train"].mean(dim=(0, 2)), "std": xs["train"].std(dim=(0, 2))}
-        xs = {name: (x - stats["mean"][:, None]) / stats["std"][:, None].clamp_min(1e-5)
-              for name, x in xs.items()}
+        return standardise(waves)
+    logmel = LogMel(sample_rate, **params)
+    return torch.cat([logmel(c) for c in waves.split(CHUNK)])
+
+
+def _feature_stats(x: torch.Tensor, feature: str) -> dict[str, torch.Tensor]:
+    """Normalisation statistics of the training split's unnormalised feature."""
+    if feature == "waveform":
+        return {}
+    return {"mean": x.mean(dim=(0, 2)), "std": x.std(dim=(0, 2))}  # per mel band
+
+
+def _normalise(x: torch.Tensor, feature: str, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+    if feature == "waveform":
+        return x
+    return (x - stats["mean"][:, None]) / stats["std"][:, None].clamp_min(1e-5)
+
+
+@torch.no_grad()
+def _feature_entry(waves: dict[str, Any], feature: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Compute one feature for every split of a segments entry (a plain dict): the steps
+    of `compute_feature`, with the statistics taken from the training split in between
+    (so its log-mels are computed once)."""
+    splits, rate = waves["splits"], waves["meta"]["sample_rate"]
+    raw = {name: _unnormalised(part["x"], feature, rate, params) for name, part in splits.items()}
+    stats = _feature_stats(raw["train"], feature)
     meta = {**waves["meta"], "feature": feature, "feature_params": params}
     return {"meta": meta, "stats": stats,
-            "splits": {name: {**part, "x": xs[name]} for name, part in splits.items()}}
+            "splits": {name: {**part, "x": _normalise(raw[name], feature, stats)}
+                       for name, part in splits.items()}}
 
 
 @torch.no_grad()  # T.PitchShift's lazy kernel is a Parameter: keep its graph out of the data
