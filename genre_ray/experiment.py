@@ -1,4 +1,5 @@
-"""The main job, end to end: features -> Ray -> one Tuner over every pair -> exports.
+"""The main job, end to end: features -> Ray -> one Tuner over every pair -> exports
+-> test scores, leaderboard, plots (and a W&B summary run).
 
 `run(Options)` is what `tune_main.py` calls after parsing its flags. Everything a user
 can get wrong (names, paths, search-space files) is checked before Ray starts.
@@ -10,10 +11,12 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from genre_ray import export, tuning
+from genre_ray import export, report, tuning
 from genre_ray.errors import UserError
 from genre_ray.features import FeatureSet, build_features, canonical_feature
+from genre_ray.models import count_parameters
 from genre_ray.search_space import load_space
 from genre_ray.trainable import TRIAL_KEYS, load_trial_state
 
@@ -45,34 +48,25 @@ class Options:
 
 
 @dataclass
-class PairSummary:
-    pair: str
-    val_loss: float
-    val_acc: float
-    finished: int
-    pruned: int
-    export_path: Path | None
-
-
-@dataclass
 class RunSummary:
-    """Per-pair results, and how busy the Tuner kept its trial slots."""
+    """Per-pair results (leaderboard rows), and how busy the Tuner kept its trial slots."""
 
-    pairs: list[PairSummary]
+    pairs: list[report.PairResult]
+    run_dir: Path
     tuning_s: float
     slots: int
     utilisation: float
 
 
 def run(opts: Options) -> RunSummary:
-    """Tune every (model, feature) pair of `opts` and export the best model of each."""
+    """Tune every (model, feature) pair of `opts`, export the best model of each, score the
+    exports on the test split, and write the leaderboard and plots."""
     import optuna
-    import ray
 
-    from genre_ray.tracking import resolve_mode, sync_hint, wandb_callback
+    from genre_ray.tracking import resolve_mode, sync_hint
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per study and trial
-
+    start = time.perf_counter()
     spaces = {model: load_space(model, opts.search_spaces) for model in opts.models}
     features = [canonical_feature(f) for f in opts.features]
     _require_positive(opts)
@@ -83,52 +77,104 @@ def run(opts: Options) -> RunSummary:
     name = opts.name or datetime.datetime.now().strftime("tune-%Y%m%d-%H%M%S")
     run_dir = Path(opts.storage_path).expanduser().resolve() / name
     pairs = [(m, f) for m in opts.models for f in features]
+    grid, tuned = _tune(opts, sets, pairs, spaces, run_dir, mode)
+    results = [_pair_result(grid, m, sets[f], output_dir, run_dir, opts) for m, f in pairs]
+    fs = next(iter(sets.values()))
+    ctx = report.context(data_dir, opts.split, opts.seed, _sizes(fs), tuned["hardware"],
+                         time.perf_counter() - start)
+    files = report.write_leaderboard(run_dir, results, ctx)
+    files += report.write_plots(run_dir, results, fs.classes, _trials(grid, opts.max_epochs),
+                                opts.max_epochs)
+    if mode is not None:
+        from genre_ray.tracking import log_summary
+
+        log_summary(mode, project=opts.wandb_project, run_dir=run_dir, name=name,
+                    columns=report.COLUMNS, rows=[r.row() for r in report.ranked(results)],
+                    files=files)
+    if mode == "offline":
+        print(sync_hint(run_dir))
+    return RunSummary(results, run_dir, tuned["seconds"], tuned["slots"],
+                      tuning.utilisation(grid, tuned["seconds"], tuned["slots"]))
+
+
+def _tune(opts: Options, sets: dict[str, FeatureSet], pairs: list[tuple[str, str]],
+          spaces: dict, run_dir: Path, mode: str | None) -> tuple[Any, dict[str, Any]]:
+    """Ray up, one Tuner over every pair, Ray down: (ResultGrid, {seconds, slots, hardware})."""
+    import ray
+
+    from genre_ray.tracking import wandb_callback
+
     ray.init(address=opts.address, include_dashboard=False, configure_logging=False)
     try:
         refs = {f: ray.put(fs) for f, fs in sets.items()}  # once per run, shared by all trials
         searcher, scheduler = tuning.build_search(pairs, spaces, tuning.SearchSettings(
-            run_name=name, storage=tuning.optuna_storage(run_dir), num_samples=opts.num_samples,
-            max_epochs=opts.max_epochs, grace_period=opts.grace_period,
-            reduction_factor=opts.reduction_factor, n_startup_trials=opts.n_startup_trials,
-            seed=opts.seed))
+            run_name=run_dir.name, storage=tuning.optuna_storage(run_dir),
+            num_samples=opts.num_samples, max_epochs=opts.max_epochs,
+            grace_period=opts.grace_period, reduction_factor=opts.reduction_factor,
+            n_startup_trials=opts.n_startup_trials, seed=opts.seed))
         callbacks = wandb_callback(mode, project=opts.wandb_project, run_dir=run_dir,
                                    classes=next(iter(sets.values())).classes)
         slots, start = _slots(opts), time.perf_counter()
-        grid = tuning.fit(refs, searcher, scheduler, storage_path=str(run_dir.parent), name=name,
-                          num_trials=opts.num_samples * len(pairs),
+        grid = tuning.fit(refs, searcher, scheduler, storage_path=str(run_dir.parent),
+                          name=run_dir.name, num_trials=opts.num_samples * len(pairs),
                           cpus_per_trial=opts.cpus_per_trial, gpus_per_trial=opts.gpus_per_trial,
                           max_concurrent=slots, callbacks=callbacks)
-        tuning_s = time.perf_counter() - start
+        return grid, {"seconds": time.perf_counter() - start, "slots": slots,
+                      "hardware": report.hardware(ray.cluster_resources())}
     finally:
         ray.shutdown()
-    summaries = [_export_pair(grid, m, sets[f], output_dir, run_dir, opts.max_epochs)
-                 for m, f in pairs]
-    if mode == "offline":
-        print(sync_hint(run_dir))
-    return RunSummary(summaries, tuning_s, slots, tuning.utilisation(grid, tuning_s, slots))
 
 
-def _export_pair(grid, model: str, fs: FeatureSet, output_dir: Path, run_dir: Path,
-                 max_epochs: int) -> PairSummary:
+def _pair_result(grid, model: str, fs: FeatureSet, output_dir: Path, run_dir: Path,
+                 opts: Options) -> report.PairResult:
+    """Export the pair's best checkpoint, with its test scores, and describe its search."""
     pair = tuning.pair_name(model, fs.feature)
     results = [r for r in grid if r.config.get("pair") == pair]
     epochs = [int(r.metrics.get("training_iteration", 0)) for r in results if not r.error]
-    pruned = sum(e < max_epochs for e in epochs)
+    pruned = sum(e < opts.max_epochs for e in epochs)
+    seconds = sum(r.metrics.get("time_total_s", 0.0) for r in results if r.metrics)
+    row = report.PairResult(pair, len(epochs) - pruned, pruned, seconds * opts.cpus_per_trial,
+                            seconds * opts.gpus_per_trial)
     best = export.best_of_pair(results, load_trial_state)
     if best is None:
-        return PairSummary(pair, float("nan"), float("nan"), len(epochs) - pruned, pruned, None)
-    hyper = {k: v for k, v in best.config.items() if k not in TRIAL_KEYS}
+        return row
+    payload = export.payload(best, fs, {k: v for k, v in best.config.items() if k not in TRIAL_KEYS})
+    net = export.rebuild(payload)
+    row.test = report.test_scores(net, fs.splits["test"], len(fs.classes))
     name = export.export_name(model, fs.feature)
-    export.export_model(best, fs, hyper, [output_dir / name, run_dir / "best_models" / name])
-    return PairSummary(pair, best.metrics["val_loss"], best.metrics["val_acc"],
-                       len(epochs) - pruned, pruned, output_dir / name)
+    export.save({**payload, "test": row.test.summary()},
+                [output_dir / name, run_dir / "best_models" / name])
+    trial = next(r for r in results if r.metrics.get("trial_id") == best.trial_id)
+    row.export_path = output_dir / name
+    row.val_loss, row.val_acc = best.metrics["val_loss"], best.metrics["val_acc"]
+    row.params, row.config, row.trial_id = count_parameters(net), payload["config"], best.trial_id
+    row.epochs = int(trial.metrics.get("training_iteration", 0))
+    row.history = trial.metrics_dataframe[["epoch", "train_loss", "val_loss", "val_acc"]] \
+        .to_dict("records")
+    return row
+
+
+def _trials(grid, max_epochs: int) -> list[dict[str, Any]]:
+    """Every trial's validation loss by epoch, for plots.search_view."""
+    return [{"pair": r.config["pair"], "trial_id": r.metrics.get("trial_id", ""),
+             "epochs": r.metrics_dataframe["epoch"].tolist(),
+             "val_loss": r.metrics_dataframe["val_loss"].tolist(),
+             "stopped": not r.error and len(r.metrics_dataframe) < max_epochs}
+            for r in grid if r.metrics_dataframe is not None and len(r.metrics_dataframe)]
+
+
+def _sizes(fs: FeatureSet) -> dict[str, tuple[int, int]]:
+    """Split -> (tracks, segments); training segments include the augmented copies."""
+    return {name: (len(part.track_ids), len(part.x)) for name, part in fs.splits.items()}
 
 
 def summary_table(summary: RunSummary) -> str:
-    """The per-pair summary printed at the end of a run."""
-    lines = [f"{'pair':<22}{'val_acc':>8}{'val_loss':>9}{'finished':>9}{'pruned':>7}  export"]
-    lines += [f"{r.pair:<22}{r.val_acc:>8.3f}{r.val_loss:>9.3f}{r.finished:>9}{r.pruned:>7}  "
-              f"{r.export_path or 'none (no trial finished an epoch)'}" for r in summary.pairs]
+    """What tune_main.py prints at the end of a run: the leaderboard, exports, utilisation."""
+    lines = [report.table(summary.pairs), ""]
+    lines += [f"{r.pair:<22}{r.export_path or 'no export: no trial finished an epoch'}"
+              for r in summary.pairs]
+    lines.append(f"leaderboard, plots: {summary.run_dir / 'leaderboard.md'}, "
+                 f"{summary.run_dir / 'plots'}/")
     lines.append(f"tuning took {summary.tuning_s:.0f} s on {summary.slots} trial slots, "
                  f"busy {summary.utilisation:.0%} of the time")
     return "\n".join(lines)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import platform
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -53,9 +54,9 @@ def best_of_pair(results: Iterable, load_state) -> Best | None:
     return best
 
 
-def export_model(best: Best, fs: FeatureSet, hyper: dict[str, Any], paths: list[Path]) -> None:
-    """Write the exported model to every path in `paths`, each atomically."""
-    payload = {
+def payload(best: Best, fs: FeatureSet, hyper: dict[str, Any]) -> dict[str, Any]:
+    """What an export file holds: the best state dict and plain metadata."""
+    return {
         "format": FORMAT, "state_dict": best.state_dict,
         "model": best.config["model"], "feature": fs.feature, "config": hyper,
         "classes": list(fs.classes), "input_shape": list(fs.input_shape),
@@ -64,6 +65,10 @@ def export_model(best: Best, fs: FeatureSet, hyper: dict[str, Any], paths: list[
         "versions": {"torch": str(torch.__version__), "torchaudio": str(torchaudio.__version__),
                      "python": platform.python_version()},  # str: TorchVersion is not plain data
     }
+
+
+def save(payload: dict[str, Any], paths: list[Path]) -> None:
+    """Write an export to every path in `paths`, each atomically."""
     for path in paths:
         with atomic_path(path) as tmp:
             torch.save(payload, tmp)
@@ -72,7 +77,9 @@ def export_model(best: Best, fs: FeatureSet, hyper: dict[str, Any], paths: list[
 def load_exported(path: Path) -> dict[str, Any]:
     """An exported model's contents; UserError for a file that is not one of ours."""
     try:
-        payload = torch.load(path, weights_only=True, map_location="cpu")
+        with warnings.catch_warnings():  # torch warns about a plain pickle's protocol first
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            payload = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as err:  # weights_only refuses code; anything unreadable is not ours
         raise UserError(f"{path} is not a genre-ray model ({type(err).__name__}); "
                         "pass a file exported by tune_main.py into best_models/") from None

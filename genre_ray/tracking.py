@@ -91,6 +91,21 @@ def sync_hint(run_dir: Path) -> str:
     return f"W&B runs saved offline; upload them with: wandb sync {runs}"
 
 
+def log_summary(mode: str, *, project: str, run_dir: Path, name: str, columns: list[str],
+                rows: list[dict[str, Any]], files: list[Path]) -> None:
+    """One W&B run for the whole experiment (`<name>-summary`, group `summary`): the
+    leaderboard as a table and every plot (`files`' PNGs) as an image."""
+    import wandb
+
+    run = wandb.init(project=project, name=f"{name}-summary", group="summary",
+                     job_type="summary", dir=str(Path(run_dir).resolve()), mode=mode,
+                     settings={"silent": True}, reinit="create_new")
+    table = wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])
+    images = {f"plots/{p.stem}": wandb.Image(str(p)) for p in files if p.suffix == ".png"}
+    run.log({"leaderboard": table, **images})
+    run.finish()
+
+
 def confusion_chart(confusion: list[list[float]], classes: list[str]) -> Any:
     """A W&B confusion-matrix chart (what wandb.plot.confusion_matrix draws) from counts.
 

@@ -1,6 +1,7 @@
 """Test helpers: tiny real audio trees written with soundfile, and running commands."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -40,3 +41,28 @@ def run_module(*args: str, cwd: Path = REPO, env: dict | None = None) -> subproc
     """Run `python -m ARGS` as a user would; returns the completed process (text output)."""
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
+
+
+def read_run(folder: Path) -> dict:
+    """One W&B run folder as W&B's own reader (`wandb leet inspect --json`) decodes it:
+    the run record (id, group, tags), history rows, the final summary, the exit record."""
+    cli = [str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json", str(folder)]
+    out = subprocess.run(cli, capture_output=True, text=True, check=True).stdout
+    run = {"history": [], "summary": {}, "exit": None}
+    for record in map(json.loads, out.splitlines()):
+        kind, body = record["type"], record.get(record["type"])
+        if kind == "run":
+            run.update(id=body["run_id"], group=body["run_group"], tags=body.get("tags", []))
+        elif kind == "history":
+            run["history"].append(body["item"])
+        elif kind == "summary":
+            run["summary"].update(body.get("update", {}))  # nested keys joined with "."
+        elif kind == "exit":
+            run["exit"] = body
+    return run
+
+
+def read_runs(run_dir: Path) -> dict[str, tuple[Path, dict]]:
+    """trial id -> (folder, run) for every W&B run folder of a tuning run."""
+    runs = [(f, read_run(f)) for f in sorted((run_dir / "wandb").glob("offline-run-*"))]
+    return {run["id"]: (folder, run) for folder, run in runs}

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,7 +19,7 @@ from genre_ray.features import build_features
 from genre_ray.search_space import load_space
 from genre_ray.tracking import resolve_mode, sync_hint, wandb_callback
 from genre_ray.tuning import SearchSettings, build_search
-from tests.helpers import make_tree
+from tests.helpers import make_tree, read_runs
 
 KEY = "WANDB_API_KEY"
 
@@ -72,31 +70,6 @@ def test_sync_hint_names_the_runs_folder(tmp_path):
 
 
 # ---- real Ray + real W&B offline ------------------------------------------------------
-
-def read_run(folder: Path) -> dict:
-    """One W&B run folder as W&B's own reader (`wandb leet inspect --json`) decodes it:
-    the run record (id, group, tags), history rows, the final summary, the exit record."""
-    cli = [str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json", str(folder)]
-    out = subprocess.run(cli, capture_output=True, text=True, check=True).stdout
-    run = {"history": [], "summary": {}, "exit": None}
-    for record in map(json.loads, out.splitlines()):
-        kind, body = record["type"], record.get(record["type"])
-        if kind == "run":
-            run.update(id=body["run_id"], group=body["run_group"], tags=body.get("tags", []))
-        elif kind == "history":
-            run["history"].append(body["item"])
-        elif kind == "summary":
-            run["summary"].update(body.get("update", {}))  # nested keys joined with "."
-        elif kind == "exit":
-            run["exit"] = body
-    return run
-
-
-def read_runs(run_dir: Path) -> dict[str, tuple[Path, dict]]:
-    """trial id -> (folder, run) for every W&B run folder of a tuning run."""
-    runs = [(f, read_run(f)) for f in sorted((run_dir / "wandb").glob("offline-run-*"))]
-    return {run["id"]: (folder, run) for folder, run in runs}
-
 
 class InterruptOnFirstResult(tune.Callback):
     """Ctrl-C, once, as a user would, after a trial has reported (a second one would abort)."""

@@ -2,10 +2,14 @@
 real Optuna, real W&B offline; then what it leaves behind."""
 from __future__ import annotations
 
+import csv
+import json
+import re
 import shutil
 import subprocess
 import sys
 
+import matplotlib.image
 import optuna
 import pytest
 import torch
@@ -13,11 +17,11 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from genre_ray import export
+from genre_ray import export, report
 from genre_ray.features import build_features
 from genre_ray.search_space import SPACES_DIR, load_space
-from genre_ray.training import evaluate
-from tests.helpers import REPO, make_tree
+from genre_ray.training import evaluate, track_accuracy
+from tests.helpers import REPO, make_tree, read_runs
 
 PAIRS = [("MLP", "spectrogram"), ("CEL", "spectrogram")]
 
@@ -72,6 +76,73 @@ def test_summary_names_every_pair_and_export(job):
         line = next(l for l in out.stdout.splitlines() if l.startswith(f"{model}_{feature} "))
         assert str(base / "best" / export.export_name(model, feature)) in line
     assert "wandb sync" in out.stdout
+
+
+def test_summary_reports_slot_utilisation_from_the_trials_own_times(job):
+    base, _, out = job
+    found = re.search(r"tuning took (\d+) s on (\d+) trial slots, busy (\d+)% of the time", out.stdout)
+    assert found, out.stdout[-2000:]
+    wall, slots, busy_pct = map(int, found.groups())
+    busy = sum(json.loads(f.read_text().splitlines()[-1])["time_total_s"]
+               for f in (base / "runs" / "job").glob("*/result.json"))
+    assert busy > 0 and 0 < busy_pct <= 100
+    assert busy_pct == pytest.approx(100 * busy / (wall * slots), rel=0.15)  # wall printed rounded
+
+
+def test_exports_carry_scores_on_a_test_split_no_trial_saw(job):
+    base, data, _ = job
+    fs = build_features(data, "spectrogram")
+    ids = {name: set(part.track_ids) for name, part in fs.splits.items()}
+    assert ids["test"] and not ids["test"] & (ids["train"] | ids["val"])
+    test = fs.splits["test"]
+    for model, feature in PAIRS:
+        payload = torch.load(base / "best" / export.export_name(model, feature), weights_only=True)
+        result = evaluate(export.rebuild(payload), test.x, test.labels, len(fs.classes))
+        assert payload["test"]["accuracy"] == pytest.approx(result.accuracy)
+        assert payload["test"]["track_accuracy"] == pytest.approx(
+            track_accuracy(result.probs, test.track, test.labels))
+        assert 0 <= payload["test"]["macro_f1"] <= 1
+
+
+def test_leaderboard_has_a_row_per_pair_ranked_by_test_track_accuracy(job):
+    base, _, out = job
+    run = base / "runs" / "job"
+    with open(run / "leaderboard.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == report.COLUMNS
+    assert sorted(r["pair"] for r in rows) == sorted(f"{m}_{f}" for m, f in PAIRS)
+    track = [float(r["test_track_acc"]) for r in rows]
+    assert track == sorted(track, reverse=True)
+    for r in rows:
+        payload = torch.load(base / "best" / f"{r['pair']}_best_model.pth", weights_only=True)
+        assert float(r["test_track_acc"]) == pytest.approx(payload["test"]["track_accuracy"])
+        assert json.loads(r["config"]) == payload["config"] and int(r["params"]) > 0
+        assert int(r["finished"]) + int(r["pruned"]) == 3
+    md = (run / "leaderboard.md").read_text()
+    for key in ("dataset", "split", "seed", "hardware", "libraries", "wall time"):
+        assert f"- {key}: " in md
+    assert report.table([]).splitlines()[0] in md and report.table([]).splitlines()[0] in out.stdout
+
+
+def test_plots_are_valid_images_of_sensible_size(job):
+    base, _, _ = job
+    plots = base / "runs" / "job" / "plots"
+    expected = {f"{m}_{f}_{kind}.png" for m, f in PAIRS for kind in ("confusion", "curves")}
+    assert {p.name for p in plots.glob("*.png")} == expected | {"comparison.png", "search.png"}
+    for png in plots.glob("*.png"):
+        height, width = matplotlib.image.imread(png).shape[:2]
+        assert 300 <= width <= 5000 and 300 <= height <= 5000, png.name
+
+
+def test_wandb_summary_run_holds_the_leaderboard_and_plots(job):
+    base, _, _ = job
+    runs = read_runs(base / "runs" / "job")
+    (folder, summary), = [(f, r) for f, r in runs.values() if r["group"] == "summary"]
+    assert summary["exit"]["exit_code"] == 0
+    table = json.loads((folder / "files" / summary["summary"]["leaderboard.path"]).read_text())
+    assert table["columns"] == report.COLUMNS and len(table["data"]) == len(PAIRS)
+    images = {k for k in summary["summary"] if k.startswith("plots/") and k.endswith(".path")}
+    assert len(images) == len(PAIRS) * 2 + 2
 
 
 @pytest.mark.parametrize("args,message", [

@@ -1,0 +1,169 @@
+"""Stage report: held-out test scores, the leaderboard and the plots of a run.
+
+Each pair's exported model is scored once on the test split, which no trial and no
+selection ever touched: accuracy per segment, per track (a track's class is the argmax
+of its segments' mean probability), macro F1 and the confusion matrix. The leaderboard
+ranks the pairs by test track accuracy; `<run>/leaderboard.md` holds it with the run's
+context, `<run>/leaderboard.csv` the same rows, and `tune_main.py` prints it. Plots land
+in `<run>/plots/`: per pair its test confusion matrix and its best trial's learning
+curves; for the run, validation vs test accuracy of every pair, and every trial's
+validation loss by epoch (ASHA-stopped trials visible).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sklearn.metrics import f1_score
+from torch import nn
+
+from genre_ray import plots
+from genre_ray.features import FeatureSplit
+from genre_ray.files import atomic_path
+from genre_ray.training import evaluate, track_accuracy
+
+COLUMNS = ["pair", "test_track_acc", "test_acc", "test_macro_f1", "val_acc", "val_loss",
+           "params", "epochs", "finished", "pruned", "cpu_s", "gpu_s", "trial_id", "config"]
+LIBRARIES = ("torch", "torchaudio", "ray", "optuna", "wandb")
+
+
+@dataclass
+class TestScores:
+    """Scores on the test split; confusion[i][j]: segments of class i predicted as j."""
+
+    accuracy: float
+    track_accuracy: float
+    macro_f1: float
+    confusion: list[list[int]]
+
+    def summary(self) -> dict[str, float]:
+        return {"accuracy": self.accuracy, "track_accuracy": self.track_accuracy,
+                "macro_f1": self.macro_f1}
+
+
+@dataclass
+class PairResult:
+    """One leaderboard row: a pair's search and its exported model (None: no export)."""
+
+    pair: str
+    finished: int
+    pruned: int
+    cpu_s: float
+    gpu_s: float
+    export_path: Path | None = None
+    val_loss: float = math.nan
+    val_acc: float = math.nan
+    test: TestScores | None = None
+    params: int | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    trial_id: str = ""
+    epochs: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)  # best trial, per epoch
+
+    def row(self) -> dict[str, Any]:
+        test = self.test.summary() if self.test else {}
+        return {"pair": self.pair, "test_track_acc": test.get("track_accuracy", math.nan),
+                "test_acc": test.get("accuracy", math.nan),
+                "test_macro_f1": test.get("macro_f1", math.nan), "val_acc": self.val_acc,
+                "val_loss": self.val_loss, "params": self.params, "epochs": self.epochs,
+                "finished": self.finished, "pruned": self.pruned, "cpu_s": round(self.cpu_s),
+                "gpu_s": round(self.gpu_s), "trial_id": self.trial_id,
+                "config": json.dumps(self.config, sort_keys=True)}
+
+
+def test_scores(model: nn.Module, split: FeatureSplit, n_classes: int) -> TestScores:
+    """Score `model` (eval mode) on a split's segments and tracks."""
+    result = evaluate(model, split.x, split.labels, n_classes)
+    predicted = result.probs.argmax(dim=1)
+    f1 = f1_score(split.labels.numpy(), predicted.numpy(), labels=list(range(n_classes)),
+                  average="macro", zero_division=0)
+    return TestScores(result.accuracy, track_accuracy(result.probs, split.track, split.labels),
+                      float(f1), result.confusion.tolist())
+
+
+def ranked(results: list[PairResult]) -> list[PairResult]:
+    """Best test track accuracy first (then test segment accuracy); pairs without an export last."""
+    def key(r: PairResult) -> tuple[float, float]:
+        return (-r.test.track_accuracy, -r.test.accuracy) if r.test else (math.inf, math.inf)
+    return sorted(results, key=key)
+
+
+def table(results: list[PairResult]) -> str:
+    """The leaderboard as a Markdown table (what tune_main.py prints)."""
+    rows = [r.row() for r in ranked(results)]
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cell(row[c]) for c in COLUMNS) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def context(data_dir: Path, split: str, seed: int, sizes: dict[str, tuple[int, int]],
+            hardware: str, wall_s: float) -> dict[str, str]:
+    """The run's context beside the leaderboard. sizes: split -> (tracks, segments)."""
+    from importlib.metadata import version
+
+    return {"dataset": str(data_dir),
+            "size": ", ".join(f"{name} {t} tracks / {s} segments" for name, (t, s) in sizes.items()),
+            "split": str(split), "seed": str(seed), "hardware": hardware,
+            "libraries": ", ".join(f"{lib} {version(lib)}" for lib in LIBRARIES)
+            + f", python {platform.python_version()}",
+            "wall time": f"{wall_s:.0f} s"}
+
+
+def write_leaderboard(run_dir: Path, results: list[PairResult], ctx: dict[str, str]) -> list[Path]:
+    """`leaderboard.md` (context + table) and `leaderboard.csv` (rows) in `run_dir`."""
+    md = "# Leaderboard\n\n" + "".join(f"- {k}: {v}\n" for k, v in ctx.items()) + \
+        "\nRanked by test accuracy per track (mean of its segments' probabilities).\n\n" + \
+        table(results) + "\n"
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(r.row() for r in ranked(results))
+    paths = [run_dir / "leaderboard.md", run_dir / "leaderboard.csv"]
+    for path, text in zip(paths, (md, buffer.getvalue())):
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
+    return paths
+
+
+def write_plots(run_dir: Path, results: list[PairResult], classes: list[str],
+                trials: list[dict[str, Any]], max_epochs: int) -> list[Path]:
+    """Every PNG of the run under `<run_dir>/plots/`; `trials` as plots.search_view takes."""
+    folder = run_dir / "plots"
+    paths = []
+    for r in results:
+        if r.test is not None:
+            paths.append(plots.confusion_matrix(
+                r.test.confusion, classes, f"{r.pair}: test confusion (rows: true genre)",
+                folder / f"{r.pair}_confusion.png"))
+        if r.history:
+            paths.append(plots.learning_curves(r.history, f"{r.pair}: best trial {r.trial_id}",
+                                               folder / f"{r.pair}_curves.png"))
+    comparison = [{"pair": r.pair, "val_acc": r.val_acc,
+                   "test_acc": r.test.accuracy if r.test else math.nan,
+                   "test_track_acc": r.test.track_accuracy if r.test else math.nan}
+                  for r in ranked(results)]
+    paths.append(plots.pair_comparison(comparison, folder / "comparison.png"))
+    paths.append(plots.search_view(trials, folder / "search.png", max_epochs))
+    return paths
+
+
+def hardware(resources: dict[str, float]) -> str:
+    """The machine and the Ray cluster's CPUs and GPUs, in words."""
+    import torch
+
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores here{gpu}; "
+            f"Ray cluster: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs")
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{value:.3f}"
+    return "-" if value is None else str(value)
