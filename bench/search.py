@@ -36,18 +36,26 @@ from genre_ray.search_space import load_space
 from genre_ray.synthetic import embedded_dataset
 
 
+# The baseline's sampler seed is offset: TPE's startup trials draw from a RandomSampler of
+# the run's seed, and the same stream would hand both sides the same first configurations.
+RANDOM_STREAM = 1_000_003
+
+
 class EpochBudget(tune.Stopper):
-    """Ends the whole run once its trials have reported `budget` epochs in all."""
+    """Ends the whole run once its trials have reported `budget` epochs in all.
+
+    Epochs are counted as distinct (trial, iteration): Tune also hands the stopper a
+    trial's last result once more when its function returns."""
 
     def __init__(self, budget: int) -> None:
-        self.budget, self.used = budget, 0
+        self.budget, self.seen = budget, set()
 
     def __call__(self, trial_id: str, result: dict) -> bool:
-        self.used += 1
+        self.seen.add((trial_id, result[tuning.TIME_ATTR]))
         return False
 
     def stop_all(self) -> bool:
-        return self.used >= self.budget
+        return len(self.seen) >= self.budget
 
 
 def random_fifo(model: str, feature: str, settings: tuning.SearchSettings):
@@ -55,7 +63,8 @@ def random_fifo(model: str, feature: str, settings: tuning.SearchSettings):
     pair = tuning.pair_name(model, feature)
     searcher = tuning.PrunedOptunaSearch(
         load_space(model).distributions, metric=tuning.METRIC, mode=tuning.MODE,
-        sampler=optuna.samplers.RandomSampler(seed=settings.seed), storage=settings.storage,
+        sampler=optuna.samplers.RandomSampler(seed=settings.seed + RANDOM_STREAM),
+        storage=settings.storage,
         study_name=f"{settings.run_name}/{pair}", max_t=settings.max_epochs)
     return (tuning.PairSearcher({pair: searcher}, {pair: settings.num_samples},
                                 {pair: tuning.trial_constants(model, feature, settings)}),
@@ -64,7 +73,7 @@ def random_fifo(model: str, feature: str, settings: tuning.SearchSettings):
 
 def epochs_in_order(grid) -> list[tuple[float, float]]:
     """(val_loss, val_acc) of every reported epoch, all trials, in the order reported."""
-    rows = [row for r in grid if r.metrics_dataframe is not None
+    rows = [row for r in grid if r.metrics_dataframe is not None and len(r.metrics_dataframe)
             for row in r.metrics_dataframe[["timestamp", "val_loss", "val_acc"]].itertuples(index=False)]
     return [(loss, acc) for _, loss, acc in sorted(rows)]
 
