@@ -33,6 +33,9 @@ def parse(argv: list[str] | None = None) -> experiment.Options:
     p.add_argument("--address", help="Ray cluster to join: auto, HOST:PORT or ray://HOST:PORT "
                                      "(absent: start a local Ray)")
     p.add_argument("--storage-path", default=d["storage_path"], help="runs live in STORAGE_PATH/NAME")
+    p.add_argument("--shared-storage", action="store_true",
+                   help="the storage path is mounted on every node of the cluster (NFS); "
+                        "needed to run on more than one node with a path rather than a bucket")
     p.add_argument("--name", help="run name (default: tune-<date>-<time>)")
     p.add_argument("--split", default=split["kind"], help="random | fault-filtered | JSON split file")
     p.add_argument("--wandb", choices=MODES, default=d["wandb"])

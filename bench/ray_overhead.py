@@ -73,7 +73,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.cpus)
     data_dir = embedded_dataset()
-    ray.init(num_cpus=args.cpus, include_dashboard=False, configure_logging=False)
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, configure_logging=False)
     print(context())
     try:
         with tempfile.TemporaryDirectory() as tmp:

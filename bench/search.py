@@ -108,7 +108,7 @@ def main() -> None:
     args = parser.parse_args()
     fs = build_features(embedded_dataset(), args.feature)
     budget = args.trials * args.max_epochs
-    ray.init(include_dashboard=False, configure_logging=False)
+    ray.init(address="local", include_dashboard=False, configure_logging=False)
     print(context())
     try:
         slots, ref = int(ray.cluster_resources()["CPU"]), ray.put(fs)

@@ -57,7 +57,7 @@ def main() -> None:
     sets = {f: build_features(embedded_dataset(), f) for f in args.features}
     classes = next(iter(sets.values())).classes
     pairs = [(m, f) for m in args.models for f in args.features]
-    ray.init(include_dashboard=False, configure_logging=False)
+    ray.init(address="local", include_dashboard=False, configure_logging=False)
     print(context())
     try:
         slots = int(ray.cluster_resources()["CPU"])

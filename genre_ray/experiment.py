@@ -37,6 +37,7 @@ class Options:
     gpus_per_trial: float
     address: str | None
     storage_path: str
+    shared_storage: bool
     name: str | None
     split: str
     wandb: str
@@ -104,8 +105,10 @@ def _tune(opts: Options, sets: dict[str, FeatureSet], pairs: list[tuple[str, str
 
     from genre_ray.tracking import wandb_callback
 
-    ray.init(address=opts.address, include_dashboard=False, configure_logging=False)
+    # absent --address: a new local Ray, never a cluster an earlier `ray start` left running
+    ray.init(address=opts.address or "local", include_dashboard=False, configure_logging=False)
     try:
+        _require_shared_storage(opts)
         refs = {f: ray.put(fs) for f, fs in sets.items()}  # once per run, shared by all trials
         searcher, scheduler = tuning.build_search(pairs, spaces, tuning.SearchSettings(
             run_name=run_dir.name, storage=tuning.optuna_storage(run_dir),
@@ -186,6 +189,19 @@ def _require_positive(opts: Options) -> None:
             raise UserError(f"--{flag.replace('_', '-')} must be > 0, got {getattr(opts, flag)}")
     if opts.gpus_per_trial < 0:
         raise UserError(f"--gpus-per-trial must be >= 0, got {opts.gpus_per_trial}")
+
+
+def _require_shared_storage(opts: Options) -> None:
+    """On a cluster of more than one node, every node saves its trials' checkpoints to the
+    storage path: a path only this machine has would lose them. UserError before any trial."""
+    import ray
+
+    nodes = sum(node["Alive"] for node in ray.nodes())
+    if nodes > 1 and not opts.shared_storage:
+        raise UserError(
+            f"the Ray cluster has {nodes} nodes but --storage-path {opts.storage_path} may be "
+            "a path on this machine only: trials on other nodes could not save their "
+            "checkpoints there. Pass a path every node mounts (NFS) and add --shared-storage")
 
 
 def _writable(folder: Path) -> Path:

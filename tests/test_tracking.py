@@ -94,7 +94,7 @@ def runs(tmp_path_factory):
     root = make_tree(tmp_path_factory.mktemp("tones"), tracks=3, seconds=6.0)
     base = tmp_path_factory.mktemp("runs")
     run_dir, stopped_dir = base / "tuned", base / "stopped"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         session = Path(ray._private.worker._global_node.get_session_dir_path())
         fs = build_features(root, "spectrogram", cache=tmp_path_factory.mktemp("cache"))

@@ -21,7 +21,7 @@ def run(tmp_path_factory):
     root = make_tree(tmp_path_factory.mktemp("tones"), tracks=3, seconds=6.0)
     cache = tmp_path_factory.mktemp("cache")
     run_dir = tmp_path_factory.mktemp("runs") / "test-run"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         refs = {f: ray.put(build_features(root, f, cache=cache)) for f in ("spectrogram", "waveform")}
         storage = tuning.optuna_storage(run_dir)

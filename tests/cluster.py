@@ -1,0 +1,83 @@
+"""A real two-node Ray cluster on this machine, as a user makes one: `ray start --head` and
+`ray start --address=...`, each with its own --num-cpus and token authentication.
+
+Each node runs `ray start --block` in its own process group, so the nodes are stopped by
+the process groups this module started (never by name, never `ray stop`, which would
+stop every Ray on the machine), also when the test fails.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+RAY = str(Path(sys.executable).parent / "ray")
+CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")  # what `ray start` leaves for ray.init()
+
+
+@dataclass
+class Cluster:
+    address: str
+    env: dict[str, str]  # RAY_AUTH_MODE=token: what every process that joins needs
+    head: subprocess.Popen
+    worker: subprocess.Popen
+
+
+@contextlib.contextmanager
+def two_node_cluster(logs: Path, head_cpus: int = 1, worker_cpus: int = 1) -> Iterator[Cluster]:
+    """Start the head and one worker node, wait until both are alive, stop both after."""
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    address = f"127.0.0.1:{_free_port()}"
+    nodes: list[subprocess.Popen] = []
+    try:
+        nodes.append(_start(["--head", "--port", address.split(":")[1], "--num-cpus",
+                             str(head_cpus), "--include-dashboard", "false"], env, logs / "head.log"))
+        nodes.append(_start(["--address", address, "--num-cpus", str(worker_cpus)], env,
+                            logs / "worker.log"))
+        _wait_for_nodes(address, 2, env)
+        yield Cluster(address, env, *nodes)
+    finally:
+        for node in reversed(nodes):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(node.pid, signal.SIGKILL)
+            node.wait()
+        if CURRENT_CLUSTER.is_file() and CURRENT_CLUSTER.read_text().strip().endswith(
+                address.split(":")[1]):
+            CURRENT_CLUSTER.unlink()  # else a later ray.init() would join the dead cluster
+
+
+def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        return subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args], env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_for_nodes(address: str, count: int, env: dict[str, str], timeout: float = 90) -> None:
+    probe = ("import ray, sys, time\n"
+             "ray.init(address=sys.argv[1], log_to_driver=False)\n"
+             "end = time.time() + float(sys.argv[3])\n"
+             "while sum(n['Alive'] for n in ray.nodes()) < int(sys.argv[2]) and time.time() < end:\n"
+             "    time.sleep(0.5)\n"
+             "print(sum(n['Alive'] for n in ray.nodes()))\n")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = subprocess.run([sys.executable, "-c", probe, address, str(count),
+                              str(deadline - time.time())], env=env, capture_output=True, text=True)
+        if out.returncode == 0 and out.stdout.strip() == str(count):
+            return
+        time.sleep(1)
+    raise TimeoutError(f"the cluster at {address} did not reach {count} nodes in {timeout} s")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
