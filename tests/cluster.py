@@ -1,9 +1,10 @@
 """A real two-node Ray cluster on this machine, as a user makes one: `ray start --head` and
 `ray start --address=...`, each with its own --num-cpus and token authentication.
 
-Each node runs `ray start --block` in its own process group, so the nodes are stopped by
-the process groups this module started (never by name, never `ray stop`, which would
-stop every Ray on the machine), also when the test fails.
+Each node runs `ray start --block` as the leader of its own session; its raylet, GCS and
+worker processes stay in that session (workers get process groups of their own). A node
+is stopped by killing every process of the session this module started (never by name,
+never `ray stop`, which would stop every Ray on the machine), also when the test fails.
 """
 from __future__ import annotations
 
@@ -45,12 +46,29 @@ def two_node_cluster(logs: Path, head_cpus: int = 1, worker_cpus: int = 1) -> It
         yield Cluster(address, env, *nodes)
     finally:
         for node in reversed(nodes):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(node.pid, signal.SIGKILL)
-            node.wait()
+            kill_node(node)
         if CURRENT_CLUSTER.is_file() and CURRENT_CLUSTER.read_text().strip().endswith(
                 address.split(":")[1]):
             CURRENT_CLUSTER.unlink()  # else a later ray.init() would join the dead cluster
+
+
+def kill_node(node: subprocess.Popen) -> None:
+    """SIGKILL every process of the node's session: `ray start`, raylet, GCS, workers."""
+    for pid in node_pids(node):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    node.wait()
+
+
+def node_pids(node: subprocess.Popen) -> list[int]:
+    """The processes of the session `node` leads."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                if os.getsid(int(entry.name)) == node.pid:
+                    pids.append(int(entry.name))
+    return pids
 
 
 def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:

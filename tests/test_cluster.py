@@ -1,21 +1,28 @@
 """tune_main.py against a real two-node Ray cluster started on this machine."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import time
+from pathlib import Path
 
-from tests.cluster import two_node_cluster
+from tests.cluster import kill_node, node_pids, two_node_cluster
 from tests.helpers import REPO, make_tree
 
 
+def tune_args(cluster, data, tmp_path, *args: str) -> list[str]:
+    """tune_main.py joining `cluster`: MLP on spectrograms of `data` unless `args` say
+    otherwise (argparse keeps the last), files under tmp_path."""
+    return [sys.executable, str(REPO / "tune_main.py"), "--address", cluster.address,
+            "--data-dir", str(data), "--models", "MLP", "--features", "spectrogram",
+            "--storage-path", str(tmp_path / "runs"), "--output-dir", str(tmp_path / "best"),
+            "--wandb", "off", "--name", "run", *args]
+
+
 def tune_main(cluster, data, tmp_path, *args: str) -> subprocess.CompletedProcess:
-    """tune_main.py joining `cluster`: MLP on spectrograms of `data`, files under tmp_path."""
-    return subprocess.run(
-        [sys.executable, str(REPO / "tune_main.py"), "--address", cluster.address,
-         "--data-dir", str(data), "--models", "MLP", "--features", "spectrogram",
-         "--storage-path", str(tmp_path / "runs"), "--output-dir", str(tmp_path / "best"),
-         "--wandb", "off", "--name", "run", *args],
-        cwd=tmp_path, env=cluster.env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(tune_args(cluster, data, tmp_path, *args), cwd=tmp_path,
+                          env=cluster.env, capture_output=True, text=True, timeout=300)
 
 
 def test_a_node_local_storage_path_is_refused_before_any_trial(tmp_path):
@@ -38,3 +45,43 @@ def test_a_shared_storage_run_on_two_nodes_tunes_and_exports(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "best" / "MLP_spectrogram_best_model.pth").is_file()
     assert "on 2 trial slots" in out.stdout  # one CPU on each node
+
+
+def test_a_trial_on_a_lost_node_is_retried_from_its_checkpoint(tmp_path):
+    data = make_tree(tmp_path / "data", tracks=4, seconds=40.0)  # CEL epochs of about 1 s
+    run = tmp_path / "runs" / "run"
+    with two_node_cluster(tmp_path / "logs") as cluster:
+        job = subprocess.Popen(
+            tune_args(cluster, data, tmp_path, "--shared-storage", "--models", "CEL",
+                      "--num-samples", "2", "--max-epochs", "6"),
+            cwd=tmp_path, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True)
+        try:
+            _wait_until(lambda: _checkpointed_on(run, cluster.worker), timeout=240)
+            kill_node(cluster.worker)  # every process of the node this test started
+            output, _ = job.communicate(timeout=600)
+        finally:
+            job.kill()
+    assert job.returncode == 0, output[-3000:]
+    assert (tmp_path / "best" / "CEL_spectrogram_best_model.pth").is_file()
+    restarts = [row for f in run.glob("*/result.json") for row in map(json.loads, f.open())
+                if row["iterations_since_restore"] == 1 and row["epoch"] > 1]
+    assert restarts, "no trial resumed from its checkpoint after its node was lost"
+
+
+def _checkpointed_on(run: Path, node: subprocess.Popen) -> bool:
+    """Whether a trial running on `node` has saved a checkpoint: its first epoch is always
+    an improvement, so it checkpoints."""
+    pids = set(node_pids(node))
+    for result in run.glob("*/result.json"):
+        rows = [json.loads(line) for line in result.read_text().splitlines()]
+        if rows and rows[-1]["pid"] in pids:
+            return True
+    return False
+
+
+def _wait_until(condition, timeout: float) -> None:
+    end = time.time() + timeout
+    while not condition():
+        assert time.time() < end, f"timed out after {timeout} s"
+        time.sleep(0.2)
