@@ -3,7 +3,7 @@
     python -m bench.utilisation [--models ...] [--features ...] [--num-samples N] [--max-epochs N]
 
 Utilisation = busy trial-seconds / (tuning wall x trial slots), busy meaning inside the
-trainable (`genre_ray.tuning.utilisation`). Both sides tune the same pairs with the same
+trainable (`genre_ray.tuning.busy_seconds`). Both sides tune the same pairs with the same
 searchers, schedulers, seeds and W&B (offline, into a temporary folder) on the same
 cached features; the baseline runs one Tuner per pair, one after another, so each
 search's tail (its last trials, fewer than the slots) leaves slots idle. Defaults: the
@@ -43,7 +43,7 @@ def tune(pairs: list[tuple[str, str]], refs: dict, classes: list[str], args, run
                       callbacks=wandb_callback("offline", project="bench", run_dir=run_dir,
                                                classes=classes))
     wall = time.perf_counter() - start
-    return tuning.utilisation(grid, wall, slots) * wall * slots, wall
+    return tuning.busy_seconds(grid), wall
 
 
 def main() -> None:

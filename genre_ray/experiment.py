@@ -64,7 +64,7 @@ def run(opts: Options) -> RunSummary:
     exports on the test split, and write the leaderboard and plots."""
     import optuna
 
-    from genre_ray.tracking import resolve_mode, sync_hint
+    from genre_ray.tracking import log_summary, resolve_mode, sync_hint
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per study and trial
     start = time.perf_counter()
@@ -87,8 +87,6 @@ def run(opts: Options) -> RunSummary:
     files += report.write_plots(run_dir, results, fs.classes, _trials(grid, opts.max_epochs),
                                 opts.max_epochs)
     if mode is not None:
-        from genre_ray.tracking import log_summary
-
         log_summary(mode, project=opts.wandb_project, run_dir=run_dir, name=name,
                     columns=report.COLUMNS, rows=[r.row() for r in report.ranked(results)],
                     files=files)
@@ -135,7 +133,7 @@ def _pair_result(grid, model: str, fs: FeatureSet, output_dir: Path, run_dir: Pa
     results = [r for r in grid if r.config.get("pair") == pair]
     epochs = [int(r.metrics.get("training_iteration", 0)) for r in results if not r.error]
     pruned = sum(e < opts.max_epochs for e in epochs)
-    seconds = sum(r.metrics.get("time_total_s", 0.0) for r in results if r.metrics)
+    seconds = tuning.busy_seconds(results)
     row = report.PairResult(pair, len(epochs) - pruned, pruned, seconds * opts.cpus_per_trial,
                             seconds * opts.gpus_per_trial)
     best = export.best_of_pair(results, load_trial_state)

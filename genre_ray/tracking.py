@@ -140,7 +140,7 @@ class _TrialLogger(_WandbLoggingActor):
 
         self._wandb, self.queue, self._logdir = wandb, queue, logdir
         self._exclude, self._to_config = set(exclude), set(to_config)
-        self.args, self.kwargs = (), {**init_kwargs, "reinit": "create_new"}
+        self.kwargs = {**init_kwargs, "reinit": "create_new"}
         self._trial_name = init_kwargs.get("name", "unknown")
         self._classes = classes
 

@@ -234,7 +234,7 @@ def fit(feature_refs: dict[str, Any], searcher: PairSearcher, scheduler: PairSch
 
     # num_to_keep=1 makes Tune snapshot its state after every checkpoint, and warn when
     # snapshots come less than 5 s apart: the price of a bounded disk, and no bottleneck
-    # (bench/utilisation.py: the default run keeps its slots ~99% busy). A user's own
+    # (bench/utilisation.py: the default run keeps its slots ~97% busy). A user's own
     # threshold is kept.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
@@ -254,9 +254,13 @@ def fit(feature_refs: dict[str, Any], searcher: PairSearcher, scheduler: PairSch
     return tuner.fit()
 
 
+def busy_seconds(results) -> float:
+    """Seconds trials spent in their trainable (Tune's `time_total_s`: setup and epochs),
+    summed over `results` (Tune `Result`s); starting a trial is not counted."""
+    return sum(r.metrics.get("time_total_s", 0.0) for r in results if r.metrics)
+
+
 def utilisation(grid, wall_s: float, slots: int) -> float:
     """Busy trial-seconds over `wall_s` x `slots`: the share of the run's trial slots that
-    trials kept busy. A trial is busy while its trainable runs (Tune's `time_total_s`:
-    setup and epochs); starting it, and a slot left empty, count as idle."""
-    busy = sum(r.metrics.get("time_total_s", 0.0) for r in grid if r.metrics)
-    return busy / (wall_s * slots)
+    trials kept busy; starting a trial, and a slot left empty, count as idle."""
+    return busy_seconds(grid) / (wall_s * slots)
