@@ -8,6 +8,7 @@ Defaults live in genre_ray/defaults.yaml (section `tune`).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -36,7 +37,11 @@ def parse(argv: list[str] | None = None) -> experiment.Options:
     p.add_argument("--shared-storage", action="store_true",
                    help="the storage path is mounted on every node of the cluster (NFS); "
                         "needed to run on more than one node with a path rather than a bucket")
-    p.add_argument("--name", help="run name (default: tune-<date>-<time>)")
+    p.add_argument("--name", help="run name (default: the newest interrupted run with these "
+                                  "settings, if any, else tune-<date>-<time>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run --name names, or the newest interrupted run under "
+                        "--storage-path, with the settings it was started with")
     p.add_argument("--split", default=split["kind"], help="random | fault-filtered | JSON split file")
     p.add_argument("--wandb", choices=MODES, default=d["wandb"])
     p.add_argument("--wandb-project", default=d["wandb_project"])
@@ -53,7 +58,11 @@ def parse(argv: list[str] | None = None) -> experiment.Options:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
-    summary = experiment.run(parse(argv))
+    try:
+        summary = experiment.run(parse(argv))
+    except experiment.Interrupted as stop:
+        print(stop, file=sys.stderr)
+        return 130  # the shell's code for a Ctrl-C
     print(experiment.summary_table(summary))
     print(f"wall time {time.perf_counter() - start:.0f} s")
     return 0

@@ -2,18 +2,22 @@
 -> test scores, leaderboard, plots (and a W&B summary run).
 
 `run(Options)` is what `tune_main.py` calls after parsing its flags. Everything a user
-can get wrong (names, paths, search-space files) is checked before Ray starts.
+can get wrong (names, paths, search-space files) is checked before Ray starts. Which run
+it starts or continues (after Ctrl-C, through Tuner.restore) is `runs.choose`'s answer.
 """
 from __future__ import annotations
 
-import datetime
+import contextlib
+import dataclasses
+import logging
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from genre_ray import export, report, tuning
+from genre_ray import export, report, runs, tuning
 from genre_ray.errors import UserError
 from genre_ray.features import FeatureSet, build_features, canonical_feature
 from genre_ray.models import count_parameters
@@ -39,6 +43,7 @@ class Options:
     storage_path: str
     shared_storage: bool
     name: str | None
+    resume: bool
     split: str
     wandb: str
     wandb_project: str
@@ -46,6 +51,23 @@ class Options:
     output_dir: Path
     search_spaces: Path
     env_file: Path
+
+
+# The settings that shape a run, saved in its record: an interrupted run is continued by
+# the same command (same settings) or by --resume (its saved settings).
+SPEC_KEYS = ("data_dir", "models", "features", "num_samples", "max_epochs", "grace_period",
+             "reduction_factor", "n_startup_trials", "cpus_per_trial", "gpus_per_trial", "split",
+             "wandb", "wandb_project", "seed", "output_dir", "search_spaces")
+PATH_KEYS = ("data_dir", "output_dir", "search_spaces")
+
+
+class Interrupted(Exception):
+    """The run stopped before its last trial (Ctrl-C); its state is saved for a resume."""
+
+
+def _not_tune_resume_hint(record: logging.LogRecord) -> bool:
+    """Drop Tune's "Resume experiment with: Tuner.restore(...)": Interrupted says how."""
+    return not record.getMessage().startswith("Experiment has been interrupted")
 
 
 @dataclass
@@ -57,73 +79,156 @@ class RunSummary:
     tuning_s: float
     slots: int
     utilisation: float
+    copied_to: str | None = None  # remote storage: where the run's files were copied
+
+
+@dataclass
+class Checked:
+    """What a run needs, checked before anything of the run is written."""
+
+    spaces: dict[str, Any]
+    output_dir: Path
+    mode: str | None  # W&B: online | offline | None (off)
+    data_dir: Path
+    sets: dict[str, FeatureSet]
 
 
 def run(opts: Options) -> RunSummary:
     """Tune every (model, feature) pair of `opts`, export the best model of each, score the
-    exports on the test split, and write the leaderboard and plots."""
-    import optuna
+    exports on the test split, and write the leaderboard and plots. Interrupted: Ctrl-C.
 
-    from genre_ray.tracking import log_summary, resolve_mode, sync_hint
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per study and trial
+    Order: which run (read-only), flags, files, data and the cluster are checked before
+    the run's folder is claimed, so a mistake leaves no trace of a run."""
     start = time.perf_counter()
-    spaces = {model: load_space(model, opts.search_spaces) for model in opts.models}
-    features = [canonical_feature(f) for f in opts.features]
     _require_positive(opts)
+    store = runs.storage(opts.storage_path)
+    chosen = runs.choose(store, opts.name, _spec(opts), opts.resume)
+    opts = _with_spec(opts, chosen.spec)
+    checked = _check(opts)
+    with _ray(opts, store), runs.claimed(store, chosen) as run_:
+        if run_.resume:
+            print(f"continuing interrupted run {run_.name!r} ({run_.dir}); pass --name NEW "
+                  "to start a new run instead")
+        summary = _run(opts, checked, store, run_, start)
+        summary.copied_to = runs.publish(store, run_)
+    return summary
+
+
+def _check(opts: Options) -> Checked:
+    from genre_ray.tracking import resolve_mode
+
+    spaces = {model: load_space(model, opts.search_spaces) for model in opts.models}
     output_dir = _writable(opts.output_dir)
     mode = resolve_mode(opts.wandb, opts.env_file)
     data_dir = opts.data_dir or _embedded()
-    sets = {f: build_features(data_dir, f, split=opts.split, seed=opts.seed) for f in features}
-    name = opts.name or datetime.datetime.now().strftime("tune-%Y%m%d-%H%M%S")
-    run_dir = Path(opts.storage_path).expanduser().resolve() / name
-    pairs = [(m, f) for m in opts.models for f in features]
-    grid, tuned = _tune(opts, sets, pairs, spaces, run_dir, mode)
-    results = [_pair_result(grid, m, sets[f], output_dir, run_dir, opts) for m, f in pairs]
+    sets = {f: build_features(data_dir, f, split=opts.split, seed=opts.seed) for f in opts.features}
+    return Checked(spaces, output_dir, mode, data_dir, sets)
+
+
+@contextlib.contextmanager
+def _ray(opts: Options, store: runs.Storage) -> Iterator[None]:
+    """Ray up (a new local one, or the cluster --address names) and checked; down after."""
+    import optuna
+    import ray
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per study and trial
+    logging.getLogger("ray.tune.tune").addFilter(_not_tune_resume_hint)
+    _require_reachable(opts.address)
+    try:  # absent --address: a new local Ray, never a cluster an earlier `ray start` left running
+        ray.init(address=opts.address or "local", include_dashboard=False, configure_logging=False)
+    except ConnectionError as err:  # --address auto, and no cluster runs here
+        raise UserError(f"--address {opts.address}: {str(err).rstrip('.')}; start one with `ray start --head`, "
+                        "or drop --address to run on a new local Ray") from None
+    try:
+        _require_shared_storage(opts, store)
+        _require_resources(opts)
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _run(opts: Options, checked: Checked, store: runs.Storage, run_: runs.Run,
+         start: float) -> RunSummary:
+    from genre_ray.tracking import log_summary, sync_hint
+
+    sets, mode = checked.sets, checked.mode
+    pairs = [(m, f) for m in opts.models for f in opts.features]
+    runs.write_record(run_, "running")
+    grid, tuned = _tune(opts, sets, pairs, checked.spaces, store, run_, mode)
+    if grid.num_terminated + grid.num_errors < opts.num_samples * len(pairs):
+        runs.write_record(run_, "interrupted")
+        raise Interrupted(f"run {run_.name!r} was interrupted; its trials, checkpoints and "
+                          "Optuna studies are saved. Run the same command again, or add "
+                          f"--resume --name {run_.name}, to continue it")
+    run_dir = run_.dir
+    results = [_pair_result(grid, m, sets[f], checked.output_dir, run_dir, opts) for m, f in pairs]
     fs = next(iter(sets.values()))
-    ctx = report.context(data_dir, opts.split, opts.seed, _sizes(fs), tuned["hardware"],
+    ctx = report.context(checked.data_dir, opts.split, opts.seed, _sizes(fs), tuned["hardware"],
                          time.perf_counter() - start)
     files = report.write_leaderboard(run_dir, results, ctx)
     files += report.write_plots(run_dir, results, fs.classes, _trials(grid, opts.max_epochs),
                                 opts.max_epochs)
     if mode is not None:
-        log_summary(mode, project=opts.wandb_project, run_dir=run_dir, name=name,
+        log_summary(mode, project=opts.wandb_project, run_dir=run_dir, name=run_.name,
                     columns=report.COLUMNS, rows=[r.row() for r in report.ranked(results)],
                     files=files)
     if mode == "offline":
         print(sync_hint(run_dir))
+    runs.write_record(run_, "finished")
     return RunSummary(results, run_dir, tuned["seconds"], tuned["slots"],
                       tuning.utilisation(grid, tuned["seconds"], tuned["slots"]))
 
 
+def _spec(opts: Options) -> dict[str, Any]:
+    """The run-shaping settings of `opts` as JSON values (paths absolute)."""
+    spec = {k: getattr(opts, k) for k in SPEC_KEYS}
+    spec["features"] = [canonical_feature(f) for f in opts.features]
+    for key in PATH_KEYS:
+        spec[key] = spec[key] and str(Path(spec[key]).expanduser().resolve())
+    return spec
+
+
+def _with_spec(opts: Options, spec: dict[str, Any]) -> Options:
+    paths = {k: spec[k] and Path(spec[k]) for k in PATH_KEYS}
+    return dataclasses.replace(opts, **{**spec, **paths})
+
+
 def _tune(opts: Options, sets: dict[str, FeatureSet], pairs: list[tuple[str, str]],
-          spaces: dict, run_dir: Path, mode: str | None) -> tuple[Any, dict[str, Any]]:
-    """Ray up, one Tuner over every pair, Ray down: (ResultGrid, {seconds, slots, hardware})."""
+          spaces: dict, store: runs.Storage, run_: runs.Run,
+          mode: str | None) -> tuple[Any, dict[str, Any]]:
+    """One Tuner over every pair (new, or restored from the run's saved state), on the
+    Ray this process joined: (ResultGrid, {seconds, slots, hardware})."""
     import ray
 
     from genre_ray.tracking import wandb_callback
 
-    # absent --address: a new local Ray, never a cluster an earlier `ray start` left running
-    ray.init(address=opts.address or "local", include_dashboard=False, configure_logging=False)
-    try:
-        _require_shared_storage(opts)
-        refs = {f: ray.put(fs) for f, fs in sets.items()}  # once per run, shared by all trials
-        searcher, scheduler = tuning.build_search(pairs, spaces, tuning.SearchSettings(
-            run_name=run_dir.name, storage=tuning.optuna_storage(run_dir),
-            num_samples=opts.num_samples, max_epochs=opts.max_epochs,
-            grace_period=opts.grace_period, reduction_factor=opts.reduction_factor,
-            n_startup_trials=opts.n_startup_trials, seed=opts.seed))
-        callbacks = wandb_callback(mode, project=opts.wandb_project, run_dir=run_dir,
+    refs = {f: ray.put(fs) for f, fs in sets.items()}  # once per run, shared by all trials
+    resources = {"cpus_per_trial": opts.cpus_per_trial, "gpus_per_trial": opts.gpus_per_trial}
+    slots, start = _slots(opts), time.perf_counter()
+    if run_.resume and runs.tune_state_exists(store, run_.name):
+        tuner = tuning.restore_tuner(store.tune_path(run_.name), refs, **resources)
+    else:
+        callbacks = wandb_callback(mode, project=opts.wandb_project, run_dir=run_.dir,
                                    classes=next(iter(sets.values())).classes)
-        slots, start = _slots(opts), time.perf_counter()
-        grid = tuning.fit(refs, searcher, scheduler, storage_path=str(run_dir.parent),
-                          name=run_dir.name, num_trials=opts.num_samples * len(pairs),
-                          cpus_per_trial=opts.cpus_per_trial, gpus_per_trial=opts.gpus_per_trial,
-                          max_concurrent=slots, callbacks=callbacks)
-        return grid, {"seconds": time.perf_counter() - start, "slots": slots,
-                      "hardware": report.hardware(ray.cluster_resources())}
-    finally:
-        ray.shutdown()
+        tuner = tuning.make_tuner(refs, *_search(opts, pairs, spaces, run_), **resources,
+                                  storage_path=store.uri, name=run_.name,
+                                  num_trials=opts.num_samples * len(pairs),
+                                  max_concurrent=slots, callbacks=callbacks)
+    grid = tuner.fit()
+    return grid, {"seconds": time.perf_counter() - start, "slots": slots,
+                  "hardware": report.hardware(ray.cluster_resources())}
+
+
+def _search(opts: Options, pairs: list[tuple[str, str]], spaces: dict,
+            run_: runs.Run) -> tuple[tuning.PairSearcher, tuning.PairScheduler]:
+    """A new run's searcher and scheduler, over a fresh Optuna journal (one left by a start
+    that never reached its Tuner would hold its seed points a second time)."""
+    (run_.dir / tuning.JOURNAL).unlink(missing_ok=True)
+    return tuning.build_search(pairs, spaces, tuning.SearchSettings(
+        run_name=run_.name, storage=tuning.optuna_storage(run_.dir),
+        num_samples=opts.num_samples, max_epochs=opts.max_epochs,
+        grace_period=opts.grace_period, reduction_factor=opts.reduction_factor,
+        n_startup_trials=opts.n_startup_trials, seed=opts.seed))
 
 
 def _pair_result(grid, model: str, fs: FeatureSet, output_dir: Path, run_dir: Path,
@@ -131,11 +236,11 @@ def _pair_result(grid, model: str, fs: FeatureSet, output_dir: Path, run_dir: Pa
     """Export the pair's best checkpoint, with its test scores, and describe its search."""
     pair = tuning.pair_name(model, fs.feature)
     results = [r for r in grid if r.config.get("pair") == pair]
-    epochs = [int(r.metrics.get("training_iteration", 0)) for r in results if not r.error]
+    epochs = [int(r.metrics.get("training_iteration", 0)) for r in results if not _failed(r)]
     pruned = sum(e < opts.max_epochs for e in epochs)
     seconds = tuning.busy_seconds(results)
-    row = report.PairResult(pair, len(epochs) - pruned, pruned, seconds * opts.cpus_per_trial,
-                            seconds * opts.gpus_per_trial)
+    row = report.PairResult(pair, len(epochs) - pruned, pruned, len(results) - len(epochs),
+                            seconds * opts.cpus_per_trial, seconds * opts.gpus_per_trial)
     best = export.best_of_pair(results, load_trial_state)
     if best is None:
         return row
@@ -155,12 +260,17 @@ def _pair_result(grid, model: str, fs: FeatureSet, output_dir: Path, run_dir: Pa
     return row
 
 
+def _failed(result) -> bool:
+    """Errored (after Tune's retries) or diverged (see trainable)."""
+    return bool(result.error or result.metrics.get("diverged"))
+
+
 def _trials(grid, max_epochs: int) -> list[dict[str, Any]]:
     """Every trial's validation loss by epoch, for plots.search_view."""
     return [{"pair": r.config["pair"], "trial_id": r.metrics.get("trial_id", ""),
              "epochs": r.metrics_dataframe["epoch"].tolist(),
              "val_loss": r.metrics_dataframe["val_loss"].tolist(),
-             "stopped": not r.error and len(r.metrics_dataframe) < max_epochs}
+             "stopped": not _failed(r) and len(r.metrics_dataframe) < max_epochs}
             for r in grid if r.metrics_dataframe is not None and len(r.metrics_dataframe)]
 
 
@@ -176,6 +286,8 @@ def summary_table(summary: RunSummary) -> str:
               for r in summary.pairs]
     lines.append(f"leaderboard, plots: {summary.run_dir / 'leaderboard.md'}, "
                  f"{summary.run_dir / 'plots'}/")
+    if summary.copied_to:
+        lines.append(f"run files copied to {summary.copied_to}/")
     lines.append(f"tuning took {summary.tuning_s:.0f} s on {summary.slots} trial slots, "
                  f"busy {summary.utilisation:.0%} of the time")
     return "\n".join(lines)
@@ -189,17 +301,47 @@ def _require_positive(opts: Options) -> None:
         raise UserError(f"--gpus-per-trial must be >= 0, got {opts.gpus_per_trial}")
 
 
-def _require_shared_storage(opts: Options) -> None:
+def _require_shared_storage(opts: Options, store: runs.Storage) -> None:
     """On a cluster of more than one node, every node saves its trials' checkpoints to the
     storage path: a path only this machine has would lose them. UserError before any trial."""
     import ray
 
     nodes = sum(node["Alive"] for node in ray.nodes())
-    if nodes > 1 and not opts.shared_storage:
+    if nodes > 1 and store.node_local and not opts.shared_storage:
         raise UserError(
             f"the Ray cluster has {nodes} nodes but --storage-path {opts.storage_path} may be "
             "a path on this machine only: trials on other nodes could not save their "
-            "checkpoints there. Pass a path every node mounts (NFS) and add --shared-storage")
+            "checkpoints there. Pass a bucket (s3://..., gs://...), or a path every node mounts "
+            "(NFS) and add --shared-storage")
+
+
+def _require_resources(opts: Options) -> None:
+    """UserError unless one node has the CPUs and GPUs a trial asks for (Tune would wait
+    for them forever)."""
+    import ray
+
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    for kind, wanted in (("CPU", opts.cpus_per_trial), ("GPU", opts.gpus_per_trial)):
+        most = max(node.get(kind, 0) for node in nodes)
+        if wanted > most:
+            flag = f"--{kind.lower()}s-per-trial"
+            raise UserError(f"{flag} {wanted:g} asks for more {kind}s than any node of the Ray "
+                            f"cluster has (at most {most:g}); lower {flag}, or join a cluster "
+                            "with --address that has them")
+
+
+def _require_reachable(address: str | None) -> None:
+    """UserError unless HOST:PORT (or ray://HOST:PORT) answers within 5 s: ray.init would
+    retry an unreachable address for minutes."""
+    if address in (None, "local", "auto"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot reach a Ray cluster at --address {address} ({err}); check the "
+                        "address (HOST:PORT of the head, e.g. 10.0.0.5:6379, or auto), start "
+                        "the head with `ray start --head`, or drop --address to run locally") from None
 
 
 def _writable(folder: Path) -> Path:

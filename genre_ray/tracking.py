@@ -186,7 +186,9 @@ class TrialWandbCallback(WandbLoggerCallback):
             return
         Path(init_kwargs["dir"]).mkdir(parents=True, exist_ok=True)
         pair = trial.config["pair"]
-        init_kwargs.update(group=pair, name=f"{pair}-{trial.trial_id}",
+        # resume="allow" (Ray passes False): a trial continued after a restore goes on in
+        # its run, id = trial id; offline, `wandb sync` appends its second folder to the first
+        init_kwargs.update(group=pair, name=f"{pair}-{trial.trial_id}", resume="allow",
                            tags=[trial.config["model"], trial.config["feature"]])
         queue: Queue = Queue()
         logger = _TrialLogger(trial.local_path, queue, exclude_results, self.AUTO_CONFIG_KEYS,

@@ -34,6 +34,8 @@ from genre_ray.search_space import SearchSpace
 
 METRIC, MODE = "val_loss", "min"
 TIME_ATTR = "training_iteration"  # one per epoch
+JOURNAL = "optuna.journal"  # in the run folder
+MAX_FAILURES = 2  # retries of a failed trial (lost node, out of memory), from its checkpoint
 
 
 def pair_name(model: str, feature: str) -> str:
@@ -51,10 +53,14 @@ class PrunedOptunaSearch(OptunaSearch):
         super().__init__(*args, **kwargs)
         self._max_t = max_t
         self._last_step: dict[str, int] = {}
+        self._told_step: dict[str, int] = {}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        self._last_step[trial_id] = result.get(TIME_ATTR, 0)
-        if _finite(result.get(self.metric)):
+        step = self._last_step[trial_id] = result.get(TIME_ATTR, 0)
+        # a step told before: a trial restarted from an earlier checkpoint (or from scratch)
+        # after a lost node or a restore; Optuna keeps the first value of a step
+        if _finite(result.get(self.metric)) and step > self._told_step.get(trial_id, 0):
+            self._told_step[trial_id] = step
             super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
@@ -213,15 +219,21 @@ def optuna_storage(run_dir: Path) -> optuna.storages.BaseStorage:
     from optuna.storages.journal import JournalFileBackend
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.JournalStorage(JournalFileBackend(str(run_dir / "optuna.journal")))
+    return optuna.storages.JournalStorage(JournalFileBackend(str(run_dir / JOURNAL)))
 
 
-def fit(feature_refs: dict[str, Any], searcher: PairSearcher, scheduler: PairScheduler, *,
-        storage_path: str, name: str, num_trials: int, cpus_per_trial: float,
-        gpus_per_trial: float, max_concurrent: int, callbacks: list | None = None,
-        stop: Any = None, verbose: int = 1):
-    """Run every pair's trials in one Tuner; returns Tune's ResultGrid. `stop`: Tune's
-    RunConfig(stop=...), e.g. a Stopper that ends the run at a budget.
+def fit(feature_refs: dict[str, Any], searcher: PairSearcher, scheduler: PairScheduler,
+        **kwargs: Any):
+    """Run every pair's trials in one Tuner (`make_tuner`'s); returns Tune's ResultGrid."""
+    return make_tuner(feature_refs, searcher, scheduler, **kwargs).fit()
+
+
+def make_tuner(feature_refs: dict[str, Any], searcher: PairSearcher, scheduler: PairScheduler, *,
+               storage_path: str, name: str, num_trials: int, cpus_per_trial: float,
+               gpus_per_trial: float, max_concurrent: int, callbacks: list | None = None,
+               stop: Any = None, verbose: int = 1):
+    """One Tuner over every pair's trials. `stop`: Tune's RunConfig(stop=...), e.g. a
+    Stopper that ends the run at a budget.
 
     The feature sets reach trials through `tune.with_parameters` as object refs put
     once per run; each trial fetches only its own feature. Checkpoints are bounded to
@@ -230,18 +242,13 @@ def fit(feature_refs: dict[str, Any], searcher: PairSearcher, scheduler: PairSch
     """
     from ray import tune
 
-    from genre_ray.trainable import train_pair
-
     # num_to_keep=1 makes Tune snapshot its state after every checkpoint, and warn when
     # snapshots come less than 5 s apart: the price of a bounded disk, and no bottleneck
     # (bench/utilisation.py: the default run keeps its slots ~97% busy). A user's own
     # threshold is kept.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-
-    trainable = tune.with_resources(tune.with_parameters(train_pair, feature_refs=feature_refs),
-                                    {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
-    tuner = tune.Tuner(
-        trainable,
+    return tune.Tuner(
+        _trainable(feature_refs, cpus_per_trial, gpus_per_trial),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
                                     num_samples=num_trials, max_concurrent_trials=max_concurrent,
                                     reuse_actors=True,  # no process start per trial
@@ -250,8 +257,29 @@ def fit(feature_refs: dict[str, Any], searcher: PairSearcher, scheduler: PairSch
             name=name, storage_path=storage_path, callbacks=callbacks, verbose=verbose, stop=stop,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC,
                                                     checkpoint_score_order=MODE),
-            failure_config=tune.FailureConfig(max_failures=2)))
-    return tuner.fit()
+            failure_config=tune.FailureConfig(max_failures=MAX_FAILURES)))
+
+
+def restore_tuner(path: str, feature_refs: dict[str, Any], cpus_per_trial: float,
+                  gpus_per_trial: float):
+    """The Tuner of an interrupted run at `path` (Tune's experiment folder): finished
+    trials are kept, unfinished ones continue from their checkpoints, errored ones stay
+    errored. Searcher (each pair's Optuna study, trial counts), scheduler and callbacks
+    come from the saved state; the feature sets are this Ray's `feature_refs`."""
+    from ray import tune
+
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    return tune.Tuner.restore(path, _trainable(feature_refs, cpus_per_trial, gpus_per_trial),
+                              resume_unfinished=True, resume_errored=False)
+
+
+def _trainable(feature_refs: dict[str, Any], cpus_per_trial: float, gpus_per_trial: float):
+    from ray import tune
+
+    from genre_ray.trainable import train_pair
+
+    return tune.with_resources(tune.with_parameters(train_pair, feature_refs=feature_refs),
+                               {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
 
 
 def busy_seconds(results) -> float:

@@ -45,14 +45,15 @@ def run_module(*args: str, cwd: Path = REPO, env: dict | None = None) -> subproc
 
 def read_run(folder: Path) -> dict:
     """One W&B run folder as W&B's own reader (`wandb leet inspect --json`) decodes it:
-    the run record (id, group, tags), history rows, the final summary, the exit record."""
+    the run record (id, group, tags, resume), history rows, the final summary, the exit record."""
     cli = [str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json", str(folder)]
     out = subprocess.run(cli, capture_output=True, text=True, check=True).stdout
     run = {"history": [], "summary": {}, "exit": None}
     for record in map(json.loads, out.splitlines()):
         kind, body = record["type"], record.get(record["type"])
         if kind == "run":
-            run.update(id=body["run_id"], group=body["run_group"], tags=body.get("tags", []))
+            run.update(id=body["run_id"], group=body["run_group"], tags=body.get("tags", []),
+                       resume=body.get("resume", False))
         elif kind == "history":
             run["history"].append(body["item"])
         elif kind == "summary":

@@ -1,0 +1,237 @@
+"""Which run a command starts or continues, and where it lives.
+
+A run is the folder `<storage>/<name>/`: Tune's experiment state and trials, the run's
+Optuna journal, its W&B files, leaderboard and plots. Beside them genre-ray keeps
+`run.json`, the settings that shape the run (`spec`) and whether it finished, and
+`.lock`, held by the process running it. So:
+
+- a run whose record is not `finished` and whose lock is free was interrupted (Ctrl-C,
+  a crash, a killed driver): the same command, or `--resume`, continues it;
+- a finished run is not run again: its name says where its results are;
+- two processes never run one folder at once.
+
+`--storage-path` may be a local or NFS path, or a URI. Tune writes a URI's trials and
+checkpoints there itself; the files genre-ray writes (the record, the lock, the Optuna
+journal, W&B files, leaderboard, plots) need a local folder, kept under the cache
+(`<cache>/runs/<hash of the URI>/<name>/`) and copied to `<URI>/<name>/` at the end.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from genre_ray.config import cache_dir
+from genre_ray.errors import UserError
+from genre_ray.files import atomic_path
+
+RECORD, LOCK = "run.json", ".lock"
+LOCAL_SCHEMES = ("", "file")  # storage only this machine has, unless --shared-storage says so
+
+
+@dataclass(frozen=True)
+class Storage:
+    """Where runs live: `uri` for Tune, `local` for genre-ray's own files of each run."""
+
+    uri: str
+    local: Path
+
+    @property
+    def remote(self) -> bool:
+        return self.uri != str(self.local)
+
+    @property
+    def node_local(self) -> bool:
+        """A path or file:// URI: other nodes of a cluster may not reach it."""
+        return self.uri.partition("://")[0] in LOCAL_SCHEMES or "://" not in self.uri
+
+    def tune_path(self, name: str) -> str:
+        return f"{self.uri.rstrip('/')}/{name}"
+
+
+def storage(path_or_uri: str) -> Storage:
+    """The Storage of `--storage-path`: a path, or a URI (s3://, gs://, file://, ...)."""
+    if "://" not in path_or_uri:
+        local = Path(path_or_uri).expanduser().resolve()
+        return Storage(str(local), local)
+    key = hashlib.sha256(path_or_uri.rstrip("/").encode()).hexdigest()[:12]
+    return Storage(path_or_uri.rstrip("/"), cache_dir() / "runs" / key)
+
+
+@dataclass
+class Run:
+    """The run this command works on; `resume`: continue it through Tuner.restore."""
+
+    name: str | None
+    dir: Path | None
+    spec: dict[str, Any]
+    resume: bool
+
+
+def read_record(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / RECORD
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_record(run: Run, status: str) -> None:
+    record = {"name": run.name, "status": status, "spec": run.spec,
+              "updated": datetime.datetime.now().isoformat(timespec="seconds")}
+    with atomic_path(run.dir / RECORD) as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def choose(store: Storage, name: str | None, spec: dict[str, Any], resume: bool) -> Run:
+    """The run a command works on, read-only: the named run, else the newest interrupted
+    run with these settings (with `resume`: any settings), else a new run (name None,
+    given when claimed). UserError when the named run is finished or has other settings."""
+    if name is not None:
+        return _named(store, name, spec, resume)
+    return _latest(store, spec, resume) or Run(None, None, spec, resume=False)
+
+
+@contextlib.contextmanager
+def claimed(store: Storage, run: Run) -> Iterator[Run]:
+    """`run` with its folder's lock held until the block ends (a new run gets its name
+    here). UserError when another process runs it."""
+    while (fd := _claim(store, run)) is None:
+        pass  # another process took that new name first: the next one
+    try:
+        yield run
+    finally:
+        os.close(fd)
+
+
+def _claim(store: Storage, run: Run) -> int | None:
+    """Lock `run`'s folder (naming a new run first): the lock's fd, or None if a new name
+    was taken meanwhile."""
+    if run.name is not None:
+        return _lock(run.dir)
+    name = _new_name(store)
+    with contextlib.suppress(_Busy):
+        fd = _lock(store.local / name)
+        if read_record(store.local / name) is None:
+            run.name, run.dir = name, store.local / name
+            return fd
+        os.close(fd)
+    return None
+
+
+def _named(store: Storage, name: str, spec: dict[str, Any], resume: bool) -> Run:
+    run_dir = store.local / name
+    record = read_record(run_dir)
+    if record is None and resume:
+        raise UserError(f"there is no run {name!r} under {store.uri} to resume; check --name "
+                        "and --storage-path, or drop --resume to start it")
+    if record is None:
+        if run_dir.is_dir() and any(run_dir.iterdir()):
+            raise UserError(f"{run_dir} exists and is not a genre-ray run; pass another --name")
+        return Run(name, run_dir, spec, resume=False)
+    if record["status"] == "finished":
+        raise UserError(f"run {name!r} is finished: its leaderboard is {run_dir / 'leaderboard.md'} "
+                        f"and its models are in {record['spec']['output_dir']}; pass a new "
+                        "--name to start another run")
+    if not resume and record["spec"] != spec:
+        raise UserError(f"run {name!r} was started with other settings "
+                        f"({', '.join(spec_differences(record['spec'], spec))}); add --resume to "
+                        "continue it with its own settings, or pass a new --name")
+    return Run(name, run_dir, record["spec"], resume=True)
+
+
+def _latest(store: Storage, spec: dict[str, Any], resume: bool) -> Run | None:
+    """The newest interrupted run with `spec` (with `resume`: with any spec)."""
+    for run_dir in _unfinished(store):
+        saved = read_record(run_dir)["spec"]
+        if resume or saved == spec:
+            return Run(run_dir.name, run_dir, saved, resume=True)
+    if resume:
+        raise UserError(f"no interrupted run under {store.uri} to resume; drop --resume to start "
+                        "a new run, or pass the --storage-path where the run lives")
+    return None
+
+
+def _unfinished(store: Storage) -> Iterator[Path]:
+    """Run folders whose record says not finished and whose lock is free, newest first."""
+    records = sorted(store.local.glob(f"*/{RECORD}"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in records:
+        if json.loads(path.read_text())["status"] != "finished" and not _busy(path.parent):
+            yield path.parent
+
+
+def _new_name(store: Storage) -> str:
+    stamp = datetime.datetime.now().strftime("tune-%Y%m%d-%H%M%S")
+    taken = {p.name for p in store.local.glob(f"{stamp}*")}
+    return next(n for n in [stamp, *(f"{stamp}-{i}" for i in range(2, 1000))] if n not in taken)
+
+
+def spec_differences(saved: dict[str, Any], spec: dict[str, Any]) -> list[str]:
+    """`--flag saved-value` for each setting where `spec` differs from `saved`."""
+    return [f"--{k.replace('_', '-')} {saved.get(k)}" for k in spec if saved.get(k) != spec[k]]
+
+
+class _Busy(UserError):
+    pass
+
+
+def _lock(run_dir: Path) -> int:
+    """Take `run_dir`'s lock (an flock: released when the process ends, however it ends)
+    and write our pid in it; returns its fd, to close to release it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    if not _try_lock(fd):
+        pid = os.pread(fd, 32, 0).decode().strip() or "?"
+        os.close(fd)
+        raise _Busy(f"run {run_dir.name!r} ({run_dir}) is running in another process "
+                    f"(pid {pid}); wait for it, or pass another --name")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _busy(run_dir: Path) -> bool:
+    """Whether another process holds `run_dir`'s lock (checked without writing)."""
+    if not (run_dir / LOCK).is_file():
+        return False
+    fd = os.open(run_dir / LOCK, os.O_RDONLY)
+    try:
+        return not _try_lock(fd)
+    finally:
+        os.close(fd)
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def tune_state_exists(store: Storage, name: str) -> bool:
+    """Whether Tune saved this run's state (it got as far as starting its Tuner)."""
+    from ray import tune
+
+    return tune.Tuner.can_restore(store.tune_path(name))
+
+
+def publish(store: Storage, run: Run) -> str | None:
+    """Copy the run's local files to `<URI>/<name>/`, beside Tune's (remote storage only);
+    returns that URI. Links (W&B's `latest-run`) and the lock are left out."""
+    if not store.remote:
+        return None
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(store.tune_path(run.name))
+    for folder, _, names in os.walk(run.dir):
+        for name in names:
+            file = Path(folder, name)
+            if name != LOCK and not file.is_symlink():
+                target = f"{path}/{file.relative_to(run.dir).as_posix()}"
+                fs.create_dir(target.rpartition("/")[0], recursive=True)
+                pyarrow.fs.copy_files(str(file), target, destination_filesystem=fs)
+    return store.tune_path(run.name)

@@ -1,0 +1,222 @@
+"""Ctrl-C and resume as a user does them: SIGINT to a real run's process group (what a
+terminal's Ctrl-C sends) once some trials have finished, then the same command again.
+Real Ray, Optuna and W&B offline; then which run a command picks, and storage URIs."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import optuna
+import pytest
+import torch
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+
+from genre_ray import export, runs
+from genre_ray.errors import UserError
+from genre_ray.search_space import load_space
+from tests.helpers import REPO, make_tree, read_run, read_runs
+
+MODELS, SAMPLES = ["MLP", "CEL"], 6
+
+
+def command(base, *extra: str) -> list[str]:
+    return [sys.executable, str(REPO / "tune_main.py"), "--data-dir", str(base / "data"),
+            "--models", *MODELS, "--features", "spectrogram", "--num-samples", str(SAMPLES),
+            "--max-epochs", "5", "--storage-path", str(base / "runs"), "--name", "r",
+            "--output-dir", str(base / "best"), "--wandb", "offline", *extra]
+
+
+def finished_trials(run_dir) -> dict[str, str]:
+    """Trial folder -> hash of its result.json, for trials that reported `done`."""
+    done = {}
+    for result in run_dir.glob("*/result.json"):
+        rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        if any(row.get("done") for row in rows):
+            done[result.parent.name] = hashlib.sha256(result.read_bytes()).hexdigest()
+    return done
+
+
+def tree_hash(folder) -> str:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+    return hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in files)).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """A run sent SIGINT once two trials have finished; what it left, and how it exited."""
+    base = tmp_path_factory.mktemp("resume")
+    make_tree(base / "data", tracks=3, seconds=11.0)
+    log = open(base / "first.log", "w")
+    proc = subprocess.Popen(command(base), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    while len(finished_trials(base / "runs" / "r")) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, (base / "first.log").read_text()
+        time.sleep(0.2)
+    sent = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)
+    code = proc.wait(120)
+    seconds = time.monotonic() - sent
+    return base, code, seconds, finished_trials(base / "runs" / "r")
+
+
+@pytest.fixture(scope="module")
+def resumed(interrupted):
+    base = interrupted[0]
+    wandb_before = sorted((base / "runs" / "r" / "wandb").glob("offline-run-*"))
+    out = subprocess.run(command(base), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return base, out, wandb_before
+
+
+def test_ctrl_c_stops_the_run_within_30_s_with_its_state_saved(interrupted):
+    base, code, seconds, finished = interrupted
+    log = (base / "first.log").read_text()
+    assert code == 130 and seconds < 30, log[-3000:]
+    assert "interrupted" in log and "--resume --name r" in log
+    run_dir = base / "runs" / "r"
+    assert runs.read_record(run_dir)["status"] == "interrupted"
+    assert runs.tune_state_exists(runs.storage(str(base / "runs")), "r")
+    assert len(finished) < len(MODELS) * SAMPLES  # stopped before its end
+    assert not (base / "best").exists() or not any((base / "best").iterdir())
+    for folder in (run_dir / "wandb").glob("offline-run-*"):
+        assert read_run(folder)["exit"] is not None, folder  # every W&B run closed
+
+
+def test_the_same_command_continues_without_rerunning_finished_trials(interrupted, resumed):
+    _, _, _, finished = interrupted
+    base, out, wandb_before = resumed
+    run_dir = base / "runs" / "r"
+    assert "continuing interrupted run 'r'" in out.stdout
+    now = finished_trials(run_dir)
+    assert len(now) == len(MODELS) * SAMPLES
+    assert {trial: now[trial] for trial in finished} == finished  # not one result more
+    new_wandb = set(run_dir.glob("wandb/offline-run-*")) - set(wandb_before)
+    rerun = {read_run(f)["id"] for f in new_wandb} & {t.rsplit("_", 1)[1] for t in finished}
+    assert not rerun
+    assert runs.read_record(run_dir)["status"] == "finished"
+
+
+def test_a_continued_trial_goes_on_in_its_own_wandb_run(resumed):
+    base, _, wandb_before = resumed
+    before = {read_run(f)["id"] for f in wandb_before}
+    for trial_id, (folder, run) in read_runs(base / "runs" / "r").items():
+        if folder not in wandb_before and trial_id in before:
+            assert run["resume"], folder  # offline: `wandb sync` appends it to the first
+
+
+def test_each_optuna_study_holds_every_trial_once_and_its_seed_point_once(resumed):
+    base, _, _ = resumed
+    storage = JournalStorage(JournalFileBackend(str(base / "runs" / "r" / "optuna.journal")))
+    for model in MODELS:
+        study = optuna.load_study(study_name=f"r/{model}_spectrogram", storage=storage)
+        assert len(study.trials) == SAMPLES
+        assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
+        params = Counter(json.dumps(t.params, sort_keys=True) for t in study.trials)
+        assert params[json.dumps(load_space(model).first_point, sort_keys=True)] == 1
+
+
+def test_the_continued_run_exports_every_pair(resumed):
+    base, _, _ = resumed
+    for model in MODELS:
+        payload = torch.load(base / "best" / export.export_name(model, "spectrogram"),
+                             weights_only=True)
+        assert payload["model"] == model
+
+
+def test_a_finished_run_rerun_says_where_its_results_are(resumed):
+    base, _, _ = resumed
+    before = tree_hash(base / "runs" / "r"), tree_hash(base / "best")
+    out = subprocess.run(command(base), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "is finished" in out.stderr and str(base / "runs" / "r" / "leaderboard.md") in out.stderr
+    assert "--name" in out.stderr
+    assert (tree_hash(base / "runs" / "r"), tree_hash(base / "best")) == before
+
+
+# Which run a command picks: records and locks written by the module itself.
+
+SPEC = {"models": ["MLP"], "max_epochs": 3, "output_dir": "/x"}
+
+
+def make_run(store: runs.Storage, name: str, status: str, spec: dict, age: float) -> runs.Run:
+    run = runs.Run(name, store.local / name, spec, resume=False)
+    with runs.claimed(store, run):
+        runs.write_record(run, status)
+    stamp = time.time() - age
+    os.utime(run.dir / runs.RECORD, (stamp, stamp))
+    return run
+
+
+def test_without_a_name_the_newest_interrupted_run_with_these_settings_continues(tmp_path):
+    store = runs.storage(str(tmp_path))
+    make_run(store, "old", "interrupted", SPEC, age=300)
+    make_run(store, "newer", "interrupted", SPEC, age=200)
+    make_run(store, "other", "interrupted", {**SPEC, "max_epochs": 9}, age=100)
+    make_run(store, "done", "finished", SPEC, age=0)
+    chosen = runs.choose(store, None, SPEC, resume=False)
+    assert (chosen.name, chosen.resume) == ("newer", True)
+    chosen = runs.choose(store, None, SPEC, resume=True)  # --resume: any settings
+    assert (chosen.name, chosen.spec["max_epochs"]) == ("other", 9)
+    fresh = runs.choose(store, None, {**SPEC, "max_epochs": 4}, resume=False)
+    assert fresh.name is None and not fresh.resume
+    with runs.claimed(store, fresh) as run:
+        assert run.name.startswith("tune-") and (run.dir / runs.LOCK).is_file()
+
+
+def test_a_run_held_by_another_process_is_neither_chosen_nor_claimed(tmp_path):
+    store = runs.storage(str(tmp_path))
+    make_run(store, "busy", "interrupted", SPEC, age=0)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR);"
+         " fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+         str(store.local / "busy" / runs.LOCK)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert runs.choose(store, None, SPEC, resume=False).name is None
+        with pytest.raises(UserError, match="running in another process"):
+            with runs.claimed(store, runs.choose(store, "busy", SPEC, resume=False)):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_named_run_with_other_settings_is_refused_with_the_difference(tmp_path):
+    store = runs.storage(str(tmp_path))
+    make_run(store, "r", "interrupted", SPEC, age=0)
+    with pytest.raises(UserError, match="--max-epochs 3.*--resume"):
+        runs.choose(store, "r", {**SPEC, "max_epochs": 5}, resume=False)
+    assert runs.choose(store, "r", {**SPEC, "max_epochs": 5}, resume=True).spec == SPEC
+    with pytest.raises(UserError, match="no run 'x'.*drop --resume"):
+        runs.choose(store, "x", SPEC, resume=True)
+
+
+def test_a_uri_storage_path_gets_the_trials_and_a_copy_of_the_run_files(tmp_path):
+    """file:// goes the way of s3:// and gs://: Tune writes trials to the URI; genre-ray's
+    own files are written under the cache and copied there at the end."""
+    make_tree(tmp_path / "data", tracks=3, seconds=6.0)
+    uri = (tmp_path / "bucket").as_uri()
+    out = subprocess.run(
+        [sys.executable, str(REPO / "tune_main.py"), "--data-dir", str(tmp_path / "data"),
+         "--models", "MLP", "--features", "spectrogram", "--num-samples", "2", "--max-epochs", "2",
+         "--storage-path", uri, "--name", "u", "--output-dir", str(tmp_path / "best"),
+         "--wandb", "offline"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    remote = tmp_path / "bucket" / "u"
+    assert f"run files copied to {uri}/u/" in out.stdout
+    assert len(list(remote.glob("MLP_spectrogram_*/checkpoint_*/*.pt"))) == 2  # Tune's
+    assert (remote / "tuner.pkl").is_file()
+    for name in ("leaderboard.md", "run.json", "optuna.journal", "plots/search.png",
+                 "best_models/MLP_spectrogram_best_model.pth"):
+        assert (remote / name).is_file(), name  # ours
+    assert not (remote / runs.LOCK).exists()
+    assert json.loads((remote / "run.json").read_text())["status"] == "finished"
