@@ -2,15 +2,19 @@
 
 Data stays resident on the device and is batched by index: a permutation per epoch,
 one gather per batch, no DataLoader, no per-item Python. Optimisers are fused and
-conv2d weights channels_last (see bench/training_loop.py for what each buys). `Trainer.fit` runs N epochs
-and calls `on_epoch(metrics, evaluation)` after each: the seam the Ray trainable uses
-to report and checkpoint. `Trainer.state_dict()` holds everything a resume needs.
+conv2d weights channels_last (see bench/training_loop.py for what each buys). With
+`precision: bf16` forward passes run under bf16 autocast (CPU and CUDA) and losses are
+taken in fp32 on the logits (bench/gpu_sharing.py measures what it buys). `Trainer.fit`
+runs N epochs and calls `on_epoch(metrics, evaluation)` after each: the seam the Ray
+trainable uses to report and checkpoint. `Trainer.state_dict()` holds everything a
+resume needs.
 
     python -m genre_ray.training [--data-dir D] [--model CEL] [--feature spectrogram]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
@@ -23,7 +27,7 @@ import torch
 from torch import nn
 
 from genre_ray.config import defaults
-from genre_ray.errors import exit_on_user_error
+from genre_ray.errors import UserError, exit_on_user_error
 
 # fused: one kernel per step for all parameters (CPU and CUDA); bench/training_loop.py
 # measured MLP's 7M-parameter Adam step at about 3/4 of the default's time
@@ -37,6 +41,10 @@ SCHEDULERS = {
     "plateau": lambda opt, epochs: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=2),
     "cosine": lambda opt, epochs: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs),
 }
+
+# `precision` (defaults.yaml `training`) -> the dtype forward passes autocast to; None:
+# no autocast, fp32 throughout. Parameters, gradients and optimiser state stay fp32.
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
 
 
 class Diverged(RuntimeError):
@@ -65,6 +73,12 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def autocast(device: torch.device, precision: str = "fp32") -> contextlib.AbstractContextManager:
+    """Autocast to `PRECISIONS[precision]` on `device`'s type; a no-op for fp32."""
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
 def batches(n: int, batch_size: int, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
     """Index tensors covering range(n): shuffled when a generator is given."""
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
@@ -73,15 +87,18 @@ def batches(n: int, batch_size: int, generator: torch.Generator | None = None) -
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                 y: torch.Tensor, batch_size: int, generator: torch.Generator,
-                transform: nn.Module | None = None) -> float:
-    """One pass over (x: (n, *shape), y: (n,)) in shuffled batches; returns the mean loss."""
+                transform: nn.Module | None = None, precision: str = "fp32") -> float:
+    """One pass over (x: (n, *shape), y: (n,)) in shuffled batches; returns the mean loss.
+    `precision`: a key of PRECISIONS, the forward pass's autocast."""
     model.train()
     total = torch.zeros((), device=x.device)
     for idx in batches(len(x), batch_size, generator):
         xb, yb = _on(model, x[idx.to(x.device)]), _on(model, y[idx.to(y.device)])
         if transform is not None:
             xb = transform(xb)
-        loss = nn.functional.cross_entropy(model(xb), yb)
+        with autocast(xb.device, precision):
+            logits = model(xb)
+        loss = nn.functional.cross_entropy(logits.float(), yb)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -94,12 +111,15 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, n_classes: int,
-             batch_size: int = 256) -> Evaluation:
-    """Loss, accuracy, class probabilities and confusion matrix of (x, y) in eval mode."""
+             batch_size: int = 256, precision: str = "fp32") -> Evaluation:
+    """Loss, accuracy, class probabilities and confusion matrix of (x, y) in eval mode;
+    forward passes autocast as `precision` says, the rest in fp32."""
     model.eval()
-    logits = torch.cat([model(_on(model, x[idx.to(x.device)]))
-                        for idx in batches(len(x), batch_size)])
     y = _on(model, y)
+    with autocast(y.device, precision):
+        logits = torch.cat([model(_on(model, x[idx.to(x.device)]))
+                            for idx in batches(len(x), batch_size)])
+    logits = logits.float()
     loss = nn.functional.cross_entropy(logits, y).item()
     pred = logits.argmax(dim=1)
     confusion = torch.bincount(y * n_classes + pred, minlength=n_classes ** 2)
@@ -114,6 +134,13 @@ def track_accuracy(probs: torch.Tensor, track: torch.Tensor, labels: torch.Tenso
     sums = torch.zeros(n_tracks, probs.shape[1]).index_add_(0, track, probs)
     truth = torch.zeros(n_tracks, dtype=torch.long).scatter_(0, track, labels)
     return (sums.argmax(dim=1) == truth).float().mean().item()
+
+
+def _checked_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}; "
+                        f"set the training config's precision to one of them")
+    return precision
 
 
 def _on(model: nn.Module, t: torch.Tensor) -> torch.Tensor:
@@ -141,6 +168,7 @@ class Trainer:
         self.val_xy = tuple(resident(t, self.device) for t in val)
         self.n_classes, self.batch_size = n_classes, int(opts["batch_size"])
         self.eval_batch_size = int(opts["eval_batch_size"])
+        self.precision = _checked_precision(opts["precision"])
         self.transform = transform.to(self.device) if transform is not None else None
         self.optimizer = OPTIMIZERS[opts["optimizer"]](model.parameters(), opts["learning_rate"],
                                                        opts["weight_decay"])
@@ -149,7 +177,8 @@ class Trainer:
         self.epoch = 0
 
     def evaluate(self) -> Evaluation:
-        return evaluate(self.model, *self.val_xy, self.n_classes, self.eval_batch_size)
+        return evaluate(self.model, *self.val_xy, self.n_classes, self.eval_batch_size,
+                        self.precision)
 
     def fit(self, epochs: int, on_epoch: Callable[[dict[str, float], Evaluation], bool | None]
             = lambda metrics, evaluation: None) -> list[dict[str, float]]:
@@ -158,7 +187,7 @@ class Trainer:
         history = []
         while self.epoch < epochs:
             train_loss = train_epoch(self.model, self.optimizer, *self.train_xy, self.batch_size,
-                                     self.generator, self.transform)
+                                     self.generator, self.transform, self.precision)
             result = self.evaluate()
             if not math.isfinite(result.loss):
                 raise Diverged(f"validation loss is {result.loss}; lower the learning rate")

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from genre_ray import training
+from genre_ray.errors import UserError
 from genre_ray.features import batch_augmentation, build_features
 from genre_ray.models import build_model
 from genre_ray.training import Diverged, Trainer, evaluate
@@ -56,6 +57,24 @@ def test_a_learnable_task_is_learned(tones, model):
     assert [m["epoch"] for m in history] == list(range(1, 9))
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert history[-1]["val_acc"] == 1.0  # three pure tones a whole octave apart
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_precision_sets_the_forward_dtype_and_bf16_still_learns(tones, precision, dtype):
+    trainer = _trainer(tones, epochs=8, learning_rate=0.003, precision=precision)
+    seen = set()  # (training mode, logits dtype) of every forward pass
+    trainer.model.register_forward_hook(lambda net, args, out: seen.add((net.training, out.dtype)))
+    history = trainer.fit(8)
+    assert seen == {(True, dtype), (False, dtype)}  # training and evaluation alike
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["val_acc"] == 1.0
+    assert trainer.evaluate().probs.dtype == torch.float32
+
+
+def test_unknown_precision_is_a_user_error(tones):
+    with pytest.raises(UserError, match="precision must be one of fp32, bf16, got 'fp16'"):
+        _trainer(tones, precision="fp16")
 
 
 def test_same_seed_same_run_and_resume_continues_exactly(tones):

@@ -1,0 +1,137 @@
+"""GPU sharing and bf16: training throughput of one trial per GPU vs four at 0.25 GPU each.
+
+    python -m bench.gpu_sharing [--epochs 4] [--repeats 2]
+
+CEL on spectrograms of the embedded dataset trains for `--epochs` epochs as real trials
+of the Tuner (`tuning.fit`: features from the object store, a report every epoch, a
+checkpoint on every improvement; W&B off), every trial with the same configuration (the
+search space's first point), in two layouts and two precisions (`training.PRECISIONS`):
+(a) one trial with a whole GPU, (b) four trials with 0.25 GPU each, sharing it. Each
+layout gets all the machine's CPUs, split evenly among its trials. Without a GPU the
+CPU analogue runs instead: one trial with every CPU vs min(4, CPUs) trials sharing them.
+
+Throughput = per-trial segments/s summed over a layout's trials (they all run side by
+side: the layout's resources fit exactly its trials): a trial's training segments over
+its median epoch time (Tune's `time_this_iter_s`: training, evaluation, report,
+checkpoint; the first epoch, with setup and warm-up, dropped). Each figure is the best
+of `--repeats` runs, the runs going through the four cases forwards, then backwards, so
+drift in machine load falls on every case. Ratios are against layout (a) in fp32,
+measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+import ray
+import torch
+from optuna.distributions import CategoricalDistribution
+
+from bench.common import context
+from genre_ray import tuning
+from genre_ray.features import FeatureSet, build_features
+from genre_ray.search_space import SearchSpace, load_space
+from genre_ray.synthetic import embedded_dataset
+from genre_ray.training import PRECISIONS
+
+MODEL, FEATURE = "CEL", "spectrogram"
+SHARED = 4  # trials on one GPU at 0.25 GPU each, as the issue asks
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """`trials` side by side, each with `cpus` CPUs and `gpus` GPUs."""
+
+    trials: int
+    cpus: float
+    gpus: float
+
+    def __str__(self) -> str:
+        unit, share = ("GPU", self.gpus) if self.gpus else ("CPU", self.cpus)
+        return f"{self.trials} trial{'s' * (self.trials > 1)} x {share:g} {unit}"
+
+
+def layouts(cpus: int, gpu: bool) -> list[Layout]:
+    """(a) one trial with all of the machine, (b) trials sharing it evenly."""
+    shared = SHARED if gpu else min(SHARED, cpus)
+    return [Layout(1, cpus, 1.0 if gpu else 0),
+            Layout(shared, cpus / shared, 1 / shared if gpu else 0)]
+
+
+def one_point_space(precision: str) -> SearchSpace:
+    """MODEL's first point, plus `precision`, as a space of single choices: every
+    trial trains the same configuration."""
+    space = load_space(MODEL)
+    point = {**space.first_point, "precision": precision}
+    return dataclasses.replace(space, first_point=point, distributions={
+        key: CategoricalDistribution([value]) for key, value in point.items()})
+
+
+def throughput(fs: FeatureSet, refs: dict, layout: Layout, precision: str, epochs: int,
+               folder: Path) -> float:
+    """Segments/s of `layout` in `precision`, as the module docstring defines it."""
+    run_dir = folder / f"{layout.trials}-{precision}"
+    searcher, scheduler = tuning.build_search(
+        [(MODEL, FEATURE)], {MODEL: one_point_space(precision)}, tuning.SearchSettings(
+            run_name=run_dir.name, storage=tuning.optuna_storage(run_dir),
+            num_samples=layout.trials, max_epochs=epochs, grace_period=epochs,
+            reduction_factor=2, n_startup_trials=1, seed=0))
+    grid = tuning.fit(refs, searcher, scheduler, storage_path=str(folder), name=run_dir.name,
+                      num_trials=layout.trials, cpus_per_trial=layout.cpus,
+                      gpus_per_trial=layout.gpus, max_concurrent=layout.trials, verbose=0)
+    if grid.errors:
+        raise RuntimeError(f"{layout}, {precision}: {grid.errors[0]}")
+    segments = len(fs.splits["train"].x)
+    return sum(segments / statistics.median(r.metrics_dataframe["time_this_iter_s"].iloc[1:])
+               for r in grid)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--epochs", type=int, default=4, help="per trial; at least 2")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each case; the best counts")
+    args = parser.parse_args()
+    if args.epochs < 2:
+        parser.error("--epochs must be at least 2 (the first epoch is dropped)")
+    gpu, cpus = torch.cuda.is_available(), os.cpu_count() or 1
+    fs = build_features(embedded_dataset(), FEATURE)
+    print(context())
+    if not gpu:
+        print("no GPU found: running on the CPU")
+    plan = layouts(cpus, gpu)
+    cases = [(layout, precision) for precision in PRECISIONS for layout in plan]
+    rate = dict.fromkeys(cases, 0.0)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, configure_logging=False)
+    try:
+        refs = {FEATURE: ray.put(fs)}
+        with tempfile.TemporaryDirectory() as tmp:
+            for i in range(args.repeats):
+                for case in cases[::-1] if i % 2 else cases:
+                    rate[case] = max(rate[case], throughput(fs, refs, *case, args.epochs,
+                                                            Path(tmp) / f"run{i}"))
+    finally:
+        ray.shutdown()
+    print(f"{MODEL} on {FEATURE}, {args.epochs} epochs per trial, best of {args.repeats} runs; "
+          f"seg/s summed over a layout's trials")
+    print_table(rate, *plan)
+
+
+def print_table(rate: dict[tuple[Layout, str], float], one: Layout, shared: Layout) -> None:
+    """Each figure against (one, fp32), then sharing's and bf16's ratios."""
+    fp32, bf16 = PRECISIONS
+    print(f"{'layout':<20}{'precision':<11}{'seg/s':>8}{f'vs {one}, {fp32}':>26}")
+    for (layout, precision), value in rate.items():
+        print(f"{str(layout):<20}{precision:<11}{value:>8.0f}{value / rate[one, fp32]:>26.2f}")
+    print(f"sharing ({shared} / {one}): "
+          + ", ".join(f"{p} {rate[shared, p] / rate[one, p]:.2f}" for p in (fp32, bf16)))
+    print(f"{bf16} / {fp32}: "
+          + ", ".join(f"{layout} {rate[layout, bf16] / rate[layout, fp32]:.2f}"
+                      for layout in (one, shared)))
+
+
+if __name__ == "__main__":
+    main()
