@@ -30,7 +30,8 @@ from genre_ray.files import atomic_path
 from genre_ray.training import evaluate, track_accuracy
 
 COLUMNS = ["pair", "test_track_acc", "test_acc", "test_macro_f1", "val_acc", "val_loss",
-           "params", "epochs", "finished", "pruned", "cpu_s", "gpu_s", "trial_id", "config"]
+           "params", "epochs", "finished", "pruned", "failed", "cpu_s", "gpu_s", "trial_id",
+           "config"]
 LIBRARIES = ("torch", "torchaudio", "ray", "optuna", "wandb")
 
 
@@ -55,6 +56,7 @@ class PairResult:
     pair: str
     finished: int
     pruned: int
+    failed: int  # errored after its retries (e.g. out of memory), or diverged (NaN loss)
     cpu_s: float
     gpu_s: float
     export_path: Path | None = None
@@ -73,7 +75,8 @@ class PairResult:
                 "test_acc": test.get("accuracy", math.nan),
                 "test_macro_f1": test.get("macro_f1", math.nan), "val_acc": self.val_acc,
                 "val_loss": self.val_loss, "params": self.params, "epochs": self.epochs,
-                "finished": self.finished, "pruned": self.pruned, "cpu_s": round(self.cpu_s),
+                "finished": self.finished, "pruned": self.pruned, "failed": self.failed,
+                "cpu_s": round(self.cpu_s),
                 "gpu_s": round(self.gpu_s), "trial_id": self.trial_id,
                 "config": json.dumps(self.config, sort_keys=True)}
 
@@ -150,7 +153,8 @@ def write_plots(run_dir: Path, results: list[PairResult], classes: list[str],
                    "test_track_acc": r.test.track_accuracy if r.test else math.nan}
                   for r in ranked(results)]
     paths.append(plots.pair_comparison(comparison, folder / "comparison.png"))
-    paths.append(plots.search_view(trials, folder / "search.png", max_epochs))
+    if trials:  # none when every trial failed before its first epoch
+        paths.append(plots.search_view(trials, folder / "search.png", max_epochs))
     return paths
 
 

@@ -5,6 +5,11 @@ builds the model, and runs `training.Trainer`. It reports every epoch, and check
 when the validation loss improves; the checkpoint holds everything a resume needs, so a
 retried or restored trial continues from its best epoch, not from epoch 0. It reads no
 file but its checkpoint.
+
+A trial whose loss turns NaN or infinite ends itself: its last result carries
+`diverged` (the reason) and a NaN `val_loss`, which the tuner tells Optuna as FAIL
+(DESIGN.md pitfall 12), and Tune does not retry it. Any other error (out of memory, a lost
+worker) fails the trial and Tune retries it from its checkpoint, a bounded number of times.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from ray import tune
 
 from genre_ray.features import FeatureSet, batch_augmentation
 from genre_ray.models import build_model
-from genre_ray.training import Evaluation, Trainer, seed_everything
+from genre_ray.training import Diverged, Evaluation, Trainer, seed_everything
 
 # Keys the tuner puts in every trial's config beside the searched hyperparameters.
 TRIAL_KEYS = frozenset({"pair", "model", "feature", "max_epochs", "seed"})
@@ -56,7 +61,10 @@ def train_pair(config: Mapping[str, Any], feature_refs: Mapping[str, ray.ObjectR
             tune.report({**metrics, "val_confusion": evaluation.confusion.tolist()},
                         checkpoint=tune.Checkpoint.from_directory(folder))
 
-    trainer.fit(config["max_epochs"], report)
+    try:
+        trainer.fit(config["max_epochs"], report)
+    except Diverged as err:  # ends the trial, never retried: the same config diverges again
+        tune.report({"epoch": trainer.epoch + 1, "val_loss": math.nan, "diverged": str(err)})
 
 
 def load_trial_state(checkpoint: tune.Checkpoint) -> dict[str, Any]:
