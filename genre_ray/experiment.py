@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import socket
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +80,7 @@ class RunSummary:
     slots: int
     utilisation: float
     copied_to: str | None = None  # remote storage: where the run's files were copied
+    failures: list[str] = dataclasses.field(default_factory=list)  # a line per failed trial
 
 
 @dataclass
@@ -104,6 +105,7 @@ def run(opts: Options) -> RunSummary:
     store = runs.storage(opts.storage_path)
     chosen = runs.choose(store, opts.name, _spec(opts), opts.resume)
     opts = _with_spec(opts, chosen.spec)
+    _writable(store.local, "--storage-path")
     checked = _check(opts)
     with _ray(opts, store), runs.claimed(store, chosen) as run_:
         if run_.resume:
@@ -118,7 +120,7 @@ def _check(opts: Options) -> Checked:
     from genre_ray.tracking import resolve_mode
 
     spaces = {model: load_space(model, opts.search_spaces) for model in opts.models}
-    output_dir = _writable(opts.output_dir)
+    output_dir = _writable(opts.output_dir, "--output-dir")
     mode = resolve_mode(opts.wandb, opts.env_file)
     data_dir = opts.data_dir or _embedded()
     sets = {f: build_features(data_dir, f, split=opts.split, seed=opts.seed) for f in opts.features}
@@ -176,7 +178,8 @@ def _run(opts: Options, checked: Checked, store: runs.Storage, run_: runs.Run,
         print(sync_hint(run_dir))
     runs.write_record(run_, "finished")
     return RunSummary(results, run_dir, tuned["seconds"], tuned["slots"],
-                      tuning.utilisation(grid, tuned["seconds"], tuned["slots"]))
+                      tuning.utilisation(grid, tuned["seconds"], tuned["slots"]),
+                      failures=[_failure(r) for r in grid if _failed(r)])
 
 
 def _spec(opts: Options) -> dict[str, Any]:
@@ -265,6 +268,12 @@ def _failed(result) -> bool:
     return bool(result.error or result.metrics.get("diverged"))
 
 
+def _failure(result) -> str:
+    """`<trial folder>: why it failed`, the error's last line (see its error.txt)."""
+    why = result.metrics.get("diverged") or str(result.error).strip().splitlines()[-1]
+    return f"{Path(result.path).name}: {why}"
+
+
 def _trials(grid, max_epochs: int) -> list[dict[str, Any]]:
     """Every trial's validation loss by epoch, for plots.search_view."""
     return [{"pair": r.config["pair"], "trial_id": r.metrics.get("trial_id", ""),
@@ -288,6 +297,10 @@ def summary_table(summary: RunSummary) -> str:
                  f"{summary.run_dir / 'plots'}/")
     if summary.copied_to:
         lines.append(f"run files copied to {summary.copied_to}/")
+    if summary.failures:
+        lines.append(f"{len(summary.failures)} trial(s) failed (an error's traceback is in "
+                     f"{summary.run_dir}/<trial>/error.txt):")
+        lines += [f"  {line}" for line in summary.failures]
     lines.append(f"tuning took {summary.tuning_s:.0f} s on {summary.slots} trial slots, "
                  f"busy {summary.utilisation:.0%} of the time")
     return "\n".join(lines)
@@ -344,16 +357,16 @@ def _require_reachable(address: str | None) -> None:
                         "the head with `ray start --head`, or drop --address to run locally") from None
 
 
-def _writable(folder: Path) -> Path:
-    """`folder`, created if needed; UserError before any tuning if it cannot be written."""
+def _writable(folder: Path, flag: str) -> Path:
+    """`folder`, created if needed and probed with a temporary file; UserError naming
+    `flag` before any tuning if it cannot be written."""
     folder = Path(folder).expanduser().resolve()
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
     except OSError as err:
-        raise UserError(f"cannot create output folder {folder} ({err.strerror}); "
-                        "pass a writable --output-dir") from None
-    if not os.access(folder, os.W_OK):
-        raise UserError(f"output folder {folder} is not writable; pass a writable --output-dir")
+        raise UserError(f"cannot write to {flag} {folder} ({err.strerror}); pass a folder "
+                        f"you can write to as {flag}") from None
     return folder
 
 

@@ -60,6 +60,14 @@ def storage(path_or_uri: str) -> Storage:
     if "://" not in path_or_uri:
         local = Path(path_or_uri).expanduser().resolve()
         return Storage(str(local), local)
+    import pyarrow
+    import pyarrow.fs
+
+    try:
+        pyarrow.fs.FileSystem.from_uri(path_or_uri)
+    except (pyarrow.ArrowException, OSError) as err:
+        raise UserError(f"--storage-path {path_or_uri} is not a storage URI this machine can "
+                        f"use ({err}); pass a path, or an s3://, gs:// or file:// URI") from None
     key = hashlib.sha256(path_or_uri.rstrip("/").encode()).hexdigest()[:12]
     return Storage(path_or_uri.rstrip("/"), cache_dir() / "runs" / key)
 

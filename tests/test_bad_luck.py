@@ -98,8 +98,11 @@ def test_an_out_of_memory_trial_fails_alone_after_a_bounded_number_of_tries(run)
     assert healthy and all(rows[-1]["val_loss"] == rows[-1]["val_loss"] for rows in healthy)
 
 
-def test_optuna_and_the_leaderboard_record_them_as_failed(run):
-    base, _, trials = run
+def test_optuna_the_leaderboard_and_the_summary_record_them_as_failed(run):
+    base, out, trials = run
+    failed_lines = {line.split(":")[0].strip() for line in out.stdout.splitlines()
+                    if line.startswith("  MLP")}
+    assert failed_lines == {name for name, (config, _, _) in trials.items() if bad(name, config)}
     storage = JournalStorage(JournalFileBackend(str(base / "runs" / "r" / "optuna.journal")))
     with open(base / "runs" / "r" / "leaderboard.csv", newline="") as f:
         rows = {row["pair"]: row for row in csv.DictReader(f)}
