@@ -7,8 +7,10 @@ and reported, never fatal. Splits are by track, so no track is ever in two split
 
 Segments: a track is cut into consecutive, non-overlapping segments of
 `segment_seconds`. A last piece of at least `min_tail_seconds` is zero-padded to a
-full segment; a shorter one is dropped. A track shorter than `min_tail_seconds`
-yields no segment and is reported as skipped.
+full segment; a shorter one is dropped. A track shorter than one segment is padded
+(reported as padded) or, shorter than `min_tail_seconds`, skipped (reported as skipped).
+A file that cannot be read (permissions), does not decode, or holds NaN or infinite
+samples is skipped and reported too.
 
     python -m genre_ray.data [DATA_DIR] [--split random|fault-filtered|FILE] [--seed S]
 """
@@ -16,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import soundfile as sf
 import torch
 import torchaudio.functional as AF
@@ -48,7 +52,8 @@ class Scan:
     root: Path
     genres: list[str]
     tracks: list[Track]
-    ignored: list[Path] = field(default_factory=list)  # non-audio files (.DS_Store, README.txt)
+    ignored: list[Path] = field(default_factory=list)  # non-audio or hidden (.DS_Store, ._x.wav)
+    not_genres: list[Path] = field(default_factory=list)  # folders beside them without audio
 
 
 @dataclass
@@ -71,6 +76,20 @@ class SegmentSet:
     skipped: list[tuple[Path, str]]  # (file, reason)
     ignored: list[Path]
     missing: list[str]  # track ids a listed split names that are not on disk
+    padded: list[tuple[Path, str]] = field(default_factory=list)  # (file, note): < 1 segment
+    not_genres: list[Path] = field(default_factory=list)  # folders without audio
+
+    def notes(self) -> dict[str, list[str]]:
+        """What loading left out or padded, as plain strings (a FeatureSet's `report`)."""
+        return {"skipped": [f"{path}: {why}" for path, why in self.skipped],
+                "padded": [f"{path}: {note}" for path, note in self.padded],
+                "ignored": [str(path) for path in self.ignored], "missing": list(self.missing),
+                "not_genres": [str(path) for path in self.not_genres]}
+
+
+class Unusable(ValueError):
+    """An audio file that cannot be used; the message says why and what to do, and reads
+    after the file's name ("<file> does not decode (...); ...")."""
 
 
 def find_root(data_dir: Path) -> Path:
@@ -88,29 +107,49 @@ def find_root(data_dir: Path) -> Path:
 
 
 def scan(data_dir: Path) -> Scan:
-    """List the tracks of every genre folder; non-audio files are ignored and counted."""
+    """List the tracks of every genre folder; non-audio and hidden files, and folders
+    without audio, are ignored and reported."""
     root = find_root(data_dir)
-    genres, tracks, ignored = [], [], []
+    genres, tracks, ignored, not_genres = [], [], [], []
     for genre_dir in _subdirs(root):
         files = sorted(p for p in genre_dir.iterdir() if p.is_file())
-        audio = [p for p in files if p.suffix.lower() in AUDIO_SUFFIXES]
-        ignored += [p for p in files if p.suffix.lower() not in AUDIO_SUFFIXES]
-        if audio:
-            genres.append(genre_dir.name)
-            tracks += [Track(p.stem, genre_dir.name, p) for p in audio]
+        audio = [p for p in files if _is_audio(p)]
+        ignored += [p for p in files if not _is_audio(p)]
+        if not audio:
+            not_genres.append(genre_dir)
+            continue
+        genres.append(genre_dir.name)
+        tracks += [Track(p.stem, genre_dir.name, p) for p in audio]
     if len(genres) < 2:
         raise UserError(f"{root} has audio for {len(genres)} genre(s) ({', '.join(genres)}); "
                         "a classifier needs at least two genre folders with audio files")
-    return Scan(root, genres, _unique_ids(tracks), ignored)
+    return Scan(root, genres, _unique_ids(tracks), ignored, not_genres)
 
 
 def decode(path: Path, sample_rate: int) -> torch.Tensor:
-    """Decode any file libsndfile reads into mono float32 at `sample_rate`: (samples,)."""
-    audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    """Decode any file libsndfile reads into mono float32 at `sample_rate`: (samples,).
+
+    Unusable when the file cannot be read, does not decode, or holds NaN or infinite
+    samples (a float file can; they would make every feature of its segments NaN)."""
+    try:
+        audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except (RuntimeError, OSError, ValueError) as err:  # sf.LibsndfileError is a RuntimeError
+        raise Unusable(_read_problem(Path(path), err)) from None
+    if not np.isfinite(audio).all():
+        raise Unusable("holds NaN or infinite samples; re-export it as 16-bit PCM")
     wave = torch.from_numpy(audio).mean(dim=1)
     if rate != sample_rate:
         wave = AF.resample(wave, rate, sample_rate)
     return wave
+
+
+def _read_problem(path: Path, err: Exception) -> str:
+    if path.is_file() and not os.access(path, os.R_OK):
+        return "cannot be read (permission denied); make it readable (chmod a+r)"
+    detail = getattr(err, "error_string", None) or str(err) or type(err).__name__
+    detail = detail.splitlines()[0].rstrip(".")  # libsndfile's, without the path we name
+    return (f"does not decode ({detail}); use a file libsndfile reads "
+            "(wav, flac, ogg, au, aiff, mp3, ...)")
 
 
 def segment(wave: torch.Tensor, length: int, min_tail: int) -> torch.Tensor:
@@ -161,15 +200,14 @@ def load_segments(data_dir: Path, split: str | Path | None = None, *, seed: int 
                             seed=split_params["seed"] if seed is None else seed,
                             fractions=fractions or split_params["fractions"])
     rate = params["sample_rate"]
-    length = round(params["segment_seconds"] * rate)
-    min_tail = round(params["min_tail_seconds"] * rate)
-    skipped: list[tuple[Path, str]] = []
-    splits = {name: _cut_split(assigned[name], found.genres, rate, length, min_tail, skipped)
-              for name in SPLITS}
-    _require_tracks({name: part.track_ids for name, part in splits.items()}, "decodable ")
-    _require_every_genre(splits, found.genres, skipped)
-    return SegmentSet(found.genres, splits, rate, skipped, found.ignored,
-                      missing_tracks(found.tracks, split or split_params["kind"]))
+    cutter = _Cutter(rate, round(params["segment_seconds"] * rate),
+                     round(params["min_tail_seconds"] * rate))
+    splits = {name: _cut_split(assigned[name], found.genres, cutter) for name in SPLITS}
+    _require_tracks({name: part.track_ids for name, part in splits.items()}, "usable ")
+    _require_every_genre(splits, found.genres, cutter.skipped)
+    return SegmentSet(found.genres, splits, rate, cutter.skipped, found.ignored,
+                      missing_tracks(found.tracks, split or split_params["kind"]), cutter.padded,
+                      found.not_genres)
 
 
 def _require_every_genre(splits: dict[str, Split], genres: list[str],
@@ -177,8 +215,9 @@ def _require_every_genre(splits: dict[str, Split], genres: list[str],
     present = set(torch.cat([part.labels for part in splits.values()]).tolist())
     for label, genre in enumerate(genres):
         if label not in present:
-            reasons = [f"{p.name}: {why}" for p, why in skipped if p.parent.name == genre]
-            raise UserError(f"genre folder {genre!r} has no decodable audio ({len(reasons)} file(s) "
+            reasons = [f"{p.name}: {why.split('; ')[0]}"  # the problem, not the file's fix
+                       for p, why in skipped if p.parent.name == genre]
+            raise UserError(f"genre folder {genre!r} has no usable audio ({len(reasons)} file(s) "
                             f"skipped, e.g. {reasons[0] if reasons else 'none'}); fix or remove "
                             "its files, or remove the folder")
 
@@ -188,7 +227,12 @@ def _subdirs(folder: Path) -> list[Path]:
 
 
 def _audio_files(folder: Path) -> list[Path]:
-    return [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES]
+    return [p for p in folder.iterdir() if p.is_file() and _is_audio(p)]
+
+
+def _is_audio(path: Path) -> bool:
+    """An audio suffix, and not hidden: macOS copies leave `._<name>.wav` beside each file."""
+    return path.suffix.lower() in AUDIO_SUFFIXES and not path.name.startswith(".")
 
 
 def _unique_ids(tracks: list[Track]) -> list[Track]:
@@ -278,23 +322,47 @@ def missing_tracks(tracks: Iterable[Track], split: str | Path) -> list[str]:
     return [tid for name in SPLITS for tid in lists[name] if tid not in on_disk]
 
 
-def _cut_split(tracks: list[Track], classes: list[str], rate: int, length: int, min_tail: int,
-               skipped: list[tuple[Path, str]]) -> Split:
+@dataclass
+class _Cutter:
+    """Cuts files into segments (lengths in samples) and notes the files it skips or pads."""
+
+    rate: int
+    length: int
+    min_tail: int
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    padded: list[tuple[Path, str]] = field(default_factory=list)
+
+    def cut(self, path: Path) -> torch.Tensor:
+        """(n, length) segments of one file; n = 0 when it is skipped."""
+        try:
+            wave = decode(path, self.rate)
+        except Unusable as err:
+            return self._skip(path, str(err))
+        duration = f"{wave.numel() / self.rate:.1f} s"
+        segment_s, min_s = self.length / self.rate, self.min_tail / self.rate
+        if wave.numel() < self.min_tail:
+            return self._skip(path, f"{duration}, shorter than {min_s:g} s: too short to pad "
+                                    f"to a {segment_s:g} s segment")
+        if wave.numel() < self.length:
+            self.padded.append((path, f"{duration}, zero-padded to one {segment_s:g} s segment"))
+        return segment(wave, self.length, self.min_tail)
+
+    def _skip(self, path: Path, reason: str) -> torch.Tensor:
+        self.skipped.append((path, reason))
+        return torch.zeros(0, self.length)
+
+
+def _cut_split(tracks: list[Track], classes: list[str], cutter: _Cutter) -> Split:
     waves, labels, index, ids = [], [], [], []
     for track in tracks:
-        try:
-            pieces = segment(decode(track.path, rate), length, min_tail)
-        except (RuntimeError, OSError, ValueError) as err:  # sf.LibsndfileError is a RuntimeError
-            skipped.append((track.path, f"does not decode: {err}"))
-            continue
+        pieces = cutter.cut(track.path)
         if not len(pieces):
-            skipped.append((track.path, f"shorter than {min_tail / rate:g} s"))
             continue
         waves.append(pieces)
         labels += [classes.index(track.genre)] * len(pieces)
         index += [len(ids)] * len(pieces)
         ids.append(track.track_id)
-    return Split(torch.cat(waves) if waves else torch.zeros(0, length),
+    return Split(torch.cat(waves) if waves else torch.zeros(0, cutter.length),
                  torch.tensor(labels, dtype=torch.long), torch.tensor(index, dtype=torch.long), ids)
 
 
@@ -310,13 +378,32 @@ def report(data: SegmentSet) -> str:
         lines.append(f"{genre:<12}" + "".join(f"{c:>20}" for c in cells))
     totals = [f"{len(data.splits[n].track_ids)}/{len(data.splits[n].labels)}" for n in SPLITS]
     lines.append(f"{'total':<12}" + "".join(f"{c:>20}" for c in totals))
-    lines.append(f"skipped {len(data.skipped)} file(s)" + (":" if data.skipped else ""))
-    lines += [f"  {path}: {reason}" for path, reason in data.skipped]
-    lines.append(f"ignored {len(data.ignored)} non-audio file(s)")
-    if data.missing:
-        lines.append(f"{len(data.missing)} listed track(s) not on disk: "
-                     f"{', '.join(data.missing[:10])}" + (" ..." if len(data.missing) > 10 else ""))
-    return "\n".join(lines)
+    return "\n".join(lines + describe_notes(data.notes()))
+
+
+def describe_notes(notes: dict[str, list[str]]) -> list[str]:
+    """Lines for the user on what loading skipped, padded and ignored (`SegmentSet.notes()`,
+    or a FeatureSet's `report`): every skipped and padded file with its reason."""
+    skipped, padded = notes.get("skipped", []), notes.get("padded", [])
+    ignored, missing = notes.get("ignored", []), notes.get("missing", [])
+    lines = [f"skipped {len(skipped)} file(s)" + (":" if skipped else "")]
+    lines += [f"  {line}" for line in skipped]
+    lines.append(f"padded {len(padded)} file(s) shorter than one segment" + (":" if padded else ""))
+    lines += [f"  {line}" for line in padded]
+    names = sorted({Path(path).name for path in ignored})
+    lines.append(f"ignored {len(ignored)} non-audio or hidden file(s)"
+                 + (f": {_some(names)}" if names else ""))
+    folders = [Path(path).name for path in notes.get("not_genres", [])]
+    if folders:
+        lines.append(f"ignored {len(folders)} folder(s) without audio files, not genres: "
+                     f"{_some(folders)}")
+    if missing:
+        lines.append(f"{len(missing)} listed track(s) not on disk: {_some(missing)}")
+    return lines
+
+
+def _some(items: list[str], shown: int = 10) -> str:
+    return ", ".join(items[:shown]) + (" ..." if len(items) > shown else "")
 
 
 @exit_on_user_error

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from genre_ray import export, report, runs, tuning
+from genre_ray.data import describe_notes
 from genre_ray.errors import UserError
 from genre_ray.features import FeatureSet, build_features, canonical_feature
 from genre_ray.models import count_parameters
@@ -124,6 +125,9 @@ def _check(opts: Options) -> Checked:
     mode = resolve_mode(opts.wandb, opts.env_file)
     data_dir = opts.data_dir or _embedded()
     sets = {f: build_features(data_dir, f, split=opts.split, seed=opts.seed) for f in opts.features}
+    notes = next(iter(sets.values())).report  # files skipped, padded or ignored
+    if any(notes.values()):
+        print("\n".join([f"data {data_dir}:", *describe_notes(notes)]))
     return Checked(spaces, output_dir, mode, data_dir, sets)
 
 
@@ -358,12 +362,15 @@ def _require_reachable(address: str | None) -> None:
 
 
 def _writable(folder: Path, flag: str) -> Path:
-    """`folder`, created if needed and probed with a temporary file; UserError naming
-    `flag` before any tuning if it cannot be written."""
+    """`folder`, absolute, once a temporary file could be made in it (or in the nearest
+    folder above it that exists: it is created when first written); UserError naming
+    `flag` otherwise. Creates nothing."""
     folder = Path(folder).expanduser().resolve()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
+        if not existing.is_dir():
+            raise NotADirectoryError(0, f"{existing} is a file, not a folder")
+        tempfile.TemporaryFile(dir=existing).close()
     except OSError as err:
         raise UserError(f"cannot write to {flag} {folder} ({err.strerror}); pass a folder "
                         f"you can write to as {flag}") from None

@@ -34,7 +34,7 @@ from genre_ray.files import atomic_path
 
 FEATURES = ("waveform", "spectrogram")
 ALIASES = {"spectogram": "spectrogram"}  # the seed notebook's spelling
-CACHE_VERSION = 1  # bump when the computation changes, so old entries are not reused
+CACHE_VERSION = 2  # bump when the computation changes, so old entries are not reused
 CHUNK = 64  # segments per transform call: bounds peak memory
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class FeatureSet:
     splits: dict[str, FeatureSplit]
     params: dict[str, Any]  # sample rate, segment length, split, augmentation, feature params
     stats: dict[str, torch.Tensor]  # normalisation statistics from the training split
-    report: dict[str, list[str]] = field(default_factory=dict)  # skipped, ignored, missing
+    report: dict[str, list[str]] = field(default_factory=dict)  # data.SegmentSet.notes()
     from_cache: bool = False
 
     @property
@@ -224,8 +224,7 @@ def _segments_entry(data_dir: Path, params: dict[str, Any]) -> dict[str, Any]:
                      labels=torch.cat([train["labels"], train["labels"].repeat(repeats)]),
                      track=torch.cat([train["track"], train["track"].repeat(repeats)]))
     meta = {"classes": segs.classes, "sample_rate": segs.sample_rate, "params": params,
-            "report": {"skipped": [f"{p}: {why}" for p, why in segs.skipped],
-                       "ignored": [str(p) for p in segs.ignored], "missing": segs.missing}}
+            "report": segs.notes()}
     return {"meta": meta, "splits": splits}
 
 

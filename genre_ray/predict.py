@@ -131,10 +131,8 @@ def _decode(path: Path, rate: int) -> torch.Tensor:
         raise UserError(f"audio file {path} does not exist; pass the path of an audio file")
     try:
         wave = data.decode(path, rate)
-    except (RuntimeError, OSError, ValueError) as err:  # sf.LibsndfileError is a RuntimeError
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"audio file {path} does not decode ({reason}); pass a file "
-                        "libsndfile reads (wav, flac, ogg, au, aiff, mp3, ...)") from None
+    except data.Unusable as err:
+        raise UserError(f"audio file {path} {err}") from None
     if not wave.numel():
         raise UserError(f"audio file {path} holds no samples; pass a non-empty recording")
     return wave

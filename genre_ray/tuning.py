@@ -22,7 +22,7 @@ import pickle
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
@@ -134,18 +134,14 @@ class PairSearcher(Searcher):
 
 
 class PairScheduler(FIFOScheduler):
-    """One trial scheduler per pair (`config["pair"]`), each made by `factory()`."""
+    """One trial scheduler per pair, chosen by a trial's `config["pair"]`."""
 
-    def __init__(self, factory: Callable[[], TrialScheduler]) -> None:
+    def __init__(self, schedulers: dict[str, TrialScheduler]) -> None:
         super().__init__()
-        self._factory = factory
-        self._schedulers: dict[str, TrialScheduler] = {}
+        self._schedulers = schedulers
 
     def _of(self, trial) -> TrialScheduler:
-        pair = trial.config["pair"]
-        if pair not in self._schedulers:
-            self._schedulers[pair] = self._factory()
-        return self._schedulers[pair]
+        return self._schedulers[trial.config["pair"]]
 
     def on_trial_add(self, controller, trial) -> None:
         self._of(trial).on_trial_add(controller, trial)
@@ -196,9 +192,10 @@ def build_search(pairs: list[tuple[str, str]], spaces: dict[str, SearchSpace],
             study_name=f"{settings.run_name}/{pair}", max_t=settings.max_epochs)
         constants[pair] = trial_constants(model, feature, settings)
     budgets = {pair: settings.num_samples for pair in searchers}
-    scheduler = PairScheduler(lambda: ASHAScheduler(
+    grace = min(settings.grace_period, settings.max_epochs)  # ASHA asserts grace <= max_t
+    scheduler = PairScheduler({pair: ASHAScheduler(
         metric=METRIC, mode=MODE, time_attr=TIME_ATTR, max_t=settings.max_epochs,
-        grace_period=settings.grace_period, reduction_factor=settings.reduction_factor))
+        grace_period=grace, reduction_factor=settings.reduction_factor) for pair in searchers})
     return PairSearcher(searchers, budgets, constants), scheduler
 
 

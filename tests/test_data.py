@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from torchaudio.datasets import gtzan
 
@@ -55,6 +57,29 @@ def test_broken_file_is_skipped_and_reported(tmp_path):
     assert "does not decode" in segs.skipped[0][1]
     assert [p.name for p in segs.ignored] == [".DS_Store"]
     assert all("jazz.00054" not in s.track_ids for s in segs.splits.values())
+
+
+def test_short_nan_and_hidden_files_and_folders_without_audio_are_reported(tmp_path):
+    make_tree(tmp_path, tracks=3, seconds=5.0)
+    blues = tmp_path / "genres_original" / "blues"
+    write_tone(blues / "blues.00003.wav", 300.0, 3.0)  # >= 2.5 s: padded to one segment
+    write_tone(blues / "blues.00004.wav", 300.0, 2.0)  # < 2.5 s: skipped
+    nan = np.full(SEG, np.nan, np.float32)
+    sf.write(str(blues / "blues.00005.wav"), nan, 22050, subtype="FLOAT")
+    (blues / "._blues.00000.wav").write_bytes(b"\x00\x05\x16\x07")  # a macOS copy's shadow file
+    (tmp_path / "genres_original" / "disco").mkdir()  # no audio: not a genre
+    segs = data.load_segments(tmp_path, "random", seed=0)
+    assert [(p.name, note) for p, note in segs.padded] == \
+        [("blues.00003.wav", "3.0 s, zero-padded to one 5 s segment")]
+    assert {p.name: why.split(";")[0] for p, why in segs.skipped} == {
+        "blues.00004.wav": "2.0 s, shorter than 2.5 s: too short to pad to a 5 s segment",
+        "blues.00005.wav": "holds NaN or infinite samples"}
+    assert [p.name for p in segs.ignored] == ["._blues.00000.wav"]
+    assert [p.name for p in segs.not_genres] == ["disco"] and "disco" not in segs.classes
+    split = next(s for s in segs.splits.values() if "blues.00003" in s.track_ids)
+    wave = split.waves[split.track == split.track_ids.index("blues.00003")]
+    assert wave.shape == (1, SEG) and wave[0, 3 * 22050:].eq(0).all()
+    assert all(torch.isfinite(s.waves).all() for s in segs.splits.values())
 
 
 def _assert_disjoint(assigned):
@@ -150,11 +175,11 @@ def test_bad_data_dirs_are_one_clear_error(tmp_path, setup, message):
         data.scan(root)
 
 
-def test_genre_folder_without_decodable_audio_is_a_clear_error(tmp_path):
+def test_genre_folder_without_usable_audio_is_a_clear_error(tmp_path):
     make_tree(tmp_path, genres=["blues", "jazz", "rock"], tracks=3)
     for path in (tmp_path / "genres_original" / "jazz").iterdir():
         path.write_bytes(b"not audio at all")
-    with pytest.raises(UserError, match="genre folder 'jazz' has no decodable audio.*3 file"):
+    with pytest.raises(UserError, match="genre folder 'jazz' has no usable audio.*3 file"):
         data.load_segments(tmp_path, "random", seed=0)
 
 

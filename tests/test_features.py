@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
 from genre_ray import features
@@ -56,6 +58,19 @@ def test_waveform_is_standardised_per_segment_and_silence_stays_finite():
     assert torch.allclose(z[:3].mean(dim=1), torch.zeros(3), atol=1e-5)
     assert torch.allclose(z[:3].std(dim=1), torch.ones(3), atol=1e-4)
     assert torch.equal(z[3], torch.zeros(1000))
+
+
+def test_silent_training_split_normalises_to_finite_values(tmp_path):
+    """Every training segment silent: each mel band has zero variance, and its statistics
+    must not divide by zero (silence is the padding of every short clip, too)."""
+    tree = make_tree(tmp_path / "silent", tracks=3, seconds=5.0)
+    for path in tree.rglob("*.wav"):
+        sf.write(str(path), np.zeros(5 * RATE), RATE, subtype="PCM_16")
+    spec = build_features(tree, "spectrogram", cache=tmp_path / "cache")
+    assert torch.equal(spec.stats["std"], torch.zeros(64))  # the case the guard is for
+    for fs in (spec, build_features(tree, "waveform", cache=tmp_path / "cache")):
+        for part in fs.splits.values():
+            assert torch.isfinite(part.x).all(), fs.feature
 
 
 def test_spectrogram_uses_training_statistics_for_every_split(built):

@@ -67,3 +67,11 @@ def test_every_trial_reports_every_epoch_and_keeps_one_checkpoint(run):
         assert {"train_loss", "val_loss", "val_acc"} <= set(history.columns)
         best = result.get_best_checkpoint(tuning.METRIC, tuning.MODE)
         assert best is not None and len(result.best_checkpoints) == 1
+
+
+def test_max_epochs_below_the_grace_period_still_builds_its_schedulers(tmp_path):
+    settings = SearchSettings(run_name="short", storage=tuning.optuna_storage(tmp_path),
+                              num_samples=1, max_epochs=1, grace_period=2, reduction_factor=2,
+                              n_startup_trials=1, seed=0)
+    _, scheduler = build_search([("MLP", "spectrogram")], {"MLP": load_space("MLP")}, settings)
+    assert "MLP_spectrogram" in scheduler.debug_string()
