@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     except experiment.Interrupted as stop:
         print(stop, file=sys.stderr)
         return 130  # the shell's code for a Ctrl-C
+    except KeyboardInterrupt:  # Ctrl-C outside tuning: what Tune saved is kept
+        print("interrupted; run the same command again to continue", file=sys.stderr)
+        return 130
     print(experiment.summary_table(summary))
     print(f"wall time {time.perf_counter() - start:.0f} s")
     return 0

@@ -79,7 +79,7 @@ class RunSummary:
     run_dir: Path
     tuning_s: float
     slots: int
-    utilisation: float
+    utilisation: float | None  # None for a continued run: its trials' times span sessions
     copied_to: str | None = None  # remote storage: where the run's files were copied
     failures: list[str] = dataclasses.field(default_factory=list)  # a line per failed trial
 
@@ -107,12 +107,14 @@ def run(opts: Options) -> RunSummary:
     chosen = runs.choose(store, opts.name, _spec(opts), opts.resume)
     opts = _with_spec(opts, chosen.spec)
     _writable(store.local, "--storage-path")
+    runs.require_writable(store)
     checked = _check(opts)
     with _ray(opts, store), runs.claimed(store, chosen) as run_:
         if run_.resume:
             print(f"continuing interrupted run {run_.name!r} ({run_.dir}); pass --name NEW "
                   "to start a new run instead")
         summary = _run(opts, checked, store, run_, start)
+        runs.write_record(run_, "finished")
         summary.copied_to = runs.publish(store, run_)
     return summary
 
@@ -161,7 +163,7 @@ def _run(opts: Options, checked: Checked, store: runs.Storage, run_: runs.Run,
     pairs = [(m, f) for m in opts.models for f in opts.features]
     runs.write_record(run_, "running")
     grid, tuned = _tune(opts, sets, pairs, checked.spaces, store, run_, mode)
-    if grid.num_terminated + grid.num_errors < opts.num_samples * len(pairs):
+    if tuning.interrupted(store.tune_path(run_.name), opts.num_samples * len(pairs)):
         runs.write_record(run_, "interrupted")
         raise Interrupted(f"run {run_.name!r} was interrupted; its trials, checkpoints and "
                           "Optuna studies are saved. Run the same command again, or add "
@@ -180,8 +182,8 @@ def _run(opts: Options, checked: Checked, store: runs.Storage, run_: runs.Run,
                     files=files)
     if mode == "offline":
         print(sync_hint(run_dir))
-    runs.write_record(run_, "finished")
     return RunSummary(results, run_dir, tuned["seconds"], tuned["slots"],
+                      None if run_.resume else
                       tuning.utilisation(grid, tuned["seconds"], tuned["slots"]),
                       failures=[_failure(r) for r in grid if _failed(r)])
 
@@ -221,7 +223,7 @@ def _tune(opts: Options, sets: dict[str, FeatureSet], pairs: list[tuple[str, str
                                   storage_path=store.uri, name=run_.name,
                                   num_trials=opts.num_samples * len(pairs),
                                   max_concurrent=slots, callbacks=callbacks)
-    grid = tuner.fit()
+    grid = tuning.fit_in_main_thread(tuner)
     return grid, {"seconds": time.perf_counter() - start, "slots": slots,
                   "hardware": report.hardware(ray.cluster_resources())}
 
@@ -305,8 +307,9 @@ def summary_table(summary: RunSummary) -> str:
         lines.append(f"{len(summary.failures)} trial(s) failed (an error's traceback is in "
                      f"{summary.run_dir}/<trial>/error.txt):")
         lines += [f"  {line}" for line in summary.failures]
-    lines.append(f"tuning took {summary.tuning_s:.0f} s on {summary.slots} trial slots, "
-                 f"busy {summary.utilisation:.0%} of the time")
+    busy = "continued run" if summary.utilisation is None else \
+        f"busy {summary.utilisation:.0%} of the time"
+    lines.append(f"tuning took {summary.tuning_s:.0f} s on {summary.slots} trial slots, {busy}")
     return "\n".join(lines)
 
 

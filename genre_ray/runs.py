@@ -23,6 +23,7 @@ import fcntl
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,6 +33,9 @@ from genre_ray.errors import UserError
 from genre_ray.files import atomic_path
 
 RECORD, LOCK = "run.json", ".lock"
+# Bumped when what a run saves (Tune's pickled searcher and scheduler) changes shape:
+# an interrupted run of another format cannot be continued.
+FORMAT = 2
 LOCAL_SCHEMES = ("", "file")  # storage only this machine has, unless --shared-storage says so
 
 
@@ -74,21 +78,30 @@ def storage(path_or_uri: str) -> Storage:
 
 @dataclass
 class Run:
-    """The run this command works on; `resume`: continue it through Tuner.restore."""
+    """The run this command works on; `resume`: continue it through Tuner.restore;
+    `seen`: its record when chosen (None: it had none)."""
 
     name: str | None
     dir: Path | None
     spec: dict[str, Any]
     resume: bool
+    seen: dict[str, Any] | None = None
 
 
 def read_record(run_dir: Path) -> dict[str, Any] | None:
+    """The run's record; None if it has none. UserError if it cannot be read."""
     path = run_dir / RECORD
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read {path} ({err}); remove that run's folder, or pass "
+                        "another --storage-path") from None
 
 
 def write_record(run: Run, status: str) -> None:
-    record = {"name": run.name, "status": status, "spec": run.spec,
+    record = {"name": run.name, "status": status, "format": FORMAT, "spec": run.spec,
               "updated": datetime.datetime.now().isoformat(timespec="seconds")}
     with atomic_path(run.dir / RECORD) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
@@ -117,9 +130,14 @@ def claimed(store: Storage, run: Run) -> Iterator[Run]:
 
 def _claim(store: Storage, run: Run) -> int | None:
     """Lock `run`'s folder (naming a new run first): the lock's fd, or None if a new name
-    was taken meanwhile."""
+    was taken meanwhile. UserError if the chosen run changed between choice and lock."""
     if run.name is not None:
-        return _lock(run.dir)
+        fd = _lock(run.dir)
+        if read_record(run.dir) != run.seen:
+            os.close(fd)
+            raise UserError(f"run {run.name!r} was run by another process while this one "
+                            "started; run the command again")
+        return fd
     name = _new_name(store)
     with contextlib.suppress(_Busy):
         fd = _lock(store.local / name)
@@ -144,31 +162,35 @@ def _named(store: Storage, name: str, spec: dict[str, Any], resume: bool) -> Run
         raise UserError(f"run {name!r} is finished: its leaderboard is {run_dir / 'leaderboard.md'} "
                         f"and its models are in {record['spec']['output_dir']}; pass a new "
                         "--name to start another run")
+    if record.get("format") != FORMAT:
+        raise UserError(f"run {name!r} was saved by another version of genre-ray and cannot be "
+                        "continued; pass a new --name to start another run")
     if not resume and record["spec"] != spec:
         raise UserError(f"run {name!r} was started with other settings "
                         f"({', '.join(spec_differences(record['spec'], spec))}); add --resume to "
                         "continue it with its own settings, or pass a new --name")
-    return Run(name, run_dir, record["spec"], resume=True)
+    return Run(name, run_dir, record["spec"], resume=True, seen=record)
 
 
 def _latest(store: Storage, spec: dict[str, Any], resume: bool) -> Run | None:
     """The newest interrupted run with `spec` (with `resume`: with any spec)."""
-    for run_dir in _unfinished(store):
-        saved = read_record(run_dir)["spec"]
-        if resume or saved == spec:
-            return Run(run_dir.name, run_dir, saved, resume=True)
+    for run_dir, record in _unfinished(store):
+        if resume or record["spec"] == spec:
+            return Run(run_dir.name, run_dir, record["spec"], resume=True, seen=record)
     if resume:
         raise UserError(f"no interrupted run under {store.uri} to resume; drop --resume to start "
                         "a new run, or pass the --storage-path where the run lives")
     return None
 
 
-def _unfinished(store: Storage) -> Iterator[Path]:
-    """Run folders whose record says not finished and whose lock is free, newest first."""
+def _unfinished(store: Storage) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """(folder, record) of runs not finished and not locked, newest first."""
     records = sorted(store.local.glob(f"*/{RECORD}"), key=lambda p: p.stat().st_mtime, reverse=True)
     for path in records:
-        if json.loads(path.read_text())["status"] != "finished" and not _busy(path.parent):
-            yield path.parent
+        record = read_record(path.parent)
+        if record["status"] != "finished" and record.get("format") == FORMAT \
+                and not _busy(path.parent):
+            yield path.parent, record
 
 
 def _new_name(store: Storage) -> str:
@@ -189,9 +211,13 @@ class _Busy(UserError):
 def _lock(run_dir: Path) -> int:
     """Take `run_dir`'s lock (an flock: released when the process ends, however it ends)
     and write our pid in it; returns its fd, to close to release it."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    if not _try_lock(fd):
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise UserError(f"cannot lock run {run_dir} ({err.strerror}); pass a --storage-path "
+                        "you can write to") from None
+    if not _try_lock(fd, tries=10):  # another process's _busy may be peeking
         pid = os.pread(fd, 32, 0).decode().strip() or "?"
         os.close(fd)
         raise _Busy(f"run {run_dir.name!r} ({run_dir}) is running in another process "
@@ -212,19 +238,50 @@ def _busy(run_dir: Path) -> bool:
         os.close(fd)
 
 
-def _try_lock(fd: int) -> bool:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
+def _try_lock(fd: int, tries: int = 1) -> bool:
+    """Take the flock of `fd`, trying `tries` times 50 ms apart; whether it was taken."""
+    for attempt in range(tries):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if attempt + 1 < tries:
+                time.sleep(0.05)
+    return False
 
 
 def tune_state_exists(store: Storage, name: str) -> bool:
-    """Whether Tune saved this run's state (it got as far as starting its Tuner)."""
-    from ray import tune
+    """Whether Tune saved this run's experiment state (written at its first step; its
+    `tuner.pkl` alone, written when the Tuner is made, cannot be restored)."""
+    import pyarrow.fs
 
-    return tune.Tuner.can_restore(store.tune_path(name))
+    fs, path = pyarrow.fs.FileSystem.from_uri(_uri(store.tune_path(name)))
+    found = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    return any(f.base_name.startswith("experiment_state") for f in found)
+
+
+def _uri(path_or_uri: str) -> str:
+    return path_or_uri if "://" in path_or_uri else Path(path_or_uri).as_uri()
+
+
+def require_writable(store: Storage) -> None:
+    """UserError unless a file can be written under a URI storage path (a local one is
+    probed by the caller, without creating anything)."""
+    if not store.remote:
+        return
+    import pyarrow
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(store.uri)
+    probe = f"{path}/.genre-ray-probe-{os.getpid()}"
+    try:
+        fs.create_dir(path, recursive=True)
+        with fs.open_output_stream(probe) as f:
+            f.write(b"probe")
+        fs.delete_file(probe)
+    except (pyarrow.ArrowException, OSError) as err:
+        raise UserError(f"cannot write to --storage-path {store.uri} ({err}); check its "
+                        "credentials and permissions, or pass another --storage-path") from None
 
 
 def publish(store: Storage, run: Run) -> str | None:
@@ -232,14 +289,21 @@ def publish(store: Storage, run: Run) -> str | None:
     returns that URI. Links (W&B's `latest-run`) and the lock are left out."""
     if not store.remote:
         return None
+    import pyarrow
     import pyarrow.fs
 
     fs, path = pyarrow.fs.FileSystem.from_uri(store.tune_path(run.name))
-    for folder, _, names in os.walk(run.dir):
-        for name in names:
-            file = Path(folder, name)
-            if name != LOCK and not file.is_symlink():
-                target = f"{path}/{file.relative_to(run.dir).as_posix()}"
-                fs.create_dir(target.rpartition("/")[0], recursive=True)
-                pyarrow.fs.copy_files(str(file), target, destination_filesystem=fs)
+    try:
+        for folder, _, names in os.walk(run.dir):
+            for name in names:
+                file = Path(folder, name)
+                if name != LOCK and not file.is_symlink():
+                    target = f"{path}/{file.relative_to(run.dir).as_posix()}"
+                    fs.create_dir(target.rpartition("/")[0], recursive=True)
+                    pyarrow.fs.copy_files(str(file), target, destination_filesystem=fs)
+    except (pyarrow.ArrowException, OSError) as err:
+        write_record(run, "interrupted")  # the same command copies them again
+        raise UserError(f"the run finished, but copying its files to {store.tune_path(run.name)} "
+                        f"failed ({err}); they are in {run.dir}; run the same command again "
+                        "to copy them") from None
     return store.tune_path(run.name)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import signal
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,11 +240,7 @@ def make_tuner(feature_refs: dict[str, Any], searcher: PairSearcher, scheduler: 
     """
     from ray import tune
 
-    # num_to_keep=1 makes Tune snapshot its state after every checkpoint, and warn when
-    # snapshots come less than 5 s apart: the price of a bounded disk, and no bottleneck
-    # (bench/utilisation.py: the default run keeps its slots ~97% busy). A user's own
-    # threshold is kept.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    _quiet_snapshot_warning()
     return tune.Tuner(
         _trainable(feature_refs, cpus_per_trial, gpus_per_trial),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
@@ -265,9 +262,17 @@ def restore_tuner(path: str, feature_refs: dict[str, Any], cpus_per_trial: float
     come from the saved state; the feature sets are this Ray's `feature_refs`."""
     from ray import tune
 
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    _quiet_snapshot_warning()
     return tune.Tuner.restore(path, _trainable(feature_refs, cpus_per_trial, gpus_per_trial),
                               resume_unfinished=True, resume_errored=False)
+
+
+def _quiet_snapshot_warning() -> None:
+    """num_to_keep=1 makes Tune snapshot its state after every checkpoint, and warn when
+    snapshots come less than 5 s apart: the price of a bounded disk, and no bottleneck
+    (bench/utilisation.py: the default run keeps its slots ~97% busy). A user's own
+    threshold is kept."""
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 
 def _trainable(feature_refs: dict[str, Any], cpus_per_trial: float, gpus_per_trial: float):
@@ -277,6 +282,30 @@ def _trainable(feature_refs: dict[str, Any], cpus_per_trial: float, gpus_per_tri
 
     return tune.with_resources(tune.with_parameters(train_pair, feature_refs=feature_refs),
                                {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
+
+
+def interrupted(experiment_path: str, num_trials: int) -> bool:
+    """Whether the run at `experiment_path` stopped before its end (Ctrl-C), judged from
+    the state Tune saved last: the ResultGrid cannot tell, as Tune marks its running
+    trials TERMINATED when it stops, after saving them as unfinished."""
+    from ray.tune import ExperimentAnalysis
+    from ray.tune.experiment import Trial
+
+    trials = ExperimentAnalysis(experiment_path).trials
+    return len(trials) < num_trials or any(
+        t.status not in (Trial.TERMINATED, Trial.ERROR) for t in trials)
+
+
+def fit_in_main_thread(tuner):
+    """`tuner.fit()`, then the SIGINT and SIGUSR1 handlers as they were before: Tune sets
+    its own for the fit and leaves them set, so a later Ctrl-C (during exports) would only
+    log "ending Ray Tune run"."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGUSR1)}
+    try:
+        return tuner.fit()
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def busy_seconds(results) -> float:

@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 from genre_ray import export, runs
 from genre_ray.errors import UserError
 from genre_ray.search_space import load_space
-from tests.helpers import REPO, make_tree, read_run, read_runs
+from tests.helpers import REPO, make_tree, read_run
 
 MODELS, SAMPLES = ["MLP", "CEL"], 6
 
@@ -38,8 +38,7 @@ def finished_trials(run_dir) -> dict[str, str]:
     """Trial folder -> hash of its result.json, for trials that reported `done`."""
     done = {}
     for result in run_dir.glob("*/result.json"):
-        rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
-        if any(row.get("done") for row in rows):
+        if any('"done": true' in line for line in result.read_text().splitlines()):
             done[result.parent.name] = hashlib.sha256(result.read_bytes()).hexdigest()
     return done
 
@@ -108,9 +107,12 @@ def test_the_same_command_continues_without_rerunning_finished_trials(interrupte
 def test_a_continued_trial_goes_on_in_its_own_wandb_run(resumed):
     base, _, wandb_before = resumed
     before = {read_run(f)["id"] for f in wandb_before}
-    for trial_id, (folder, run) in read_runs(base / "runs" / "r").items():
-        if folder not in wandb_before and trial_id in before:
-            assert run["resume"], folder  # offline: `wandb sync` appends it to the first
+    continued = [(folder, read_run(folder)) for folder in (base / "runs" / "r").glob("wandb/offline-run-*")
+                 if folder not in wandb_before]
+    continued = [(folder, run) for folder, run in continued if run["id"] in before]
+    assert continued  # a trial that was running when Ctrl-C came
+    for folder, run in continued:
+        assert run["resume"], folder  # offline: `wandb sync` appends it to the first
 
 
 def test_each_optuna_study_holds_every_trial_once_and_its_seed_point_once(resumed):
@@ -140,6 +142,27 @@ def test_a_finished_run_rerun_says_where_its_results_are(resumed):
     assert "is finished" in out.stderr and str(base / "runs" / "r" / "leaderboard.md") in out.stderr
     assert "--name" in out.stderr
     assert (tree_hash(base / "runs" / "r"), tree_hash(base / "best")) == before
+
+
+def test_ctrl_c_while_every_trial_is_running_is_still_an_interruption(tmp_path):
+    """Once Tune has made every trial, its ResultGrid calls them all TERMINATED after a
+    Ctrl-C; the run must still say interrupted (judged from Tune's saved state)."""
+    make_tree(tmp_path / "data", tracks=3, seconds=6.0)
+    argv = [sys.executable, str(REPO / "tune_main.py"), "--data-dir", str(tmp_path / "data"),
+            "--models", "MLP", "CEL", "--features", "spectrogram", "--num-samples", "1",
+            "--max-epochs", "50", "--storage-path", str(tmp_path / "runs"), "--name", "live",
+            "--output-dir", str(tmp_path / "best"), "--wandb", "off"]
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while len(list((tmp_path / "runs" / "live").glob("*/checkpoint_*"))) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:]
+    assert runs.read_record(tmp_path / "runs" / "live")["status"] == "interrupted"
+    assert not (tmp_path / "best").exists()
 
 
 # Which run a command picks: records and locks written by the module itself.
@@ -220,3 +243,22 @@ def test_a_uri_storage_path_gets_the_trials_and_a_copy_of_the_run_files(tmp_path
         assert (remote / name).is_file(), name  # ours
     assert not (remote / runs.LOCK).exists()
     assert json.loads((remote / "run.json").read_text())["status"] == "finished"
+
+
+def test_a_run_taken_by_another_process_between_choice_and_lock_is_refused(tmp_path):
+    store = runs.storage(str(tmp_path))
+    chosen = runs.choose(store, "r", SPEC, resume=False)  # no such run yet: a new one
+    make_run(store, "r", "interrupted", SPEC, age=0)  # another process ran it meanwhile
+    with pytest.raises(UserError, match="another process"):
+        with runs.claimed(store, chosen):
+            pass
+
+
+def test_a_run_saved_by_another_format_is_not_continued(tmp_path):
+    store = runs.storage(str(tmp_path))
+    run = make_run(store, "old", "interrupted", SPEC, age=0)
+    record = runs.read_record(run.dir)
+    (run.dir / runs.RECORD).write_text(json.dumps({**record, "format": runs.FORMAT - 1}))
+    assert runs.choose(store, None, SPEC, resume=False).name is None
+    with pytest.raises(UserError, match="another version of genre-ray"):
+        runs.choose(store, "old", SPEC, resume=False)
