@@ -106,8 +106,10 @@ def run(opts: Options) -> RunSummary:
     store = runs.storage(opts.storage_path)
     chosen = runs.choose(store, opts.name, _spec(opts), opts.resume)
     opts = _with_spec(opts, chosen.spec)
-    _writable(store.local, "--storage-path")
-    runs.require_writable(store)
+    if store.remote:
+        runs.require_writable(store)
+    else:
+        _writable(store.local, "--storage-path")
     checked = _check(opts)
     with _ray(opts, store), runs.claimed(store, chosen) as run_:
         if run_.resume:
@@ -145,8 +147,8 @@ def _ray(opts: Options, store: runs.Storage) -> Iterator[None]:
     try:  # absent --address: a new local Ray, never a cluster an earlier `ray start` left running
         ray.init(address=opts.address or "local", include_dashboard=False, configure_logging=False)
     except ConnectionError as err:  # --address auto, and no cluster runs here
-        raise UserError(f"--address {opts.address}: {str(err).rstrip('.')}; start one with `ray start --head`, "
-                        "or drop --address to run on a new local Ray") from None
+        raise UserError(f"--address {opts.address}: {str(err).rstrip('.')}; start one with "
+                        "`ray start --head`, or drop --address to run on a new local Ray") from None
     try:
         _require_shared_storage(opts, store)
         _require_resources(opts)

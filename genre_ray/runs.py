@@ -265,10 +265,7 @@ def _uri(path_or_uri: str) -> str:
 
 
 def require_writable(store: Storage) -> None:
-    """UserError unless a file can be written under a URI storage path (a local one is
-    probed by the caller, without creating anything)."""
-    if not store.remote:
-        return
+    """UserError unless a file can be written under a URI storage path."""
     import pyarrow
     import pyarrow.fs
 
