@@ -83,6 +83,16 @@ class PrunedOptunaSearch(OptunaSearch):
         self._completed_trials.add(trial_id)
 
 
+    def fail_orphans(self) -> None:
+        """Tell FAIL the study's trials this searcher does not know: asked of Optuna after
+        its last save, by a driver killed before it could save again (Ctrl-C saves first).
+        No Tune trial will finish them; left RUNNING, they would skew TPE's constant liar."""
+        known = {trial.number for trial in self._ot_trials.values()}
+        for orphan in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if orphan.number not in known:
+                self._ot_study.tell(orphan.number, state=TrialState.FAIL)
+
+
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
@@ -94,7 +104,7 @@ class PairSearcher(Searcher):
     given), and carries the pair's constant keys; results are routed back by trial id.
     """
 
-    def __init__(self, searchers: dict[str, Searcher], budgets: dict[str, int],
+    def __init__(self, searchers: dict[str, PrunedOptunaSearch], budgets: dict[str, int],
                  constants: dict[str, dict[str, Any]]) -> None:
         super().__init__(metric=METRIC, mode=MODE)
         self._searchers, self._budgets, self._constants = searchers, budgets, constants
@@ -132,6 +142,8 @@ class PairSearcher(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
             self.__dict__.update(pickle.load(f))
+        for searcher in self._searchers.values():
+            searcher.fail_orphans()
 
 
 class PairScheduler(FIFOScheduler):

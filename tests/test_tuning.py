@@ -1,6 +1,8 @@
 """Stage tuning with real Ray (local), real Optuna and the real trainable, on tiny data."""
 from __future__ import annotations
 
+import pickle
+
 import optuna
 import pytest
 import ray
@@ -75,3 +77,21 @@ def test_max_epochs_below_the_grace_period_still_builds_its_schedulers(tmp_path)
                               n_startup_trials=1, seed=0)
     _, scheduler = build_search([("MLP", "spectrogram")], {"MLP": load_space("MLP")}, settings)
     assert "MLP_spectrogram" in scheduler.debug_string()
+
+
+def test_a_restored_search_fails_the_trials_asked_after_its_last_save(tmp_path):
+    """A driver killed between asking Optuna for a trial and saving its searcher leaves
+    that trial RUNNING in the study; the restored searcher tells it FAIL, keeps its own."""
+    settings = SearchSettings(run_name="killed", storage=tuning.optuna_storage(tmp_path),
+                              num_samples=3, max_epochs=2, grace_period=1, reduction_factor=2,
+                              n_startup_trials=1, seed=0)
+    pairs, spaces = [("MLP", "spectrogram")], {"MLP": load_space("MLP")}
+    searcher, _ = build_search(pairs, spaces, settings)
+    as_built = pickle.dumps(searcher)  # what Tune keeps in tuner.pkl
+    searcher.suggest("kept")
+    searcher.save(str(tmp_path / "searcher.pkl"))
+    searcher.suggest("orphan")  # asked, then the driver dies before the next save
+    restored = pickle.loads(as_built)  # Tuner.restore: tuner.pkl, then the saved state
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    study = optuna.load_study(study_name="killed/MLP_spectrogram", storage=settings.storage)
+    assert [t.state for t in study.trials] == [TrialState.RUNNING, TrialState.FAIL]
