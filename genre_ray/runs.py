@@ -56,7 +56,11 @@ class Storage:
         return self.uri.partition("://")[0] in LOCAL_SCHEMES or "://" not in self.uri
 
     def tune_path(self, name: str) -> str:
-        return f"{self.uri.rstrip('/')}/{name}"
+        """Where Tune keeps run `name`: the name goes before a URI's query (?region=...)."""
+        if not self.remote:
+            return str(self.local / name)
+        base, sep, query = self.uri.partition("?")
+        return f"{base.rstrip('/')}/{name}{sep}{query}"
 
 
 def storage(path_or_uri: str) -> Storage:
@@ -157,6 +161,10 @@ def _named(store: Storage, name: str, spec: dict[str, Any], resume: bool) -> Run
     if record is None:
         if run_dir.is_dir() and any(run_dir.iterdir()):
             raise UserError(f"{run_dir} exists and is not a genre-ray run; pass another --name")
+        if store.remote and tune_state_exists(store, name):  # started on another machine
+            raise UserError(f"a run {name!r} already exists at {store.tune_path(name)}, started "
+                            "from another machine (its record is in that machine's cache); "
+                            "continue it from there, or pass another --name")
         return Run(name, run_dir, spec, resume=False)
     if record["status"] == "finished":
         raise UserError(f"run {name!r} is finished: its leaderboard is {run_dir / 'leaderboard.md'} "

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import optuna
 import pytest
@@ -262,3 +263,19 @@ def test_a_run_saved_by_another_format_is_not_continued(tmp_path):
     assert runs.choose(store, None, SPEC, resume=False).name is None
     with pytest.raises(UserError, match="another version of genre-ray"):
         runs.choose(store, "old", SPEC, resume=False)
+
+
+def test_a_name_taken_in_remote_storage_by_another_machine_is_refused(tmp_path):
+    store = runs.storage((tmp_path / "bucket").as_uri())  # its local cache holds no record
+    saved = tmp_path / "bucket" / "r"
+    saved.mkdir(parents=True)
+    (saved / "experiment_state-2026-01-01_00-00-00.json").write_text("{}")
+    with pytest.raises(UserError, match="already exists at .*another machine"):
+        runs.choose(store, "r", SPEC, resume=False)
+    assert runs.choose(store, "s", SPEC, resume=False).name == "s"
+
+
+def test_a_run_name_goes_before_a_storage_uri_query():
+    store = runs.Storage("s3://bucket/runs?endpoint_override=localhost:9000", Path("/cache/x"))
+    assert store.tune_path("r") == "s3://bucket/runs/r?endpoint_override=localhost:9000"
+    assert runs.Storage("/data/runs", Path("/data/runs")).tune_path("r") == "/data/runs/r"
