@@ -287,7 +287,8 @@ def _trials(grid, max_epochs: int) -> list[dict[str, Any]]:
     return [{"pair": r.config["pair"], "trial_id": r.metrics.get("trial_id", ""),
              "epochs": r.metrics_dataframe["epoch"].tolist(),
              "val_loss": r.metrics_dataframe["val_loss"].tolist(),
-             "stopped": not _failed(r) and len(r.metrics_dataframe) < max_epochs}
+             "stopped": not _failed(r) and len(r.metrics_dataframe) < max_epochs,
+             "failed": _failed(r)}
             for r in grid if r.metrics_dataframe is not None and len(r.metrics_dataframe)]
 
 

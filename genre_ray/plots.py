@@ -19,7 +19,7 @@ from matplotlib.ticker import MaxNLocator
 from genre_ray.files import atomic_path
 
 DPI = 120
-FINISHED, STOPPED, BEST = "tab:blue", "0.55", "tab:red"
+FINISHED, STOPPED, BEST, FAILED = "tab:blue", "0.55", "tab:red", "tab:purple"
 
 
 def normalise_rows(counts: Any) -> np.ndarray:
@@ -134,9 +134,11 @@ def pair_comparison(rows: list[dict[str, Any]], path: Path) -> Path:
 
 
 def search_view(trials: list[dict[str, Any]], path: Path, max_epochs: int) -> Path:
-    """Grid (one panel per pair) of every trial's val loss by epoch PNG; ASHA stops marked.
+    """Grid (one panel per pair) of every trial's val loss by epoch PNG; ASHA stops and
+    failed trials (diverged or errored) marked.
 
-    Each trial: {pair, trial_id, epochs: list[int], val_loss: list[float], stopped: bool}.
+    Each trial: {pair, trial_id, epochs: list[int], val_loss: list[float], stopped: bool,
+    failed: bool (optional)}.
     """
     pairs = list(dict.fromkeys(t["pair"] for t in trials))
     if not pairs:
@@ -161,13 +163,17 @@ def search_view(trials: list[dict[str, Any]], path: Path, max_epochs: int) -> Pa
                       label="stopped early by ASHA (x: last epoch)"),
                Line2D([], [], color=BEST, lw=2.5, marker="*", markersize=10,
                       label="best trial of the pair (*: its best epoch)")]
+    if any(t.get("failed") for t in trials):
+        handles.append(Line2D([], [], color=FAILED, lw=1.3, ls=":", marker="o", mfc="none",
+                              label="failed: diverged or errored (o: last finite epoch)"))
     fig.legend(handles=handles, loc="outside lower center", ncols=3 if ncols >= 3 else 1,
                fontsize=9)
     return _save(fig, path)
 
 
 def _search_panel(ax: Axes, trials: list[dict[str, Any]], max_epochs: int) -> None:
-    """One pair's trials: finished solid, stopped grey dashed with an x, best in red."""
+    """One pair's trials: finished solid, stopped grey dashed with an x, failed purple
+    dotted with an o, best in red."""
     curves = []
     for t in trials:
         points = [(int(e), float(v)) for e, v in zip(t["epochs"], t["val_loss"])
@@ -181,11 +187,16 @@ def _search_panel(ax: Axes, trials: list[dict[str, Any]], max_epochs: int) -> No
             ax.plot(xs, ys, color=BEST, lw=2.5, ls=ls, zorder=3)
             i = int(np.argmin(ys))
             ax.plot(xs[i], ys[i], "*", color=BEST, markersize=11, zorder=4)
+        elif t.get("failed"):
+            ax.plot(xs, ys, color=FAILED, lw=1.3, ls=":")
         elif t.get("stopped"):
             ax.plot(xs, ys, color=STOPPED, lw=1.1, ls=ls)
         else:
             ax.plot(xs, ys, color=FINISHED, lw=1.3, alpha=0.8)
-        if t.get("stopped"):
+        if t.get("failed"):
+            ax.plot(xs[-1], ys[-1], "o", color=FAILED, mfc="none", markersize=7, mew=1.8,
+                    zorder=4)
+        elif t.get("stopped"):
             ax.plot(xs[-1], ys[-1], "x", color=BEST if t is best else STOPPED, markersize=7,
                     mew=1.8, zorder=4)
     if not curves:

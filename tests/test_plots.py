@@ -153,3 +153,19 @@ def test_empty_inputs_raise(tmp_path):
         with pytest.raises(ValueError):
             draw()
     assert list(tmp_path.iterdir()) == []
+
+
+def purple_pixels(path: Path) -> int:
+    """Pixels of the failed-trial colour (tab:purple, #9467bd), give or take antialiasing."""
+    with Image.open(path) as image:
+        rgb = np.asarray(image.convert("RGB")).astype(int)
+    return int((np.abs(rgb - [0x94, 0x67, 0xbd]).sum(axis=2) < 30).sum())
+
+
+def test_failed_trials_are_drawn_apart(tmp_path):
+    healthy = trials()[:4]
+    failed = {"pair": healthy[0]["pair"], "trial_id": "bad", "epochs": [1, 2, 3],
+              "val_loss": [5.0, 40.0, math.nan], "stopped": False, "failed": True}
+    assert purple_pixels(plots.search_view(healthy, tmp_path / "a.png", MAX_EPOCHS)) == 0
+    assert purple_pixels(plots.search_view([*healthy, failed], tmp_path / "b.png",
+                                           MAX_EPOCHS)) > 50
