@@ -36,7 +36,6 @@ RECORD, LOCK = "run.json", ".lock"
 # Bumped when what a run saves (Tune's pickled searcher and scheduler) changes shape:
 # an interrupted run of another format cannot be continued.
 FORMAT = 2
-LOCAL_SCHEMES = ("", "file")  # storage only this machine has, unless --shared-storage says so
 
 
 @dataclass(frozen=True)
@@ -52,8 +51,10 @@ class Storage:
 
     @property
     def node_local(self) -> bool:
-        """A path or file:// URI: other nodes of a cluster may not reach it."""
-        return self.uri.partition("://")[0] in LOCAL_SCHEMES or "://" not in self.uri
+        """A path or file:// URI: other nodes of a cluster may not reach it (unless
+        --shared-storage says they do)."""
+        scheme, sep, _ = self.uri.partition("://")
+        return not sep or scheme == "file"
 
     def tune_path(self, name: str) -> str:
         """Where Tune keeps run `name`: the name goes before a URI's query (?region=...)."""
