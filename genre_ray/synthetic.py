@@ -7,11 +7,18 @@ parameters in synthetic_genres.yaml, randomised per track.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import functools
 import hashlib
+import logging
+import multiprocessing
+import os
 import shutil
+import sys
 import tempfile
+import time
 import zlib
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +37,10 @@ RELEASE = 0.01  # seconds of fade at a note's end
 BLOCK = 16384  # samples a voice renders at once: temporaries stay small, cached, free of page faults
 # Bass notes in scale degrees above the chord root; a "step" goes one degree up or down.
 BASS_NOTES = {"root": 0, "third": 2, "fifth": 4, "octave": 7, "step": 1}
+REPORTS = 10  # progress lines logged while a dataset is written
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+log = logging.getLogger(__name__)
 
 
 @functools.cache
@@ -282,26 +293,56 @@ def _non_empty(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
 
 
-def _write_tree(root: Path, tracks_per_genre: int, seed: int, seconds: float, sample_rate: int) -> None:
-    """Render every track into root/genres_original/<genre>/<genre>.NNNNN.wav."""
+def _write_track(root: Path, seed: int, seconds: float, sample_rate: int, track: tuple[str, int]) -> None:
+    """Render one track, (genre, index), into root/genres_original/<genre>/<genre>.NNNNN.wav."""
+    genre, index = track
+    audio = render_track(genre, track_rng(seed, genre, index), seconds, sample_rate)
+    path = root / "genres_original" / genre / f"{genre}.{index:05d}.wav"
+    sf.write(path, audio, sample_rate, subtype="PCM_16", format="WAV")
+
+
+def _keep_freed_memory() -> None:
+    """Worker setup: glibc keeps freed arrays for reuse rather than returning them to the OS.
+
+    A 30 s track allocates ~50 MB of temporaries; handed back, their pages fault in anew on
+    every track, a fifth of the CPU time. Only the worker processes are changed.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None)
+        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+
+
+def _write_tree(root: Path, tracks_per_genre: int, seed: int, seconds: float, sample_rate: int,
+                workers: int) -> None:
+    """Render every track into root/genres_original/<genre>/<genre>.NNNNN.wav over `workers` processes."""
     for genre in GENRES:
-        folder = root / "genres_original" / genre
-        folder.mkdir(parents=True)
-        for i in range(tracks_per_genre):
-            audio = render_track(genre, track_rng(seed, genre, i), seconds, sample_rate)
-            sf.write(folder / f"{genre}.{i:05d}.wav", audio, sample_rate, subtype="PCM_16", format="WAV")
+        (root / "genres_original" / genre).mkdir(parents=True)
+    tracks = [(genre, i) for genre in GENRES for i in range(tracks_per_genre)]
+    write = functools.partial(_write_track, root, seed, seconds, sample_rate)
+    every, start = max(1, len(tracks) // REPORTS), time.perf_counter()
+    # Spawned, not forked: a parent holding threads (torch, Ray) cannot deadlock its children.
+    with ProcessPoolExecutor(min(workers, len(tracks)), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_keep_freed_memory) as pool:
+        for done, _ in enumerate(pool.map(write, tracks), 1):
+            if done % every == 0 or done == len(tracks):
+                log.info("%d/%d tracks in %.0f s", done, len(tracks), time.perf_counter() - start)
 
 
-def _generate_atomic(out_dir: Path, tracks_per_genre: int, seed: int, seconds: float, sample_rate: int) -> Path:
+def _generate_atomic(out_dir: Path, tracks_per_genre: int, seed: int, seconds: float, sample_rate: int,
+                     workers: int | None = None) -> Path:
     """Generate into a temporary sibling and rename it into place; a dataset already there wins."""
+    workers = (os.cpu_count() or 1) if workers is None else workers
     if tracks_per_genre < 1 or seconds <= 0 or sample_rate < 1:
         raise UserError(f"cannot generate {tracks_per_genre} tracks per genre of {seconds} s at {sample_rate} Hz; "
                         "pass at least 1 track, a positive duration and a positive sample rate")
+    if workers < 1:
+        raise UserError(f"cannot generate with {workers} worker processes; pass at least 1")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         tmp.chmod(0o755)
-        _write_tree(tmp, tracks_per_genre, seed, seconds, sample_rate)
+        _write_tree(tmp, tracks_per_genre, seed, seconds, sample_rate, workers)
         try:
             tmp.rename(out_dir)
         except OSError:
@@ -313,13 +354,13 @@ def _generate_atomic(out_dir: Path, tracks_per_genre: int, seed: int, seconds: f
 
 
 def generate(out_dir: Path, tracks_per_genre: int, seed: int, seconds: float = 30.0,
-             sample_rate: int = 22050) -> Path:
-    """Write a synthetic GTZAN-shaped dataset into a new or empty `out_dir`; returns it."""
+             sample_rate: int = 22050, workers: int | None = None) -> Path:
+    """Write a synthetic GTZAN-shaped dataset into a new or empty `out_dir` over `workers` processes (all cores)."""
     out_dir = Path(out_dir).expanduser().absolute()
     if (out_dir.exists() and not out_dir.is_dir()) or _non_empty(out_dir):
         raise UserError(f"{out_dir} already exists and is not an empty directory; "
                         "choose a new output directory or remove that one")
-    return _generate_atomic(out_dir, tracks_per_genre, seed, seconds, sample_rate)
+    return _generate_atomic(out_dir, tracks_per_genre, seed, seconds, sample_rate, workers)
 
 
 def embedded_dataset(tracks_per_genre: int | None = None, seed: int | None = None) -> Path:
@@ -344,8 +385,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracks-per-genre", type=int, default=cfg["tracks_per_genre"], help="clips per genre")
     parser.add_argument("--seed", type=int, default=cfg["seed"], help="same seed, byte-identical files")
     parser.add_argument("--seconds", type=float, default=cfg["seconds"], help="length of every track")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes rendering tracks")
     args = parser.parse_args(argv)
-    out = generate(args.out_dir, args.tracks_per_genre, args.seed, args.seconds, cfg["sample_rate"])
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out = generate(args.out_dir, args.tracks_per_genre, args.seed, args.seconds, cfg["sample_rate"], args.workers)
     print(f"wrote {args.tracks_per_genre * len(GENRES)} tracks ({len(GENRES)} genres x "
           f"{args.tracks_per_genre}, {args.seconds:g} s at {cfg['sample_rate']} Hz) to {out / 'genres_original'}")
     return 0

@@ -75,6 +75,14 @@ def test_same_seed_gives_identical_bytes_and_another_seed_differs(dataset, tmp_p
         assert (other / rel).read_bytes() != (dataset / rel).read_bytes(), rel
 
 
+def test_worker_count_does_not_change_a_byte(tmp_path):
+    one = generate(tmp_path / "one", tracks_per_genre=2, seed=5, seconds=2.0, workers=1)
+    two = generate(tmp_path / "two", tracks_per_genre=2, seed=5, seconds=2.0, workers=2)
+    assert wavs(one) == wavs(two) and len(wavs(one)) == 2 * len(GENRES)
+    for rel in wavs(one):
+        assert (one / rel).read_bytes() == (two / rel).read_bytes(), rel
+
+
 def test_a_track_does_not_depend_on_what_else_is_generated(dataset):
     for genre in reversed(GENRES):
         rel = Path("genres_original", genre, f"{genre}.00001.wav")
@@ -101,6 +109,9 @@ def test_refuses_bad_sizes(tmp_path):
     with pytest.raises(UserError, match="at least 1 track"):
         generate(tmp_path / "out", tracks_per_genre=0, seed=0)
     assert not (tmp_path / "out").exists()
+    with pytest.raises(UserError, match="at least 1"):
+        generate(tmp_path / "out", tracks_per_genre=1, seed=0, workers=0)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_fills_an_empty_existing_dir_and_leaves_no_temporary(tmp_path):
@@ -141,9 +152,9 @@ def test_embedded_dataset_is_generated_once_then_reused(tmp_path, monkeypatch):
     calls = []
     write_tree = synthetic._write_tree
 
-    def counting(root: Path, n: int, seed: int, seconds: float, sample_rate: int) -> None:
+    def counting(root: Path, n: int, seed: int, seconds: float, sample_rate: int, workers: int) -> None:
         calls.append(n)
-        write_tree(root, n, seed, 1.0, sample_rate)
+        write_tree(root, n, seed, 1.0, sample_rate, workers)
 
     monkeypatch.setattr(synthetic, "_write_tree", counting)
     first = embedded_dataset(tracks_per_genre=1, seed=7)
@@ -164,9 +175,10 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_writes_then_refuses_to_overwrite(tmp_path):
     out = tmp_path / "cli"
-    done = run_cli(str(out), "--tracks-per-genre", "1", "--seed", "3", "--seconds", "1")
+    done = run_cli(str(out), "--tracks-per-genre", "1", "--seed", "3", "--seconds", "1", "--workers", "2")
     assert done.returncode == 0, done.stderr
     assert str(out) in done.stdout and "10 tracks" in done.stdout
+    assert "10/10 tracks" in done.stderr  # progress
     assert len(wavs(out)) == len(GENRES)
 
     again = run_cli(str(out), "--tracks-per-genre", "1", "--seconds", "1")
