@@ -37,6 +37,7 @@ from genre_ray.features import FeatureSet, build_features
 from genre_ray.search_space import SearchSpace, load_space
 from genre_ray.synthetic import embedded_dataset
 from genre_ray.training import PRECISIONS
+from genre_ray.trainable import share
 
 MODEL, FEATURE = "CEL", "spectrogram"
 SHARED = 4  # trials on one GPU at 0.25 GPU each, as the issue asks
@@ -107,7 +108,7 @@ def main() -> None:
     rate = dict.fromkeys(cases, 0.0)
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, configure_logging=False)
     try:
-        refs = {FEATURE: ray.put(fs)}
+        refs = {FEATURE: share(fs)}
         with tempfile.TemporaryDirectory() as tmp:
             for i in range(args.repeats):
                 for case in cases[::-1] if i % 2 else cases:

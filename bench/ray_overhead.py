@@ -31,6 +31,7 @@ from genre_ray.search_space import first_point, load_space
 from genre_ray.synthetic import embedded_dataset
 from genre_ray.tracking import wandb_callback
 from genre_ray.training import Trainer, seed_everything
+from genre_ray.trainable import share
 
 PAIRS = [("CEL", "spectrogram"), ("MLP", "waveform")]
 
@@ -59,7 +60,7 @@ def trial_epochs(model_name: str, fs: FeatureSet, epochs: int, cpus: int, wandb:
         max_epochs=epochs, grace_period=epochs, reduction_factor=2, n_startup_trials=1, seed=0))
     callbacks = (wandb_callback("offline", project="bench", run_dir=run_dir, classes=fs.classes)
                  if wandb == "offline" else [])
-    grid = tuning.fit({fs.feature: ray.put(fs)}, searcher, scheduler, storage_path=str(folder),
+    grid = tuning.fit({fs.feature: share(fs)}, searcher, scheduler, storage_path=str(folder),
                       name=run_dir.name, num_trials=1, cpus_per_trial=cpus, gpus_per_trial=0,
                       max_concurrent=1, callbacks=callbacks, verbose=0)
     return grid[0].metrics_dataframe["time_this_iter_s"].tolist()

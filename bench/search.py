@@ -34,6 +34,7 @@ from genre_ray.config import defaults
 from genre_ray.features import build_features
 from genre_ray.search_space import load_space
 from genre_ray.synthetic import embedded_dataset
+from genre_ray.trainable import share
 
 
 # The baseline's sampler seed is offset: TPE's startup trials draw from a RandomSampler of
@@ -111,7 +112,7 @@ def main() -> None:
     ray.init(address="local", include_dashboard=False, configure_logging=False)
     print(context())
     try:
-        slots, ref = int(ray.cluster_resources()["CPU"]), ray.put(fs)
+        slots, ref = int(ray.cluster_resources()["CPU"]), share(fs)
         with tempfile.TemporaryDirectory() as tmp:
             rows = {kind: search(kind, args.model, args.feature, args, ref, Path(tmp), slots)
                     for kind in ("random", "tpe")}

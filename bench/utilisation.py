@@ -25,6 +25,7 @@ from genre_ray.features import build_features
 from genre_ray.search_space import load_space
 from genre_ray.synthetic import embedded_dataset
 from genre_ray.tracking import wandb_callback
+from genre_ray.trainable import share
 
 
 def tune(pairs: list[tuple[str, str]], refs: dict, classes: list[str], args, run_dir: Path,
@@ -61,7 +62,7 @@ def main() -> None:
     print(context())
     try:
         slots = int(ray.cluster_resources()["CPU"])
-        refs = {f: ray.put(fs) for f, fs in sets.items()}
+        refs = {f: share(fs) for f, fs in sets.items()}
         with tempfile.TemporaryDirectory() as tmp:
             busy, wall = tune(pairs, refs, classes, args, Path(tmp) / "together", slots)
             seq = [tune([pair], refs, classes, args, Path(tmp) / f"seq-{i}", slots)

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import soundfile as sf
@@ -35,6 +36,7 @@ from genre_ray.errors import UserError, exit_on_user_error
 
 SPLITS = ("train", "val", "test")
 LAYOUT_ROOTS = ("genres_original", "genres", ".")
+CHUNK = 64  # segments decoded and handed on at a time: bounds peak memory
 AUDIO_SUFFIXES = frozenset("." + fmt.lower() for fmt in sf.available_formats()) | {".aif", ".aiff"}
 
 
@@ -191,28 +193,105 @@ def _require_tracks(lists: dict[str, list], what: str) -> None:
                             "--split (every split needs at least one track)")
 
 
-def load_segments(data_dir: Path, split: str | Path | None = None, *, seed: int | None = None,
-                  fractions: dict[str, float] | None = None) -> SegmentSet:
-    """Scan, split by track, decode and cut every track of `data_dir` (params: defaults.yaml)."""
+@dataclass
+class Plan:
+    """A dataset scanned and split by track but not yet decoded. `chunks` decodes a split
+    as it is read, a chunk of segments at a time, so memory holds a chunk, not the dataset;
+    `finish` then checks what was decoded and says what was left out."""
+
+    found: Scan
+    assigned: dict[str, list[Track]]
+    split: str | Path
+    cutter: _Cutter
+    track_ids: dict[str, list[str]] = field(default_factory=lambda: {n: [] for n in SPLITS})
+    labels_seen: set[int] = field(default_factory=set)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.found.genres
+
+    @property
+    def sample_rate(self) -> int:
+        return self.cutter.rate
+
+    def chunks(self, name: str, size: int) -> Iterator[Chunk]:
+        """Split `name`'s segments in track order, about `size` at a time (whole tracks)."""
+        pieces: list[Chunk] = []
+        for track in self.assigned[name]:
+            waves = self.cutter.cut(track.path)
+            if not len(waves):
+                continue
+            label = self.classes.index(track.genre)
+            self.labels_seen.add(label)
+            index = torch.full((len(waves),), len(self.track_ids[name]), dtype=torch.long)
+            self.track_ids[name].append(track.track_id)
+            pieces.append(Chunk(waves, torch.full_like(index, label), index))
+            if sum(len(c.waves) for c in pieces) >= size:
+                yield Chunk.cat(pieces)
+                pieces = []
+        if pieces:
+            yield Chunk.cat(pieces)
+
+    def estimated_segments(self, name: str) -> int:
+        """Segments split `name` will hold, from the files' headers (nothing decoded)."""
+        return sum(self.cutter.expected(t.path) for t in self.assigned[name])
+
+    def finish(self) -> SegmentSet:
+        """UserError if a split or a genre has no usable track; else what was read, with
+        every split's track ids and notes (its `splits` hold no segments)."""
+        _require_tracks(self.track_ids, "usable ")
+        _require_every_genre(self.labels_seen, self.classes, self.cutter.skipped)
+        empty = torch.zeros(0, dtype=torch.long)
+        splits = {n: Split(torch.zeros(0, self.cutter.length), empty, empty, self.track_ids[n])
+                  for n in SPLITS}
+        return SegmentSet(self.classes, splits, self.sample_rate, self.cutter.skipped,
+                          self.found.ignored, missing_tracks(self.found.tracks, self.split),
+                          self.cutter.padded, self.found.not_genres)
+
+
+@dataclass
+class Chunk:
+    """Consecutive segments of one split. waves: (n, samples); labels, track: (n,) int64."""
+
+    waves: torch.Tensor
+    labels: torch.Tensor
+    track: torch.Tensor
+
+    @staticmethod
+    def cat(chunks: list[Chunk]) -> Chunk:
+        return Chunk(*(torch.cat([getattr(c, k) for c in chunks]) for k in ("waves", "labels", "track")))
+
+
+def plan(data_dir: Path, split: str | Path | None = None, *, seed: int | None = None,
+         fractions: dict[str, float] | None = None) -> Plan:
+    """Scan `data_dir` and split its tracks (params: defaults.yaml); decodes nothing."""
     params, split_params = defaults("data"), defaults("split")
     found = scan(data_dir)
-    assigned = split_tracks(found.tracks, split or split_params["kind"],
+    kind = split or split_params["kind"]
+    assigned = split_tracks(found.tracks, kind,
                             seed=split_params["seed"] if seed is None else seed,
                             fractions=fractions or split_params["fractions"])
     rate = params["sample_rate"]
     cutter = _Cutter(rate, round(params["segment_seconds"] * rate),
                      round(params["min_tail_seconds"] * rate))
-    splits = {name: _cut_split(assigned[name], found.genres, cutter) for name in SPLITS}
-    _require_tracks({name: part.track_ids for name, part in splits.items()}, "usable ")
-    _require_every_genre(splits, found.genres, cutter.skipped)
-    return SegmentSet(found.genres, splits, rate, cutter.skipped, found.ignored,
-                      missing_tracks(found.tracks, split or split_params["kind"]), cutter.padded,
-                      found.not_genres)
+    return Plan(found, assigned, kind, cutter)
 
 
-def _require_every_genre(splits: dict[str, Split], genres: list[str],
+def load_segments(data_dir: Path, split: str | Path | None = None, *, seed: int | None = None,
+                  fractions: dict[str, float] | None = None) -> SegmentSet:
+    """Scan, split by track, decode and cut every track of `data_dir` into memory."""
+    read = plan(data_dir, split, seed=seed, fractions=fractions)
+    chunks = {name: list(read.chunks(name, CHUNK)) for name in SPLITS}
+    segs = read.finish()
+    for name, part in segs.splits.items():
+        if chunks[name]:
+            whole = Chunk.cat(chunks[name])
+            part.waves, part.labels, part.track = whole.waves, whole.labels, whole.track
+    return segs
+
+
+def _require_every_genre(present: set[int], genres: list[str],
                          skipped: list[tuple[Path, str]]) -> None:
-    present = set(torch.cat([part.labels for part in splits.values()]).tolist())
     for label, genre in enumerate(genres):
         if label not in present:
             reasons = [f"{p.name}: {why.split('; ')[0]}"  # the problem, not the file's fix
@@ -347,23 +426,21 @@ class _Cutter:
             self.padded.append((path, f"{duration}, zero-padded to one {segment_s:g} s segment"))
         return segment(wave, self.length, self.min_tail)
 
+    def expected(self, path: Path) -> int:
+        """Segments `cut` will give `path`, from its header; 0 if the header is unreadable."""
+        try:
+            info = sf.info(str(path))
+        except (RuntimeError, OSError, ValueError):
+            return 0
+        samples = math.ceil(info.frames * self.rate / info.samplerate)
+        if samples < self.min_tail:
+            return 0
+        n_full, tail = divmod(samples, self.length)
+        return n_full + (tail >= self.min_tail)
+
     def _skip(self, path: Path, reason: str) -> torch.Tensor:
         self.skipped.append((path, reason))
         return torch.zeros(0, self.length)
-
-
-def _cut_split(tracks: list[Track], classes: list[str], cutter: _Cutter) -> Split:
-    waves, labels, index, ids = [], [], [], []
-    for track in tracks:
-        pieces = cutter.cut(track.path)
-        if not len(pieces):
-            continue
-        waves.append(pieces)
-        labels += [classes.index(track.genre)] * len(pieces)
-        index += [len(ids)] * len(pieces)
-        ids.append(track.track_id)
-    return Split(torch.cat(waves) if waves else torch.zeros(0, cutter.length),
-                 torch.tensor(labels, dtype=torch.long), torch.tensor(index, dtype=torch.long), ids)
 
 
 def report(data: SegmentSet) -> str:

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from genre_ray import export, report, runs, tuning
+from genre_ray import capacity, export, report, runs, tuning
 from genre_ray.data import describe_notes
 from genre_ray.errors import UserError
-from genre_ray.features import FeatureSet, build_features, canonical_feature
+from genre_ray.features import FeatureSet, build_feature_sets, canonical_feature, estimated_bytes
 from genre_ray.models import count_parameters
 from genre_ray.search_space import load_space
 from genre_ray.trainable import TRIAL_KEYS, load_trial_state
@@ -92,7 +92,7 @@ class Checked:
     output_dir: Path
     mode: str | None  # W&B: online | offline | None (off)
     data_dir: Path
-    sets: dict[str, FeatureSet]
+    need: capacity.Need  # what each node must hold (estimated from the audio files' headers)
 
 
 def run(opts: Options) -> RunSummary:
@@ -111,11 +111,13 @@ def run(opts: Options) -> RunSummary:
     else:
         _writable(store.local, "--storage-path")
     checked = _check(opts)
-    with _ray(opts, store), runs.claimed(store, chosen) as run_:
-        if run_.resume:
-            print(f"continuing interrupted run {run_.name!r} ({run_.dir}); pass --name NEW "
-                  "to start a new run instead")
-        summary = _run(opts, checked, store, run_, start)
+    with _ray(opts, store, checked.need) as slots:
+        sets = _feature_sets(opts, checked.data_dir)
+        with runs.claimed(store, chosen) as run_:
+            if run_.resume:
+                print(f"continuing interrupted run {run_.name!r} ({run_.dir}); pass --name NEW "
+                      "to start a new run instead")
+            summary = _run(opts, checked, sets, slots, store, run_, start)
         runs.write_record(run_, "finished")
         summary.copied_to = runs.publish(store, run_)
     return summary
@@ -128,43 +130,54 @@ def _check(opts: Options) -> Checked:
     output_dir = _writable(opts.output_dir, "--output-dir")
     mode = resolve_mode(opts.wandb, opts.env_file)
     data_dir = opts.data_dir or _embedded()
-    sets = {f: build_features(data_dir, f, split=opts.split, seed=opts.seed) for f in opts.features}
+    sizes = estimated_bytes(data_dir, opts.features, split=opts.split, seed=opts.seed)
+    need = capacity.need(sizes, opts.cpus_per_trial, opts.gpus_per_trial)
+    return Checked(spaces, output_dir, mode, data_dir, need)
+
+
+def _feature_sets(opts: Options, data_dir: Path) -> dict[str, FeatureSet]:
+    """Every feature of the run (computed once, cached), and what loading left out."""
+    sets = build_feature_sets(data_dir, opts.features, split=opts.split, seed=opts.seed)
     notes = next(iter(sets.values())).report  # files skipped, padded or ignored
     if any(notes.values()):
         print("\n".join([f"data {data_dir}:", *describe_notes(notes)]))
-    return Checked(spaces, output_dir, mode, data_dir, sets)
+    return sets
 
 
 @contextlib.contextmanager
-def _ray(opts: Options, store: runs.Storage) -> Iterator[None]:
-    """Ray up (a new local one, or the cluster --address names) and checked; down after."""
+def _ray(opts: Options, store: runs.Storage, need: capacity.Need) -> Iterator[int]:
+    """Ray up (a new local one with an object store sized for the data, or the cluster
+    --address names) and checked; yields the trials that fit at once; down after."""
     import optuna
     import ray
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per study and trial
     logging.getLogger("ray.tune.tune").addFilter(_not_tune_resume_hint)
     _require_reachable(opts.address)
+    sized = {} if opts.address else {"object_store_memory": capacity.local_store_bytes(need)}
     try:  # absent --address: a new local Ray, never a cluster an earlier `ray start` left running
-        ray.init(address=opts.address or "local", include_dashboard=False, configure_logging=False)
+        ray.init(address=opts.address or "local", include_dashboard=False, configure_logging=False,
+                 **sized)
     except ConnectionError as err:  # --address auto, and no cluster runs here
         raise UserError(f"--address {opts.address}: {str(err).rstrip('.')}; start one with "
                         "`ray start --head`, or drop --address to run on a new local Ray") from None
     try:
         _require_shared_storage(opts, store)
         _require_resources(opts)
-        yield
+        yield _slots(need)
     finally:
         ray.shutdown()
 
 
-def _run(opts: Options, checked: Checked, store: runs.Storage, run_: runs.Run,
-         start: float) -> RunSummary:
+def _run(opts: Options, checked: Checked, sets: dict[str, FeatureSet], slots: int,
+         store: runs.Storage, run_: runs.Run, start: float) -> RunSummary:
     from genre_ray.tracking import log_summary, sync_hint
 
-    sets, mode = checked.sets, checked.mode
+    mode = checked.mode
     pairs = [(m, f) for m in opts.models for f in opts.features]
     runs.write_record(run_, "running")
-    grid, tuned = _tune(opts, sets, pairs, checked.spaces, store, run_, mode)
+    grid, tuned = _tune(opts, sets, pairs, checked.spaces, store, run_, mode,
+                        slots, checked.need.trial)
     if tuning.interrupted(store.tune_path(run_.name), opts.num_samples * len(pairs)):
         runs.write_record(run_, "interrupted")
         raise Interrupted(f"run {run_.name!r} was interrupted; its trials, checkpoints and "
@@ -205,17 +218,19 @@ def _with_spec(opts: Options, spec: dict[str, Any]) -> Options:
 
 
 def _tune(opts: Options, sets: dict[str, FeatureSet], pairs: list[tuple[str, str]],
-          spaces: dict, store: runs.Storage, run_: runs.Run,
-          mode: str | None) -> tuple[Any, dict[str, Any]]:
+          spaces: dict, store: runs.Storage, run_: runs.Run, mode: str | None, slots: int,
+          trial_bytes: int) -> tuple[Any, dict[str, Any]]:
     """One Tuner over every pair (new, or restored from the run's saved state), on the
     Ray this process joined: (ResultGrid, {seconds, slots, hardware})."""
     import ray
 
     from genre_ray.tracking import wandb_callback
+    from genre_ray.trainable import share
 
-    refs = {f: ray.put(fs) for f, fs in sets.items()}  # once per run, shared by all trials
-    resources = {"cpus_per_trial": opts.cpus_per_trial, "gpus_per_trial": opts.gpus_per_trial}
-    slots, start = _slots(opts), time.perf_counter()
+    refs = {f: share(fs) for f, fs in sets.items()}  # once per run, shared by all trials
+    resources = {"cpus_per_trial": opts.cpus_per_trial, "gpus_per_trial": opts.gpus_per_trial,
+                 "memory_per_trial": trial_bytes}
+    start = time.perf_counter()
     if run_.resume and runs.tune_state_exists(store, run_.name):
         tuner = tuning.restore_tuner(store.tune_path(run_.name), refs, **resources)
     else:
@@ -383,15 +398,19 @@ def _writable(folder: Path, flag: str) -> Path:
     return folder
 
 
-def _slots(opts: Options) -> int:
-    """Trials to run at once: as many as the cluster's CPUs (and GPUs) allow."""
+def _slots(need: capacity.Need) -> int:
+    """Trials to run at once: as many as the nodes' CPUs, GPUs and memory hold, node by
+    node; says so when memory holds fewer than the CPUs and GPUs would run."""
     import ray
 
-    resources = ray.cluster_resources()
-    slots = resources.get("CPU", 1) // opts.cpus_per_trial
-    if opts.gpus_per_trial:
-        slots = min(slots, resources.get("GPU", 0) // opts.gpus_per_trial)
-    return max(1, int(slots))
+    nodes = ray.nodes()
+    slots = capacity.slots(need, nodes)
+    unbounded = capacity.slots(dataclasses.replace(need, trial=1), nodes)
+    if slots < unbounded:
+        print(f"memory: {slots} trial(s) at once, not {unbounded}: each trial is given "
+              f"{need.trial / capacity.GB:.1f} GB beside the {need.store / capacity.GB:.1f} GB "
+              "of features that a node's trials share")
+    return slots
 
 
 def _embedded() -> Path:

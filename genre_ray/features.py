@@ -5,36 +5,40 @@
                      -> `spectrogram`: MelSpectrogram -> AmplitudeToDB ->
                         per-mel-band standardisation with training stats  (n, n_mels, frames)
 
-Both steps are cached on disk, keyed by the dataset's files (names, sizes, mtimes),
-the split, every parameter and the library versions, so a second call loads instead
-of recomputing. Entries are written atomically and carry a checksum: a corrupt entry
-is reported, rebuilt and replaced. Masking (spectrogram) and noise (waveform) are
-applied on the fly to training batches, on the device, by `batch_augmentation`.
-`compute_feature` is the one path from segments to model input: the cached splits and
-`genre_ray.predict` both go through it.
+Features are built streaming: the audio is decoded, augmented and turned into every
+requested feature a chunk of segments at a time, each appended to its cache entry
+(genre_ray.cache), so building holds a chunk in memory, not the dataset; the log-mels
+are then normalised in a second streamed pass over the entry. Entries are keyed by the
+dataset's files (names, sizes, mtimes), the split, every parameter and the library
+versions, written atomically with checksums, and read back as memory maps: loading a
+cached feature set copies nothing into memory, and a corrupt entry is reported and
+rebuilt. Masking (spectrogram) and noise (waveform) are applied on the fly to training
+batches, on the device, by `batch_augmentation`. `compute_feature` is the one path from
+segments to model input: the cached splits and `genre_ray.predict` both go through it.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torchaudio
 import torchaudio.transforms as T
 
+from genre_ray import cache as cache_entry
 from genre_ray import data
 from genre_ray.config import cache_dir, defaults
 from genre_ray.errors import UserError
-from genre_ray.files import atomic_path
 
 FEATURES = ("waveform", "spectrogram")
 ALIASES = {"spectogram": "spectrogram"}  # the seed notebook's spelling
-CACHE_VERSION = 2  # bump when the computation changes, so old entries are not reused
+CACHE_VERSION = 3  # bump when the computation changes, so old entries are not reused
 CHUNK = 64  # segments per transform call: bounds peak memory
 
 log = logging.getLogger(__name__)
@@ -76,30 +80,65 @@ class FeatureSet:
         return tuple(self.splits["train"].x.shape[1:])
 
 
+def build_feature_sets(data_dir: Path, features: list[str], *, split: str | Path | None = None,
+                       seed: int | None = None, cache: Path | None = None) -> dict[str, FeatureSet]:
+    """The feature sets of `data_dir`, from the cache where an entry is there; the missing
+    ones are computed together in one streaming pass over the audio and cached."""
+    entries = _entries(data_dir, features, split, seed, cache)
+    found = {f: cache_entry.read(path) for f, path in entries.items()}
+    missing = {f: path for f, path in entries.items() if found[f] is None}
+    if missing:
+        _build(data_dir, _params(split, seed), missing)
+        found.update({f: cache_entry.read(path) for f, path in missing.items()})
+    return {f: _feature_set(*found[f], from_cache=f not in missing) for f in entries}
+
+
 def build_features(data_dir: Path, feature: str, *, split: str | Path | None = None,
                    seed: int | None = None, cache: Path | None = None) -> FeatureSet:
     """The feature set of `data_dir` for `feature`, from the cache when it is there."""
-    feature = canonical_feature(feature)
+    return build_feature_sets(data_dir, [feature], split=split, seed=seed, cache=cache)[
+        canonical_feature(feature)]
+
+
+def estimated_bytes(data_dir: Path, features: list[str], *, split: str | Path | None = None,
+                    seed: int | None = None) -> dict[str, dict[str, int]]:
+    """Bytes each feature's splits will take (x only, augmented copies included), from the
+    audio files' headers: what the memory preflight needs before anything is computed."""
+    params = _params(split, seed)
+    plan = data.plan(data_dir, params["split"]["kind"], seed=params["split"]["seed"],
+                     fractions=params["split"]["fractions"])
+    copies = 1 + 2 * params["augment"]["copies"]
+    rows = {name: plan.estimated_segments(name) * (copies if name == "train" else 1)
+            for name in data.SPLITS}
+    out = {}
+    for feature in map(canonical_feature, features):
+        probe = compute_feature(torch.zeros(1, plan.cutter.length), feature, plan.sample_rate,
+                                defaults("features")[feature], _unit_stats(feature))
+        out[feature] = {name: n * probe[0].nbytes for name, n in rows.items()}
+    return out
+
+
+def _params(split: str | Path | None, seed: int | None) -> dict[str, Any]:
+    """What shapes the segments: data, augmentation and split parameters."""
     split_params = defaults("split")
-    params = {"data": defaults("data"), "augment": defaults("augment"),
-              "split": {"kind": str(split or split_params["kind"]),
-                        "seed": split_params["seed"] if seed is None else seed,
-                        "fractions": split_params["fractions"]}}
-    root = Path(cache or cache_dir()) / "features"
+    return {"data": defaults("data"), "augment": defaults("augment"),
+            "split": {"kind": str(split or split_params["kind"]),
+                      "seed": split_params["seed"] if seed is None else seed,
+                      "fractions": split_params["fractions"]}}
+
+
+def _entries(data_dir: Path, features: list[str], split: str | Path | None, seed: int | None,
+             cache: Path | None) -> dict[str, Path]:
+    """Feature -> its cache entry's folder, keyed by every input it depends on."""
+    params = _params(split, seed)
     segments_key = _key(params, _fingerprint(data_dir, params["split"]["kind"]))
-    feature_params = defaults("features")[feature]
-    feature_key = _key({"segments": segments_key, "feature": feature, "params": feature_params})
-    entry = root / f"{feature}-{feature_key}.pt"
-    cached = _read_entry(entry)
-    if cached is not None:
-        return _feature_set(cached, from_cache=True)
-    waves = _read_entry(root / f"segments-{segments_key}.pt")
-    if waves is None:
-        waves = _segments_entry(data_dir, params)
-        _write_entry(root / f"segments-{segments_key}.pt", waves)
-    built = _feature_entry(waves, feature, feature_params)
-    _write_entry(entry, built)
-    return _feature_set(built, from_cache=False)
+    root = Path(cache or cache_dir()) / "features"
+    entries = {}
+    for feature in map(canonical_feature, features):
+        key = _key({"segments": segments_key, "feature": feature,
+                    "params": defaults("features")[feature]})
+        entries[feature] = root / f"{feature}-{key}"
+    return entries
 
 
 # ---- computation -----------------------------------------------------------------
@@ -180,60 +219,96 @@ def _unnormalised(waves: torch.Tensor, feature: str, sample_rate: int,
     return torch.cat([logmel(c) for c in waves.split(CHUNK)])
 
 
-def _feature_stats(x: torch.Tensor, feature: str) -> dict[str, torch.Tensor]:
-    """Normalisation statistics of the training split's unnormalised feature."""
-    if feature == "waveform":
-        return {}
-    return {"mean": x.mean(dim=(0, 2)), "std": x.std(dim=(0, 2))}  # per mel band
-
-
 def _normalise(x: torch.Tensor, feature: str, stats: dict[str, torch.Tensor]) -> torch.Tensor:
     if feature == "waveform":
         return x
     return (x - stats["mean"][:, None]) / stats["std"][:, None].clamp_min(1e-5)
 
 
-@torch.no_grad()
-def _feature_entry(waves: dict[str, Any], feature: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Compute one feature for every split of a segments entry (a plain dict): the steps
-    of `compute_feature`, with the statistics taken from the training split in between
-    (so its log-mels are computed once)."""
-    splits, rate = waves["splits"], waves["meta"]["sample_rate"]
-    raw = {name: _unnormalised(part["x"], feature, rate, params) for name, part in splits.items()}
-    stats = _feature_stats(raw["train"], feature)
-    meta = {**waves["meta"], "feature": feature, "feature_params": params}
-    return {"meta": meta, "stats": stats,
-            "splits": {name: {**part, "x": _normalise(raw[name], feature, stats)}
-                       for name, part in splits.items()}}
-
-
 @torch.no_grad()  # T.PitchShift's lazy kernel is a Parameter: keep its graph out of the data
-def _segments_entry(data_dir: Path, params: dict[str, Any]) -> dict[str, Any]:
-    """Decode and cut the dataset, and add the augmented training copies."""
-    log.info("decoding %s and augmenting its training segments (cached after this run)", data_dir)
-    segs = data.load_segments(data_dir, params["split"]["kind"], seed=params["split"]["seed"],
-                              fractions=params["split"]["fractions"])
-    splits = {name: {"x": part.waves, "labels": part.labels, "track": part.track,
-                     "track_ids": part.track_ids} for name, part in segs.splits.items()}
-    train = splits["train"]
-    if train["x"].numel() and params["augment"]["copies"]:
-        generator = torch.Generator().manual_seed(params["split"]["seed"])
-        extra = augment(train["x"], segs.sample_rate, params["augment"], generator)
-        repeats = len(extra) // len(train["x"])
-        train.update(x=torch.cat([train["x"], extra]),
-                     labels=torch.cat([train["labels"], train["labels"].repeat(repeats)]),
-                     track=torch.cat([train["track"], train["track"].repeat(repeats)]))
-    meta = {"classes": segs.classes, "sample_rate": segs.sample_rate, "params": params,
-            "report": segs.notes()}
-    return {"meta": meta, "splits": splits}
+def _build(data_dir: Path, params: dict[str, Any], entries: dict[str, Path]) -> None:
+    """Decode, augment and compute every feature of `entries` in one pass over the audio,
+    a chunk of segments at a time, each feature streamed into its own cache entry."""
+    log.info("decoding %s and computing %s (cached after this run)", data_dir, ", ".join(entries))
+    plan = data.plan(data_dir, params["split"]["kind"], seed=params["split"]["seed"],
+                     fractions=params["split"]["fractions"])
+    generator = torch.Generator().manual_seed(params["split"]["seed"])
+    rate, every = plan.sample_rate, defaults("features")
+    with contextlib.ExitStack() as stack:
+        writers = {f: stack.enter_context(cache_entry.Writer(path)) for f, path in entries.items()}
+        for name in data.SPLITS:
+            for chunk in plan.chunks(name, CHUNK):
+                if name == "train":
+                    chunk = _augmented(chunk, rate, params["augment"], generator)
+                for feature, writer in writers.items():
+                    writer.append(f"{name}.x", _unnormalised(chunk.waves, feature, rate, every[feature]).numpy())
+                    writer.append(f"{name}.labels", chunk.labels.numpy())
+                    writer.append(f"{name}.track", chunk.track.numpy())
+        segs = plan.finish()  # UserError here (a split or genre left without audio) aborts
+        meta = {"classes": segs.classes, "sample_rate": rate, "params": params,
+                "report": segs.notes(), "track_ids": {n: p.track_ids for n, p in segs.splits.items()}}
+        for feature, writer in writers.items():
+            _normalise_entry(writer, feature)
+            writer.commit({**meta, "feature": feature, "feature_params": every[feature]})
 
 
-def _feature_set(entry: dict[str, Any], from_cache: bool) -> FeatureSet:
-    meta = entry["meta"]
-    splits = {name: FeatureSplit(**part) for name, part in entry["splits"].items()}
+def _augmented(chunk: data.Chunk, rate: int, params: dict[str, Any],
+               generator: torch.Generator) -> data.Chunk:
+    """The chunk followed by its time-stretched and pitch-shifted copies (same labels)."""
+    if not params["copies"]:
+        return chunk
+    extra = augment(chunk.waves, rate, params, generator)
+    repeats = 1 + len(extra) // len(chunk.waves)
+    return data.Chunk(torch.cat([chunk.waves, extra]), chunk.labels.repeat(repeats),
+                      chunk.track.repeat(repeats))
+
+
+def _normalise_entry(writer: cache_entry.Writer, feature: str) -> None:
+    """Normalise every split's x, streamed, with statistics of the training split."""
+    raw = {name: writer.finish(f"{name}.x") for name in data.SPLITS}
+    stats = _streamed_stats(raw["train"], feature)
+    for name, x in raw.items():
+        if not stats:  # waveform: already per-segment standardised
+            continue
+        writer.drop(f"{name}.x")
+        for start in range(0, len(x), CHUNK):
+            rows = torch.from_numpy(np.array(x[start:start + CHUNK]))
+            writer.append(f"{name}.x", _normalise(rows, feature, stats).numpy())
+    for key, value in stats.items():
+        writer.put(f"stats.{key}", value.numpy())
+
+
+def _streamed_stats(x: np.ndarray, feature: str) -> dict[str, torch.Tensor]:
+    """Per-mel-band mean and std of the training split's log-mels (n, n_mels, frames),
+    read CHUNK rows at a time and summed in float64."""
+    if feature == "waveform":
+        return {}
+    total = squares = torch.zeros(x.shape[1], dtype=torch.float64)
+    for start in range(0, len(x), CHUNK):
+        rows = torch.from_numpy(np.array(x[start:start + CHUNK])).double()
+        total = total + rows.sum(dim=(0, 2))
+        squares = squares + (rows ** 2).sum(dim=(0, 2))
+    count = x.shape[0] * x.shape[2]
+    mean = total / count
+    var = (squares - count * mean ** 2) / max(count - 1, 1)  # unbiased, as torch.std
+    return {"mean": mean.float(), "std": var.clamp_min(0).sqrt().float()}
+
+
+def _unit_stats(feature: str) -> dict[str, torch.Tensor]:
+    """Statistics that leave a feature as it is (a probe of its shape needs some)."""
+    return {} if feature == "waveform" else {"mean": torch.zeros(1), "std": torch.ones(1)}
+
+
+def _feature_set(meta: dict[str, Any], arrays: dict[str, np.ndarray], from_cache: bool) -> FeatureSet:
+    """A FeatureSet over a cache entry's memory-mapped arrays (torch views, no copies)."""
+    tensors = {name: torch.from_numpy(a) for name, a in arrays.items()}
+    splits = {name: FeatureSplit(tensors[f"{name}.x"], tensors[f"{name}.labels"],
+                                 tensors[f"{name}.track"], meta["track_ids"][name])
+              for name in data.SPLITS}
+    stats = {k.removeprefix("stats."): t for k, t in tensors.items() if k.startswith("stats.")}
     params = {**meta["params"], "sample_rate": meta["sample_rate"],
               "feature_params": meta["feature_params"]}
-    return FeatureSet(meta["feature"], meta["classes"], splits, params, entry["stats"],
+    return FeatureSet(meta["feature"], meta["classes"], splits, params, stats,
                       meta["report"], from_cache)
 
 
@@ -251,42 +326,6 @@ def _fingerprint(data_dir: Path, split: str) -> list[Any]:
 
 def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-def _checksum(entry: dict[str, Any]) -> int:
-    """CRC32 over every tensor's bytes and the metadata (torch.load does not check)."""
-    crc = zlib.crc32(json.dumps(entry["meta"], sort_keys=True, default=str).encode())
-    for _, tensor in sorted(_tensors(entry)):
-        crc = zlib.crc32(tensor.contiguous().view(torch.uint8).numpy(), crc)
-    return crc
-
-
-def _tensors(entry: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
-    found = [(f"stats.{k}", t) for k, t in entry.get("stats", {}).items()]
-    for name, part in entry["splits"].items():
-        found += [(f"{name}.{k}", t) for k, t in part.items() if isinstance(t, torch.Tensor)]
-    return found
-
-
-def _write_entry(path: Path, entry: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save({**entry, "crc32": _checksum(entry)}, tmp)
-
-
-def _read_entry(path: Path) -> dict[str, Any] | None:
-    """The entry at `path`, or None if absent; a corrupt entry is reported and removed."""
-    if not path.exists():
-        return None
-    try:
-        entry = torch.load(path, weights_only=True)
-        if entry.pop("crc32") == _checksum(entry):
-            return entry
-        reason = "checksum mismatch"
-    except Exception as err:  # any failure to read means the entry cannot be trusted
-        reason = f"{type(err).__name__}: {err}"
-    log.warning("feature cache entry %s is corrupt (%s); rebuilding it", path, reason)
-    path.unlink(missing_ok=True)
-    return None
 
 
 # ---- on-the-fly batch augmentation ------------------------------------------------

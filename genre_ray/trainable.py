@@ -1,7 +1,10 @@
 """Stage trainable: one Ray Tune trial trains one (model, feature, config) with the shared loop.
 
-The trial reads its feature set from the object store (put once per run by the tuner),
-builds the model, and runs `training.Trainer`. It reports every epoch, and checkpoints
+The trial reads its `TrialData` from the object store (put once per run by `share`):
+the feature's train and val splits as numpy arrays, which Ray maps from the node's shared
+memory without a copy (DESIGN.md pitfall 13), so every trial on a node reads one copy and
+holds none of its own; the test split never reaches a trial. It builds the model and
+runs `training.Trainer`. It reports every epoch, and checkpoints
 when the validation loss improves; the checkpoint holds everything a resume needs, so a
 retried or restored trial continues from its best epoch, not from epoch 0. It reads no
 file but its checkpoint.
@@ -16,9 +19,12 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import ray
 import torch
 from ray import tune
@@ -32,17 +38,49 @@ TRIAL_KEYS = frozenset({"pair", "model", "feature", "max_epochs", "seed"})
 STATE_FILE = "trial_state.pt"
 
 
+@dataclass(frozen=True)
+class TrialData:
+    """What a trial trains on: x (n, *input_shape) float32 and labels (n,) int64 of the
+    train and val splits of one feature, as numpy arrays (the object store shares those)."""
+
+    feature: str
+    classes: list[str]
+    train: tuple[np.ndarray, np.ndarray]
+    val: tuple[np.ndarray, np.ndarray]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train[0].shape[1:])
+
+
+def share(fs: FeatureSet) -> ray.ObjectRef:
+    """Put `fs`'s train and val splits in the object store, once per run. The arrays are
+    plain views of the cache's memory maps: Ray copies them once into shared memory."""
+    def arrays(name: str) -> tuple[np.ndarray, np.ndarray]:
+        part = fs.splits[name]
+        return np.asarray(part.x.numpy()), np.asarray(part.labels.numpy())
+
+    return ray.put(TrialData(fs.feature, fs.classes, arrays("train"), arrays("val")))
+
+
+def tensors(arrays: tuple[np.ndarray, ...]) -> tuple[torch.Tensor, ...]:
+    """Torch views of the object store's read-only arrays, without a copy. No code writes
+    to them: the training loop gathers batches into new tensors."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return tuple(torch.from_numpy(a) for a in arrays)
+
+
 def train_pair(config: Mapping[str, Any], feature_refs: Mapping[str, ray.ObjectRef]) -> None:
     """The function trainable: `config` = TRIAL_KEYS + hyperparameters."""
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # a line per checkpoint
-    fs: FeatureSet = ray.get(feature_refs[config["feature"]])
+    data: TrialData = ray.get(feature_refs[config["feature"]])
     hyper = {k: v for k, v in config.items() if k not in TRIAL_KEYS}
     seed_everything(config["seed"])
-    model = build_model(config["model"], fs.input_shape, len(fs.classes), hyper)
-    train, val = fs.splits["train"], fs.splits["val"]
-    trainer = Trainer(model, (train.x, train.labels), (val.x, val.labels), hyper,
-                      n_classes=len(fs.classes), epochs=config["max_epochs"], seed=config["seed"],
-                      transform=batch_augmentation(fs.feature))
+    model = build_model(config["model"], data.input_shape, len(data.classes), hyper)
+    trainer = Trainer(model, tensors(data.train), tensors(data.val), hyper,
+                      n_classes=len(data.classes), epochs=config["max_epochs"], seed=config["seed"],
+                      transform=batch_augmentation(data.feature))
     best = {"val_loss": math.inf}
     checkpoint = tune.get_checkpoint()
     if checkpoint:

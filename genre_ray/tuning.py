@@ -31,6 +31,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from genre_ray.ray_internals import memory_kills_fail_trials
 from genre_ray.search_space import SearchSpace
 
 METRIC, MODE = "val_loss", "min"
@@ -240,10 +241,11 @@ def fit(feature_refs: dict[str, Any], searcher: PairSearcher, scheduler: PairSch
 
 def make_tuner(feature_refs: dict[str, Any], searcher: PairSearcher, scheduler: PairScheduler, *,
                storage_path: str, name: str, num_trials: int, cpus_per_trial: float,
-               gpus_per_trial: float, max_concurrent: int, callbacks: list | None = None,
-               stop: Any = None, verbose: int = 1):
+               gpus_per_trial: float, max_concurrent: int, memory_per_trial: int = 0,
+               callbacks: list | None = None, stop: Any = None, verbose: int = 1, trainable=None):
     """One Tuner over every pair's trials. `stop`: Tune's RunConfig(stop=...), e.g. a
-    Stopper that ends the run at a budget.
+    Stopper that ends the run at a budget. `trainable`: a function trainable taking
+    `(config, feature_refs)` in place of `trainable.train_pair` (benches).
 
     The feature sets reach trials through `tune.with_parameters` as object refs put
     once per run; each trial fetches only its own feature. Checkpoints are bounded to
@@ -253,8 +255,9 @@ def make_tuner(feature_refs: dict[str, Any], searcher: PairSearcher, scheduler: 
     from ray import tune
 
     _quiet_snapshot_warning()
+    memory_kills_fail_trials()
     return tune.Tuner(
-        _trainable(feature_refs, cpus_per_trial, gpus_per_trial),
+        _trainable(feature_refs, cpus_per_trial, gpus_per_trial, memory_per_trial, trainable),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
                                     num_samples=num_trials, max_concurrent_trials=max_concurrent,
                                     reuse_actors=True,  # no process start per trial
@@ -267,7 +270,7 @@ def make_tuner(feature_refs: dict[str, Any], searcher: PairSearcher, scheduler: 
 
 
 def restore_tuner(path: str, feature_refs: dict[str, Any], cpus_per_trial: float,
-                  gpus_per_trial: float):
+                  gpus_per_trial: float, memory_per_trial: int = 0):
     """The Tuner of an interrupted run at `path` (Tune's experiment folder): finished
     trials are kept, unfinished ones continue from their checkpoints, errored ones stay
     errored. Searcher (each pair's Optuna study, trial counts), scheduler and callbacks
@@ -275,7 +278,9 @@ def restore_tuner(path: str, feature_refs: dict[str, Any], cpus_per_trial: float
     from ray import tune
 
     _quiet_snapshot_warning()
-    return tune.Tuner.restore(path, _trainable(feature_refs, cpus_per_trial, gpus_per_trial),
+    memory_kills_fail_trials()
+    return tune.Tuner.restore(path, _trainable(feature_refs, cpus_per_trial, gpus_per_trial,
+                                               memory_per_trial),
                               resume_unfinished=True, resume_errored=False)
 
 
@@ -287,13 +292,18 @@ def _quiet_snapshot_warning() -> None:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 
-def _trainable(feature_refs: dict[str, Any], cpus_per_trial: float, gpus_per_trial: float):
+def _trainable(feature_refs: dict[str, Any], cpus_per_trial: float, gpus_per_trial: float,
+               memory_per_trial: int = 0, trainable=None):
+    """The trainable with its resources: `memory_per_trial` bytes are reserved on the node
+    (capacity.py), so Ray places no more trials on a node than its memory holds."""
     from ray import tune
 
-    from genre_ray.trainable import train_pair
+    if trainable is None:
+        from genre_ray.trainable import train_pair as trainable
 
-    return tune.with_resources(tune.with_parameters(train_pair, feature_refs=feature_refs),
-                               {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
+    return tune.with_resources(tune.with_parameters(trainable, feature_refs=feature_refs),
+                               {"cpu": cpus_per_trial, "gpu": gpus_per_trial,
+                                "memory": memory_per_trial})
 
 
 def interrupted(experiment_path: str, num_trials: int) -> bool:

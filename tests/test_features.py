@@ -8,6 +8,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from genre_ray import cache as cache_entry
 from genre_ray import features
 from genre_ray.errors import UserError
 from genre_ray.features import LogMel, build_features
@@ -128,21 +129,43 @@ def test_changed_input_file_or_parameter_misses_the_cache(tree, tmp_path):
     assert not build_features(tree, "waveform", cache=cache).from_cache
 
 
-@pytest.mark.parametrize("damage", [
-    lambda b: b[: len(b) // 2],                                               # truncated
-    lambda b: b[: len(b) // 2] + bytes([b[len(b) // 2] ^ 0xFF]) + b[len(b) // 2 + 1:],  # a flipped byte
-    lambda b: b"garbage",
+@pytest.mark.parametrize("target,damage", [
+    ("train.x.npy", lambda b: b[: len(b) // 2]),                                   # truncated
+    ("train.x.npy", lambda b: b[: len(b) // 2] + bytes([b[len(b) // 2] ^ 0xFF]) + b[len(b) // 2 + 1:]),
+    ("train.labels.npy", lambda b: b"garbage"),
+    ("meta.json", lambda b: b"garbage"),
 ])
-def test_corrupt_entry_is_detected_and_rebuilt(tree, tmp_path, caplog, damage):
+def test_corrupt_entry_is_detected_and_rebuilt(tree, tmp_path, caplog, target, damage):
     cache = tmp_path / "cache"
-    clean = build_features(tree, "spectrogram", cache=cache)
-    entry = next((cache / "features").glob("spectrogram-*.pt"))
-    entry.write_bytes(damage(entry.read_bytes()))
+    clean = {k: v.clone() for k, v in vars(build_features(tree, "spectrogram", cache=cache)
+                                          .splits["train"]).items() if k != "track_ids"}
+    entry = next((cache / "features").glob("spectrogram-*"))
+    (entry / target).write_bytes(damage((entry / target).read_bytes()))
     with caplog.at_level(logging.WARNING):
         rebuilt = build_features(tree, "spectrogram", cache=cache)
     assert not rebuilt.from_cache and "corrupt" in caplog.text and entry.name in caplog.text
-    assert torch.equal(rebuilt.splits["train"].x, clean.splits["train"].x)
+    assert torch.equal(rebuilt.splits["train"].x, clean["x"])
     assert build_features(tree, "spectrogram", cache=cache).from_cache
+
+
+def test_cached_features_are_memory_maps_that_writes_never_reach(tree, tmp_path):
+    cache = tmp_path / "cache"
+    fs = build_features(tree, "waveform", cache=cache)
+    x = fs.splits["train"].x
+    assert _mapped_file(x.data_ptr()).endswith("/train.x.npy")  # the file itself, not a copy
+    x[0] = 7.0  # copy-on-write: this process's page only
+    again = build_features(tree, "waveform", cache=cache)
+    assert again.from_cache and not torch.equal(again.splits["train"].x[0], x[0])
+
+
+def _mapped_file(address: int) -> str:
+    """The file this process maps at `address` ('' for anonymous memory)."""
+    for line in open("/proc/self/maps"):
+        fields = line.split(maxsplit=5)
+        low, high = (int(v, 16) for v in fields[0].split("-"))
+        if low <= address < high:
+            return fields[5].strip() if len(fields) > 5 else ""
+    return ""
 
 
 def test_interrupted_write_leaves_nothing(tmp_path):
@@ -153,6 +176,23 @@ def test_interrupted_write_leaves_nothing(tmp_path):
             tmp.write_text("half")
             raise KeyboardInterrupt
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["entry.pt"]
+
+
+def test_interrupted_entry_leaves_nothing_and_a_committed_one_reads_back(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with cache_entry.Writer(tmp_path / "entry") as writer:
+            writer.append("x", np.ones((3, 4), dtype=np.float32))
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    with cache_entry.Writer(tmp_path / "entry") as writer:
+        for start in range(0, 1000, 64):  # grown in chunks, the header rewritten at the end
+            writer.append("x", np.arange(start, min(start + 64, 1000), dtype=np.float32)[:, None]
+                          .repeat(3, axis=1))
+        writer.put("stats.mean", np.arange(5.0))
+        writer.commit({"note": "n"})
+    meta, arrays = cache_entry.read(tmp_path / "entry")
+    assert meta == {"note": "n"} and arrays["x"].shape == (1000, 3)
+    assert np.array_equal(arrays["x"][:, 2], np.arange(1000.0)) and list(arrays["stats.mean"]) == [0, 1, 2, 3, 4]
 
 
 def test_unknown_feature_is_a_clear_error(tree):

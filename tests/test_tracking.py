@@ -19,6 +19,7 @@ from genre_ray.features import build_features
 from genre_ray.search_space import load_space
 from genre_ray.tracking import resolve_mode, sync_hint, wandb_callback
 from genre_ray.tuning import SearchSettings, build_search
+from genre_ray.trainable import share
 from tests.helpers import make_tree, read_runs
 
 KEY = "WANDB_API_KEY"
@@ -103,7 +104,7 @@ def runs(tmp_path_factory):
                                   reduction_factor=2, n_startup_trials=2, seed=0)
         searcher, scheduler = build_search([("MLP", "spectrogram")], {"MLP": load_space("MLP")},
                                            settings)
-        grid = tuning.fit({"spectrogram": ray.put(fs)}, searcher, scheduler,
+        grid = tuning.fit({"spectrogram": share(fs)}, searcher, scheduler,
                           storage_path=str(base), name="tuned", num_trials=2, cpus_per_trial=1,
                           gpus_per_trial=0, max_concurrent=2, verbose=0,
                           callbacks=wandb_callback("offline", project="test", run_dir=run_dir,

@@ -11,6 +11,7 @@ from optuna.trial import TrialState
 from genre_ray import tuning
 from genre_ray.features import build_features
 from genre_ray.search_space import load_space
+from genre_ray.trainable import share
 from genre_ray.tuning import SearchSettings, build_search
 from tests.helpers import make_tree
 
@@ -25,7 +26,7 @@ def run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "test-run"
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        refs = {f: ray.put(build_features(root, f, cache=cache)) for f in ("spectrogram", "waveform")}
+        refs = {f: share(build_features(root, f, cache=cache)) for f in ("spectrogram", "waveform")}
         storage = tuning.optuna_storage(run_dir)
         settings = SearchSettings(run_name="test-run", storage=storage, num_samples=4,
                                   max_epochs=3, grace_period=1, reduction_factor=2,

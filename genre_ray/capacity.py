@@ -1,0 +1,95 @@
+"""Memory preflight: do the feature data and the trials fit the cluster's nodes?
+
+Each node that runs trials holds one copy of every feature's train and val arrays in
+its object store, read in place by all its trials (DESIGN.md pitfall 13), and each trial
+adds its own private memory: its Python, torch and Ray worker, the model, the optimiser
+state and a batch (`trial_gb` in defaults.yaml `memory`, measured by bench/memory.py).
+Before any trial, per node:
+
+    object store   >= data x store_headroom          (data: train + val of every feature)
+    memory         >= trial_gb                       (Ray's `memory` resource: the node's
+                                                       memory besides its object store)
+
+Each trial then asks Ray for `trial_gb` of memory beside its CPUs and GPUs, so Ray never
+places more trials on a node than its memory holds, and the run's concurrency is what
+fits, node by node. Where no node fits, one UserError says what to change, before any
+feature is computed. A local Ray is started with an object store sized to the data.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from genre_ray.config import defaults
+from genre_ray.errors import UserError
+
+GB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Need:
+    """What a run asks of each node: shared data bytes per feature, private bytes per trial."""
+
+    data: dict[str, int]  # feature -> train + val bytes
+    trial: int
+    cpus: float
+    gpus: float
+
+    @property
+    def store(self) -> int:
+        """Object-store bytes a node needs for the data."""
+        return int(sum(self.data.values()) * defaults("memory")["store_headroom"])
+
+
+def need(sizes: dict[str, dict[str, int]], cpus: float, gpus: float) -> Need:
+    """The Need of a run over features of `sizes` (features.estimated_bytes)."""
+    per_feature = defaults("memory")["trial_gb"]
+    trial = max(per_feature[f] for f in sizes) * GB
+    return Need({f: s["train"] + s["val"] for f, s in sizes.items()}, int(trial), cpus, gpus)
+
+
+def local_store_bytes(want: Need) -> int:
+    """The object store a new local Ray gets: the data plus headroom, at least Ray's minimum;
+    UserError when this machine cannot hold it beside the driver and one trial."""
+    cfg = defaults("memory")
+    store = max(want.store + int(cfg["store_extra_gb"] * GB), int(cfg["store_min_gb"] * GB))
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if store + want.trial + cfg["driver_gb"] * GB > total:
+        raise UserError(_too_big(want, f"this machine has {total / GB:.1f} GB of memory"))
+    return store
+
+
+def slots(want: Need, nodes: list[dict[str, Any]]) -> int:
+    """Trials that fit at once, node by node (alive nodes as `ray.nodes()` gives them);
+    UserError when a node that could run trials cannot hold the data, or none fits one."""
+    counts = []
+    for node in (n["Resources"] for n in nodes if n["Alive"]):
+        fit = _fit(node, want)
+        if fit and node.get("object_store_memory", 0) < want.store:
+            raise UserError(_too_big(want, f"a node of the cluster has an object store of "
+                                           f"{node.get('object_store_memory', 0) / GB:.1f} GB") +
+                            f"; or start its nodes with `ray start --object-store-memory "
+                            f"{want.store}`")
+        counts.append(fit)
+    if not any(counts):
+        raise UserError(f"no node of the Ray cluster has {want.trial / GB:.1f} GB of memory free "
+                        f"for a trial beside {want.cpus:g} CPU(s) and {want.gpus:g} GPU(s); lower "
+                        "--cpus-per-trial or --gpus-per-trial, or use bigger nodes")
+    return sum(counts)
+
+
+def _fit(node: dict[str, float], want: Need) -> int:
+    """Trials of `want` that one node's CPUs, GPUs and memory hold at once."""
+    fits = [node.get("CPU", 0) // want.cpus, node.get("memory", 0) // want.trial]
+    if want.gpus:
+        fits.append(node.get("GPU", 0) // want.gpus)
+    return int(min(fits))
+
+
+def _too_big(want: Need, have: str) -> str:
+    sizes = ", ".join(f"{f} {b / GB:.1f} GB" for f, b in want.data.items())
+    return (f"the features to tune on need {want.store / GB:.1f} GB of shared memory on every "
+            f"node that runs trials ({sizes}, train + val with augmented copies), beside "
+            f"{want.trial / GB:.1f} GB per trial, but {have}; tune fewer features "
+            "(--features spectrogram needs far less than waveform) or use nodes with more memory")
