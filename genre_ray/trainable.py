@@ -106,6 +106,7 @@ def train_pair(config: Mapping[str, Any], feature_refs: Mapping[str, ray.ObjectR
 
 
 def load_trial_state(checkpoint: tune.Checkpoint) -> dict[str, Any]:
-    """The state a trial saved in `checkpoint`: {"trainer": ..., "val_loss": ...}."""
+    """The state a trial saved in `checkpoint`: {"trainer": ..., "val_loss": ...}, its tensors
+    on the CPU whatever device saved them (a GPU trial's, read by a driver without one)."""
     with checkpoint.as_directory() as folder:
-        return torch.load(Path(folder) / STATE_FILE, weights_only=True)
+        return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)

@@ -79,10 +79,13 @@ def autocast(device: torch.device, precision: str = "fp32") -> contextlib.Abstra
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def batches(n: int, batch_size: int, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
-    """Index tensors covering range(n): shuffled when a generator is given."""
+def batches(n: int, batch_size: int, generator: torch.Generator | None = None,
+            device: torch.device | str = "cpu") -> Iterator[torch.Tensor]:
+    """Index tensors covering range(n) on `device`, shuffled when a (CPU) generator is given.
+    The order moves to `device` once, not a batch at a time: a pageable index copied per
+    batch would synchronise a CUDA stream at every step."""
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    yield from order.split(batch_size)
+    yield from order.to(device).split(batch_size)
 
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
@@ -91,9 +94,9 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
     """One pass over (x: (n, *shape), y: (n,)) in shuffled batches; returns the mean loss.
     `precision`: a key of PRECISIONS, the forward pass's autocast."""
     model.train()
-    total = torch.zeros((), device=x.device)
-    for idx in batches(len(x), batch_size, generator):
-        xb, yb = _on(model, x[idx.to(x.device)]), _on(model, y[idx.to(y.device)])
+    total = torch.zeros((), device=_device(model))
+    for idx in batches(len(x), batch_size, generator, x.device):
+        xb, yb = _on(model, x[idx]), _on(model, y[idx])
         if transform is not None:
             xb = transform(xb)
         with autocast(xb.device, precision):
@@ -117,8 +120,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, n_classes: int,
     model.eval()
     y = _on(model, y)
     with autocast(y.device, precision):
-        logits = torch.cat([model(_on(model, x[idx.to(x.device)]))
-                            for idx in batches(len(x), batch_size)])
+        logits = torch.cat([model(_on(model, x[idx])) for idx in batches(len(x), batch_size,
+                                                                          device=x.device)])
     logits = logits.float()
     loss = nn.functional.cross_entropy(logits, y).item()
     pred = logits.argmax(dim=1)
@@ -143,9 +146,13 @@ def _checked_precision(precision: str) -> str:
     return precision
 
 
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def _on(model: nn.Module, t: torch.Tensor) -> torch.Tensor:
     """`t` on the model's device (a no-op when the data is resident there)."""
-    return t.to(next(model.parameters()).device, non_blocking=True)
+    return t.to(_device(model), non_blocking=True)
 
 
 class Trainer:
@@ -164,8 +171,7 @@ class Trainer:
         # channels_last changes only 4-D (conv2d) weights: oneDNN and cuDNN run those
         # fastest so (bench/training_loop.py: CEL epochs about 1/5 shorter on the CPU)
         self.model = model.to(self.device, memory_format=torch.channels_last)
-        self.train_xy = tuple(resident(t, self.device) for t in train)
-        self.val_xy = tuple(resident(t, self.device) for t in val)
+        self.train_xy, self.val_xy = resident(train, self.device), resident(val, self.device)
         self.n_classes, self.batch_size = n_classes, int(opts["batch_size"])
         self.eval_batch_size = int(opts["eval_batch_size"])
         self.precision = _checked_precision(opts["precision"])
@@ -207,11 +213,13 @@ class Trainer:
             self.scheduler.step()
 
     def state_dict(self) -> dict[str, Any]:
-        """Model, optimiser, scheduler, RNGs (shuffling, dropout, masks) and epoch:
-        everything a resume needs to continue exactly as an uninterrupted run."""
+        """Model, optimiser, scheduler, RNGs (shuffling; dropout, masks and noise on the CPU
+        and every GPU) and epoch: everything a resume needs to continue exactly as an
+        uninterrupted run."""
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler else None,
                 "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 "epoch": self.epoch}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -221,16 +229,22 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") and torch.cuda.is_available():  # dropout, masks, noise on a GPU
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.epoch = state["epoch"]
 
 
-def resident(t: torch.Tensor, device: torch.device, budget: float = 0.5) -> torch.Tensor:
-    """`t` moved to `device` if it takes under `budget` of the device's free memory;
-    otherwise left in (pinned) host memory and batches are copied as they are used."""
-    if device.type != "cuda":
-        return t.to(device)
-    free, _ = torch.cuda.mem_get_info(device)
-    return t.to(device) if t.nbytes < budget * free else t.pin_memory()
+def resident(split: tuple[torch.Tensor, ...], device: torch.device,
+             budget: float = 0.5) -> tuple[torch.Tensor, ...]:
+    """A split's tensors (x, y) moved to `device` together if they take under `budget` of
+    its free memory; otherwise all left where they are (a trial's data: the node's shared
+    copy), and batches are copied as they are used. Never pinned: pinning copies the
+    whole tensor, a second host copy of data every trial on the node already shares."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if sum(t.nbytes for t in split) >= budget * free:
+            return split
+    return tuple(t.to(device) for t in split)
 
 
 @exit_on_user_error
