@@ -244,7 +244,8 @@ def build(data_dir: Path, features: list[str], env: dict[str, str], log: Path) -
 
 
 def tune(args: argparse.Namespace, data_dir: Path, env: dict[str, str], tmp: Path) -> Sampler:
-    """tune_main.py on 2 trial slots (each half the CPUs), sampled; its runs land in tmp/runs."""
+    """tune_main.py on 2 trial slots (each half the CPUs), sampled; its runs land in tmp/runs,
+    its exports in tmp/out and its output in tmp/tune.log (tmp: --keep, if given)."""
     cmd = [sys.executable, str(ROOT / "tune_main.py"), "--data-dir", str(data_dir),
            "--models", *args.models, "--features", *args.features,
            "--num-samples", str(args.num_samples), "--max-epochs", str(args.max_epochs),
@@ -361,6 +362,7 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=1)
     parser.add_argument("--cache", type=Path, help="feature cache to fill (default: a temporary one)")
     parser.add_argument("--skip-build", action="store_true", help="reuse the features in --cache")
+    parser.add_argument("--keep", type=Path, help="keep the tune run's folder, exports and log here")
     args = parser.parse_args()
     if args.skip_build and not args.cache:
         parser.error("--skip-build reuses a --cache an earlier run filled; pass --cache DIR")
@@ -377,8 +379,10 @@ def main() -> None:
         env = {**os.environ, "GENRE_RAY_CACHE": str(cache),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         built = {} if args.skip_build else build(data_dir, args.features, env, tmp / "build.log")
-        sampler = tune(args, data_dir, env, tmp)
-        trials = workers(tmp / "runs")
+        kept = args.keep.resolve() if args.keep else tmp
+        kept.mkdir(parents=True, exist_ok=True)
+        sampler = tune(args, data_dir, env, kept)
+        trials = workers(kept / "runs")
         allowance, sizes = allowances(data_dir, sorted(set().union(*trials.values())), env,
                                       tmp / "allowance.log")
     report(built, sampler, trials, allowance, sizes)

@@ -90,6 +90,7 @@ def _fit(node: dict[str, float], want: Need) -> int:
 def _too_big(want: Need, have: str) -> str:
     sizes = ", ".join(f"{f} {b / GB:.1f} GB" for f, b in want.data.items())
     return (f"the features to tune on need {want.store / GB:.1f} GB of shared memory on every "
-            f"node that runs trials ({sizes}, train + val with augmented copies), beside "
-            f"{want.trial / GB:.1f} GB per trial, but {have}; tune fewer features "
-            "(--features spectrogram needs far less than waveform) or use nodes with more memory")
+            f"node that runs trials ({sizes} of train + val segments with their augmented "
+            f"copies, plus headroom), beside {want.trial / GB:.1f} GB per trial, but {have}; "
+            "tune fewer features (--features spectrogram needs far less than waveform) or use "
+            "nodes with more memory")

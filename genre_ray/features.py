@@ -33,13 +33,14 @@ import torchaudio.transforms as T
 
 from genre_ray import cache as cache_entry
 from genre_ray import data
+from genre_ray.augment import augment
 from genre_ray.config import cache_dir, defaults
 from genre_ray.errors import UserError
 
 FEATURES = ("waveform", "spectrogram")
 ALIASES = {"spectogram": "spectrogram"}  # the seed notebook's spelling
 CACHE_VERSION = 3  # bump when the computation changes, so old entries are not reused
-CHUNK = 64  # segments per transform call: bounds peak memory
+CHUNK = data.CHUNK  # segments per transform call: bounds peak memory
 
 log = logging.getLogger(__name__)
 
@@ -143,41 +144,6 @@ def _entries(data_dir: Path, features: list[str], split: str | Path | None, seed
 
 # ---- computation -----------------------------------------------------------------
 
-def augment(waves: torch.Tensor, sample_rate: int, params: dict[str, Any],
-            generator: torch.Generator) -> torch.Tensor:
-    """Time-stretched and pitch-shifted copies: (n, samples) -> (2 * copies * n, samples)."""
-    out = []
-    for _ in range(params["copies"]):
-        low, high = params["time_stretch"]
-        rates = low + (high - low) * torch.rand(len(waves), generator=generator)
-        out.append(torch.stack([time_stretch(w, r) for w, r in zip(waves, rates.tolist())]))
-        low, high = params["pitch_shift"]
-        out.append(pitch_shift(waves, sample_rate,
-                               torch.randint(low, high + 1, (len(waves),), generator=generator)))
-    return torch.cat(out)
-
-
-def pitch_shift(waves: torch.Tensor, sample_rate: int, steps: torch.Tensor) -> torch.Tensor:
-    """Shift each segment by its own whole number of semitones: (n, samples) -> same."""
-    shifted = waves.clone()
-    for n in steps.unique().tolist():
-        shift = T.PitchShift(sample_rate, n)  # builds its resampling kernel once per step
-        chosen = (steps == n).nonzero().squeeze(1)
-        for idx in chosen.split(CHUNK):
-            shifted[idx] = shift(waves[idx])
-    return shifted
-
-
-def time_stretch(wave: torch.Tensor, rate: float, n_fft: int = 1024) -> torch.Tensor:
-    """Change tempo by `rate` keeping pitch (phase vocoder); zero-padded or cut to the
-    input's length: (samples,) -> (samples,)."""
-    hop = n_fft // 4
-    spec = T.Spectrogram(n_fft=n_fft, hop_length=hop, power=None)(wave)
-    stretched = T.TimeStretch(hop_length=hop, n_freq=n_fft // 2 + 1)(spec, rate)
-    out = T.InverseSpectrogram(n_fft=n_fft, hop_length=hop)(stretched)
-    return torch.nn.functional.pad(out, (0, max(0, wave.numel() - out.numel())))[: wave.numel()]
-
-
 def standardise(waves: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Zero mean, unit variance per segment; silence stays zero: (n, samples) -> same."""
     centred = waves - waves.mean(dim=1, keepdim=True)
@@ -225,7 +191,7 @@ def _normalise(x: torch.Tensor, feature: str, stats: dict[str, torch.Tensor]) ->
     return (x - stats["mean"][:, None]) / stats["std"][:, None].clamp_min(1e-5)
 
 
-@torch.no_grad()  # T.PitchShift's lazy kernel is a Parameter: keep its graph out of the data
+@torch.no_grad()
 def _build(data_dir: Path, params: dict[str, Any], entries: dict[str, Path]) -> None:
     """Decode, augment and compute every feature of `entries` in one pass over the audio,
     a chunk of segments at a time, each feature streamed into its own cache entry."""
@@ -257,25 +223,28 @@ def _augmented(chunk: data.Chunk, rate: int, params: dict[str, Any],
     """The chunk followed by its time-stretched and pitch-shifted copies (same labels)."""
     if not params["copies"]:
         return chunk
-    extra = augment(chunk.waves, rate, params, generator)
+    extra = augment(chunk.waves, rate, params, generator,
+                    device="cuda" if torch.cuda.is_available() else None)
     repeats = 1 + len(extra) // len(chunk.waves)
     return data.Chunk(torch.cat([chunk.waves, extra]), chunk.labels.repeat(repeats),
                       chunk.track.repeat(repeats))
 
 
 def _normalise_entry(writer: cache_entry.Writer, feature: str) -> None:
-    """Normalise every split's x, streamed, with statistics of the training split."""
+    """Normalise every split's x with statistics of the training split (the log-mels; a
+    waveform is standardised per segment already), streamed from its file into a new one
+    of the same name: the old file, unlinked, stays readable through its memory map."""
     raw = {name: writer.finish(f"{name}.x") for name in data.SPLITS}
     stats = _streamed_stats(raw["train"], feature)
+    for key, value in stats.items():
+        writer.put(f"stats.{key}", value.numpy())
+    if not stats:
+        return
     for name, x in raw.items():
-        if not stats:  # waveform: already per-segment standardised
-            continue
         writer.drop(f"{name}.x")
         for start in range(0, len(x), CHUNK):
             rows = torch.from_numpy(np.array(x[start:start + CHUNK]))
             writer.append(f"{name}.x", _normalise(rows, feature, stats).numpy())
-    for key, value in stats.items():
-        writer.put(f"stats.{key}", value.numpy())
 
 
 def _streamed_stats(x: np.ndarray, feature: str) -> dict[str, torch.Tensor]:
