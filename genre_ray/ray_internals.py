@@ -5,6 +5,8 @@ works around; tests/test_ray_internals.py fails by name when an upgrade moves th
 """
 from __future__ import annotations
 
+import functools
+
 from ray.air.execution._internal.actor_manager import RayActorManager
 from ray.exceptions import OutOfMemoryError, RayActorError
 
@@ -19,13 +21,13 @@ def memory_kills_fail_trials() -> None:
     error is handed on as a RayActorError: Tune fails the trial, retries it from its
     checkpoint (FailureConfig), and the run goes on. Idempotent."""
     original = RayActorManager._actor_task_failed
-    if getattr(original, "memory_kills_fail_trials", False):
+    if hasattr(original, "__wrapped__"):
         return
 
+    @functools.wraps(original)
     def _actor_task_failed(self, tracked_actor_task, exception: Exception) -> None:
         if isinstance(exception, OutOfMemoryError):
             exception = RayActorError(error_msg=f"killed by Ray's memory monitor: {exception}")
         original(self, tracked_actor_task, exception)
 
-    _actor_task_failed.memory_kills_fail_trials = True
     RayActorManager._actor_task_failed = _actor_task_failed

@@ -1,0 +1,34 @@
+"""The private Ray internals genre_ray.ray_internals patches: still where the patch
+expects them, with the behaviour it works around, and the patch doing its one job."""
+from __future__ import annotations
+
+import inspect
+
+from ray.air.execution._internal.actor_manager import RayActorManager
+from ray.exceptions import OutOfMemoryError, RayActorError
+
+from genre_ray import ray_internals
+
+
+def test_tune_still_crashes_on_memory_kills_where_the_patch_expects():
+    original = inspect.unwrap(RayActorManager._actor_task_failed)
+    assert list(inspect.signature(original).parameters) == ["self", "tracked_actor_task", "exception"]
+    source = inspect.getsource(original)
+    # what the patch works around: an error neither RayActorError nor RayTaskError crashes
+    assert "RayActorError" in source and "Caught unexpected exception" in source
+
+
+def test_a_memory_kill_reaches_tune_as_an_actor_death(monkeypatch):
+    seen = []
+    monkeypatch.setattr(RayActorManager, "_actor_task_failed",
+                        lambda self, task, exception: seen.append(exception))
+    ray_internals.memory_kills_fail_trials()
+    kill = OutOfMemoryError("1 worker(s) were killed due to the node running low on memory")
+    RayActorManager._actor_task_failed(None, None, kill)
+    other = RuntimeError("anything else")
+    RayActorManager._actor_task_failed(None, None, other)
+    assert isinstance(seen[0], RayActorError) and "killed by Ray's memory monitor" in str(seen[0])
+    assert "running low on memory" in str(seen[0]) and seen[1] is other
+    ray_internals.memory_kills_fail_trials()  # idempotent: not wrapped twice
+    assert inspect.unwrap(RayActorManager._actor_task_failed) is not RayActorManager._actor_task_failed
+    assert RayActorManager._actor_task_failed.__wrapped__.__name__ == "<lambda>"
