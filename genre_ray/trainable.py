@@ -16,8 +16,12 @@ worker) fails the trial and Tune retries it from its checkpoint, a bounded numbe
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import logging
 import math
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -36,6 +40,7 @@ from genre_ray.training import Diverged, Evaluation, Trainer, seed_everything
 # Keys the tuner puts in every trial's config beside the searched hyperparameters.
 TRIAL_KEYS = frozenset({"pair", "model", "feature", "max_epochs", "seed"})
 STATE_FILE = "trial_state.pt"
+LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None  # glibc
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,13 @@ def tensors(arrays: tuple[np.ndarray, ...]) -> tuple[torch.Tensor, ...]:
 
 def train_pair(config: Mapping[str, Any], feature_refs: Mapping[str, ray.ObjectRef]) -> None:
     """The function trainable: `config` = TRIAL_KEYS + hyperparameters."""
+    try:
+        _train(config, feature_refs)
+    finally:  # the trial's model, optimiser and batches are gone by now
+        release_memory()
+
+
+def _train(config: Mapping[str, Any], feature_refs: Mapping[str, ray.ObjectRef]) -> None:
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # a line per checkpoint
     data: TrialData = ray.get(feature_refs[config["feature"]])
     hyper = {k: v for k, v in config.items() if k not in TRIAL_KEYS}
@@ -103,6 +115,18 @@ def train_pair(config: Mapping[str, Any], feature_refs: Mapping[str, ray.ObjectR
         trainer.fit(config["max_epochs"], report)
     except Diverged as err:  # ends the trial, never retried: the same config diverges again
         tune.report({"epoch": trainer.epoch + 1, "val_loss": math.nan, "diverged": str(err)})
+
+
+def release_memory() -> None:
+    """Give what a finished trial freed back to the node: Tune reuses the worker for the
+    next trial (reuse_actors), and freed memory that glibc's heap or PyTorch's CUDA cache
+    keeps would count against the next trial (bench/memory.py: a worker's private memory
+    grew with the trials it hosted) and, on a GPU, look used to `training.resident`."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if LIBC is not None:
+        LIBC.malloc_trim(0)
 
 
 def load_trial_state(checkpoint: tune.Checkpoint) -> dict[str, Any]:
