@@ -178,7 +178,7 @@ def _run(opts: Options, checked: Checked, sets: dict[str, FeatureSet], slots: in
     runs.write_record(run_, "running")
     grid, tuned = _tune(opts, sets, pairs, checked.spaces, store, run_, mode,
                         slots, checked.need.trial)
-    if tuning.interrupted(store.tune_path(run_.name), opts.num_samples * len(pairs)):
+    if tuning.interrupted(store.tune_path(run_.name), opts.num_samples * len(pairs), grid):
         runs.write_record(run_, "interrupted")
         raise Interrupted(f"run {run_.name!r} was interrupted; its trials, checkpoints and "
                           "Optuna studies are saved. Run the same command again, or add "

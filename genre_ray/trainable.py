@@ -78,10 +78,8 @@ def tensors(arrays: tuple[np.ndarray, ...]) -> tuple[torch.Tensor, ...]:
 
 def train_pair(config: Mapping[str, Any], feature_refs: Mapping[str, ray.ObjectRef]) -> None:
     """The function trainable: `config` = TRIAL_KEYS + hyperparameters."""
-    try:
-        _train(config, feature_refs)
-    finally:  # the trial's model, optimiser and batches are gone by now
-        release_memory()
+    release_memory()  # what an earlier trial in this (reused) worker freed
+    _train(config, feature_refs)
 
 
 def _train(config: Mapping[str, Any], feature_refs: Mapping[str, ray.ObjectRef]) -> None:
@@ -118,10 +116,12 @@ def _train(config: Mapping[str, Any], feature_refs: Mapping[str, ray.ObjectRef])
 
 
 def release_memory() -> None:
-    """Give what a finished trial freed back to the node: Tune reuses the worker for the
-    next trial (reuse_actors), and freed memory that glibc's heap or PyTorch's CUDA cache
-    keeps would count against the next trial (bench/memory.py: a worker's private memory
-    grew with the trials it hosted) and, on a GPU, look used to `training.resident`."""
+    """Give what earlier trials freed back to the node: Tune reuses a worker for trial after
+    trial (reuse_actors), and freed memory that glibc's heap or PyTorch's CUDA cache keeps
+    would count against the next trial (bench/memory.py: a worker's private memory grew
+    with the trials it hosted) and, on a GPU, look used to `training.resident`. Called as a
+    trial starts, not as one ends: Tune gives an ending trial's thread 2 s to finish
+    before it reuses the worker, and a release that ran over that failed the next trial."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

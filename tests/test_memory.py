@@ -107,7 +107,7 @@ def test_slots_are_counted_node_by_node(nodes, cpus, gpus, trial_gb, expected):
 
 def test_a_node_whose_object_store_cannot_hold_the_data_is_refused():
     need = capacity.Need({"waveform": 20 * GB, "spectrogram": 1 * GB}, 2 * GB, 1, 0)
-    with pytest.raises(UserError, match=r"need 23\.1 GB of shared memory.*waveform 20\.0 GB.*"
+    with pytest.raises(UserError, match=r"need 27\.3 GB of shared memory.*waveform 20\.0 GB.*"
                                         r"--features spectrogram.*--object-store-memory"):
         capacity.slots(need, [NODE])
     with pytest.raises(UserError, match="no node of the Ray cluster has 40.0 GB"):
