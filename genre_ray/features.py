@@ -24,7 +24,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -106,8 +106,7 @@ def estimated_bytes(data_dir: Path, features: list[str], *, split: str | Path | 
     """Bytes each feature's splits will take (x only, augmented copies included), from the
     audio files' headers: what the memory preflight needs before anything is computed."""
     params = _params(split, seed)
-    plan = data.plan(data_dir, params["split"]["kind"], seed=params["split"]["seed"],
-                     fractions=params["split"]["fractions"])
+    plan = _plan(data_dir, params)
     copies = 1 + 2 * params["augment"]["copies"]
     rows = {name: plan.estimated_segments(name) * (copies if name == "train" else 1)
             for name in data.SPLITS}
@@ -126,6 +125,12 @@ def _params(split: str | Path | None, seed: int | None) -> dict[str, Any]:
             "split": {"kind": str(split or split_params["kind"]),
                       "seed": split_params["seed"] if seed is None else seed,
                       "fractions": split_params["fractions"]}}
+
+
+def _plan(data_dir: Path, params: dict[str, Any]) -> data.Plan:
+    """The dataset scanned and split as `params` (`_params`) say; nothing decoded."""
+    split = params["split"]
+    return data.plan(data_dir, split["kind"], seed=split["seed"], fractions=split["fractions"])
 
 
 def _entries(data_dir: Path, features: list[str], split: str | Path | None, seed: int | None,
@@ -196,8 +201,7 @@ def _build(data_dir: Path, params: dict[str, Any], entries: dict[str, Path]) -> 
     """Decode, augment and compute every feature of `entries` in one pass over the audio,
     a chunk of segments at a time, each feature streamed into its own cache entry."""
     log.info("decoding %s and computing %s (cached after this run)", data_dir, ", ".join(entries))
-    plan = data.plan(data_dir, params["split"]["kind"], seed=params["split"]["seed"],
-                     fractions=params["split"]["fractions"])
+    plan = _plan(data_dir, params)
     generator = torch.Generator().manual_seed(params["split"]["seed"])
     rate, every = plan.sample_rate, defaults("features")
     with contextlib.ExitStack() as stack:
@@ -242,8 +246,7 @@ def _normalise_entry(writer: cache_entry.Writer, feature: str) -> None:
         return
     for name, x in raw.items():
         writer.drop(f"{name}.x")
-        for start in range(0, len(x), CHUNK):
-            rows = torch.from_numpy(np.array(x[start:start + CHUNK]))
+        for rows in _rows(x):
             writer.append(f"{name}.x", _normalise(rows, feature, stats).numpy())
 
 
@@ -253,14 +256,19 @@ def _streamed_stats(x: np.ndarray, feature: str) -> dict[str, torch.Tensor]:
     if feature == "waveform":
         return {}
     total = squares = torch.zeros(x.shape[1], dtype=torch.float64)
-    for start in range(0, len(x), CHUNK):
-        rows = torch.from_numpy(np.array(x[start:start + CHUNK])).double()
+    for rows in map(torch.Tensor.double, _rows(x)):
         total = total + rows.sum(dim=(0, 2))
         squares = squares + (rows ** 2).sum(dim=(0, 2))
     count = x.shape[0] * x.shape[2]
     mean = total / count
     var = (squares - count * mean ** 2) / max(count - 1, 1)  # unbiased, as torch.std
     return {"mean": mean.float(), "std": var.clamp_min(0).sqrt().float()}
+
+
+def _rows(x: np.ndarray) -> Iterator[torch.Tensor]:
+    """A memory-mapped array's rows, CHUNK at a time, each chunk read into memory."""
+    for start in range(0, len(x), CHUNK):
+        yield torch.from_numpy(np.array(x[start:start + CHUNK]))
 
 
 def _unit_stats(feature: str) -> dict[str, torch.Tensor]:
