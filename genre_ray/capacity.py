@@ -62,9 +62,13 @@ def local_store_bytes(want: Need) -> int:
 
 def slots(want: Need, nodes: list[dict[str, Any]]) -> int:
     """Trials that fit at once, node by node (alive nodes as `ray.nodes()` gives them);
-    UserError when a node that could run trials cannot hold the data, or none fits one."""
+    UserError when no node has a trial's CPUs and GPUs together (Tune would wait for them
+    forever), when a node that could run trials cannot hold the data, or none fits one."""
+    alive = [n["Resources"] for n in nodes if n["Alive"]]
+    if not any(_fit(node, want, ("CPU", "GPU")) for node in alive):
+        raise UserError(_no_node(want, alive))
     counts = []
-    for node in (n["Resources"] for n in nodes if n["Alive"]):
+    for node in alive:
         fit = _fit(node, want)
         if fit and node.get("object_store_memory", 0) < want.store:
             raise UserError(_too_big(want, f"a node of the cluster has an object store of "
@@ -79,12 +83,23 @@ def slots(want: Need, nodes: list[dict[str, Any]]) -> int:
     return sum(counts)
 
 
-def _fit(node: dict[str, float], want: Need) -> int:
-    """Trials of `want` that one node's CPUs, GPUs and memory hold at once."""
-    fits = [node.get("CPU", 0) // want.cpus, node.get("memory", 0) // want.trial]
-    if want.gpus:
-        fits.append(node.get("GPU", 0) // want.gpus)
+def _fit(node: dict[str, float], want: Need, kinds: tuple[str, ...] = ("CPU", "GPU", "memory")) -> int:
+    """Trials of `want` that one node's `kinds` of resources hold at once. Ray counts
+    fractions in 1/10,000ths, so 1 GPU holds ten trials at 0.1 (float `1 // 0.1` is 9)."""
+    asked = {"CPU": want.cpus, "GPU": want.gpus, "memory": want.trial}
+    fits = [round(node.get(kind, 0) * 10_000) // round(asked[kind] * 10_000)
+            for kind in kinds if asked[kind]]
     return int(min(fits))
+
+
+def _no_node(want: Need, nodes: list[dict[str, float]]) -> str:
+    shapes = ", ".join(sorted({f"{n.get('CPU', 0):g} CPUs + {n.get('GPU', 0):g} GPUs" for n in nodes}))
+    flag = "--gpus-per-trial" if want.gpus and not any(_fit(n, want, ("GPU",)) for n in nodes) \
+        else "--cpus-per-trial"
+    return (f"{flag}: no node of the Ray cluster has {want.cpus:g} CPU(s) and {want.gpus:g} "
+            f"GPU(s) together for a trial (--cpus-per-trial {want.cpus:g} --gpus-per-trial "
+            f"{want.gpus:g}; its nodes have {shapes}); lower {flag}, or join a cluster with "
+            "--address whose nodes have them")
 
 
 def _too_big(want: Need, have: str) -> str:

@@ -163,7 +163,6 @@ def _ray(opts: Options, store: runs.Storage, need: capacity.Need) -> Iterator[in
                         "`ray start --head`, or drop --address to run on a new local Ray") from None
     try:
         _require_shared_storage(opts, store)
-        _require_resources(opts)
         yield _slots(need)
     finally:
         ray.shutdown()
@@ -242,7 +241,7 @@ def _tune(opts: Options, sets: dict[str, FeatureSet], pairs: list[tuple[str, str
                                   max_concurrent=slots, callbacks=callbacks)
     grid = tuning.fit_in_main_thread(tuner)
     return grid, {"seconds": time.perf_counter() - start, "slots": slots,
-                  "hardware": report.hardware(ray.cluster_resources())}
+                  "hardware": report.hardware(ray.nodes())}
 
 
 def _search(opts: Options, pairs: list[tuple[str, str]], spaces: dict,
@@ -351,21 +350,6 @@ def _require_shared_storage(opts: Options, store: runs.Storage) -> None:
             "a path on this machine only: trials on other nodes could not save their "
             "checkpoints there. Pass a bucket (s3://..., gs://...), or a path every node mounts "
             "(NFS) and add --shared-storage")
-
-
-def _require_resources(opts: Options) -> None:
-    """UserError unless one node has the CPUs and GPUs a trial asks for (Tune would wait
-    for them forever)."""
-    import ray
-
-    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    for kind, wanted in (("CPU", opts.cpus_per_trial), ("GPU", opts.gpus_per_trial)):
-        most = max(node.get(kind, 0) for node in nodes)
-        if wanted > most:
-            flag = f"--{kind.lower()}s-per-trial"
-            raise UserError(f"{flag} {wanted:g} asks for more {kind}s than any node of the Ray "
-                            f"cluster has (at most {most:g}); lower {flag}, or join a cluster "
-                            "with --address that has them")
 
 
 def _require_reachable(address: str | None) -> None:

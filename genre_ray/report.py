@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,13 +159,20 @@ def write_plots(run_dir: Path, results: list[PairResult], classes: list[str],
     return paths
 
 
-def hardware(resources: dict[str, float]) -> str:
-    """The machine and the Ray cluster's CPUs and GPUs, in words."""
-    import torch
-
-    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores here{gpu}; "
-            f"Ray cluster: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs")
+def hardware(nodes: list[dict[str, Any]]) -> str:
+    """The driver's machine and the Ray cluster's nodes (`ray.nodes()`), in words. GPUs
+    are read from the nodes' resources, not this process's CUDA: a cluster's head (the
+    driver) usually has none."""
+    alive = [node["Resources"] for node in nodes if node["Alive"]]
+    kinds = Counter()
+    for node in alive:
+        for key in node:
+            if key.startswith("accelerator_type:"):
+                kinds[key.removeprefix("accelerator_type:")] += int(node.get("GPU", 0))
+    named = f" ({', '.join(f'{n} x {kind}' for kind, n in sorted(kinds.items()))})" if kinds else ""
+    total = {kind: sum(node.get(kind, 0) for node in alive) for kind in ("CPU", "GPU")}
+    return (f"driver: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+            f"Ray cluster: {len(alive)} node(s), {total['CPU']:g} CPUs, {total['GPU']:g} GPUs{named}")
 
 
 def _cell(value: Any) -> str:

@@ -35,7 +35,7 @@ from ray import tune
 
 from genre_ray.features import FeatureSet, batch_augmentation
 from genre_ray.models import build_model
-from genre_ray.training import Diverged, Evaluation, Trainer, seed_everything
+from genre_ray.training import Diverged, Evaluation, Trainer, pick_device, seed_everything
 
 # Keys the tuner puts in every trial's config beside the searched hyperparameters.
 TRIAL_KEYS = frozenset({"pair", "model", "feature", "max_epochs", "seed"})
@@ -90,7 +90,7 @@ def _train(config: Mapping[str, Any], feature_refs: Mapping[str, ray.ObjectRef])
     model = build_model(config["model"], data.input_shape, len(data.classes), hyper)
     trainer = Trainer(model, tensors(data.train), tensors(data.val), hyper,
                       n_classes=len(data.classes), epochs=config["max_epochs"], seed=config["seed"],
-                      transform=batch_augmentation(data.feature))
+                      device=pick_device(ray.get_gpu_ids()), transform=batch_augmentation(data.feature))
     best = {"val_loss": math.inf}
     checkpoint = tune.get_checkpoint()
     if checkpoint:

@@ -20,7 +20,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -68,9 +68,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def pick_device() -> torch.device:
-    """CUDA when present (Ray sets CUDA_VISIBLE_DEVICES per trial), else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def pick_device(gpu_ids: Sequence[Any] | None = None) -> torch.device:
+    """The device to train on. `gpu_ids`: the GPUs Ray assigned the trial
+    (`ray.get_gpu_ids()`), or None outside Ray. A trial assigned none runs on the CPU even
+    where CUDA is visible: the pinned Ray no longer sets CUDA_VISIBLE_DEVICES for a worker
+    given zero GPUs, so a CPU trial on a GPU node sees every GPU, and using one would be
+    unaccounted for. A trial assigned GPUs sees just those (Ray sets CUDA_VISIBLE_DEVICES),
+    the first as cuda:0. Outside Ray: CUDA when present."""
+    if gpu_ids is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not gpu_ids:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError(f"Ray gave this trial GPU {', '.join(map(str, gpu_ids))} but PyTorch sees "
+                        f"no CUDA device (torch {torch.__version__}); install a CUDA build of torch "
+                        "on the GPU nodes, or run with --gpus-per-trial 0")
+    return torch.device("cuda", 0)
 
 
 def autocast(device: torch.device, precision: str = "fp32") -> contextlib.AbstractContextManager:

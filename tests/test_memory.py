@@ -99,10 +99,25 @@ def _node(**resources: float) -> dict:
     ([_node(CPU=4, GPU=0), _node(GPU=8, CPU=32)], 1, 0.25, 1, 32),  # a CPU-only head runs none
     ([_node(GPU=8, CPU=32), _node(GPU=8, CPU=32)], 1, 0.3, 1, 52),  # 26 per node (8 // 0.3)
     ([_node(CPU=2), {"Alive": False, "Resources": NODE["Resources"]}], 1, 0, 1, 2),  # dead nodes
+    ([_node(GPU=1, CPU=32)], 1, 0.1, 1, 10),                # Ray's 1/10,000ths: not float 1 // 0.1 = 9
+    ([_node(CPU=16, GPU=0), _node(GPU=8, CPU=16)], 2, 0, 1, 16),  # CPU trials: every node's CPUs
+    ([_node(CPU=64, GPU=0), _node(GPU=8, CPU=8), _node(GPU=8, CPU=8)], 2, 0.5, 1, 8),  # GPU nodes' CPUs bound
 ])
 def test_slots_are_counted_node_by_node(nodes, cpus, gpus, trial_gb, expected):
     need = capacity.Need({"spectrogram": 1 * GB}, int(trial_gb * GB), cpus, gpus)
     assert capacity.slots(need, nodes) == expected
+
+
+@pytest.mark.parametrize("nodes,cpus,gpus,flag", [
+    ([_node(CPU=16, GPU=0), _node(CPU=2, GPU=1)], 4, 1, "--cpus-per-trial"),  # CPUs here, GPU there
+    ([_node(CPU=16, GPU=0), _node(CPU=8, GPU=1)], 1, 2, "--gpus-per-trial"),
+    ([_node(CPU=16, GPU=0)], 1, 0.5, "--gpus-per-trial"),                  # a cluster without GPUs
+])
+def test_a_trial_no_single_node_can_hold_is_refused(nodes, cpus, gpus, flag):
+    """CPUs of one node and GPUs of another do not make a trial: Tune would wait forever."""
+    with pytest.raises(UserError, match=rf"^{flag}: no node .* {cpus:g} CPU\(s\) and {gpus:g} GPU\(s\) "
+                                        rf"together.*lower {flag}"):
+        capacity.slots(capacity.Need({"spectrogram": GB}, GB, cpus, gpus), nodes)
 
 
 def test_a_node_whose_object_store_cannot_hold_the_data_is_refused():
@@ -191,3 +206,12 @@ def test_a_trial_the_memory_monitor_kills_fails_alone_and_the_run_exports(tmp_pa
     exported = torch.load(tmp_path / "best" / export.export_name("MLP2", "spectrogram"),
                           weights_only=True)
     assert exported["config"]["nodes"] == 32 and "1 trial(s) failed" in out.stdout
+
+
+def test_the_report_names_the_clusters_gpus_not_the_drivers():
+    """A GPU-less head (the driver) with two 8-GPU workers: the GPUs are the workers'."""
+    from genre_ray import report
+
+    worker = _node(CPU=32, GPU=8, **{"accelerator_type:H100": 1})
+    text = report.hardware([_node(CPU=4), worker, worker, {"Alive": False, "Resources": worker["Resources"]}])
+    assert text.endswith("Ray cluster: 3 node(s), 68 CPUs, 16 GPUs (16 x H100)")

@@ -140,3 +140,35 @@ def test_cli_trains_one_model_and_reports_user_errors(tmp_path):
     bad = run_module("genre_ray.training", "--data-dir", str(root), "--model", "RNN")
     assert bad.returncode == 2 and "unknown model 'RNN'" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_the_trainers_state_round_trips_every_rng_it_uses(tones):
+    """Shuffling (the trainer's generator), dropout/masks/noise (torch's global RNG on the
+    CPU, and every GPU's when there are GPUs): each restored draws what it drew before."""
+    trainer = _trainer(tones)
+    state = trainer.state_dict()
+    assert set(state) >= {"generator", "torch_rng", "cuda_rng"}
+
+    def draws():
+        cuda = [torch.rand(3, device=f"cuda:{i}").tolist() for i in range(torch.cuda.device_count())]
+        return torch.rand(3, generator=trainer.generator).tolist(), torch.rand(3).tolist(), cuda
+
+    before = draws()
+    assert draws() != before  # the RNGs moved on
+    trainer.load_state_dict(state)
+    assert draws() == before
+
+
+def test_a_trial_runs_on_the_cpu_unless_ray_assigned_it_a_gpu(monkeypatch):
+    """The pinned Ray leaves CUDA_VISIBLE_DEVICES alone for a worker given no GPU, so CUDA
+    being visible must not decide: the assignment does."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU node, as a CPU trial sees it
+    assert training.pick_device([]) == torch.device("cpu")
+    assert training.pick_device(["3"]) == torch.device("cuda", 0)  # Ray made GPU 3 the only one visible
+    assert training.pick_device(None) == torch.device("cuda")  # outside Ray: CUDA when present
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_a_gpu_assignment_torch_cannot_use_is_a_user_error():
+    with pytest.raises(UserError, match=r"GPU 0 but PyTorch sees no CUDA device.*--gpus-per-trial 0"):
+        training.pick_device([0])

@@ -6,9 +6,11 @@ import pickle
 import optuna
 import pytest
 import ray
+import torch
 from optuna.trial import TrialState
 
 from genre_ray import tuning
+from genre_ray.errors import UserError
 from genre_ray.features import build_features
 from genre_ray.search_space import load_space
 from genre_ray.trainable import share
@@ -96,3 +98,27 @@ def test_a_restored_search_fails_the_trials_asked_after_its_last_save(tmp_path):
     restored.restore(str(tmp_path / "searcher.pkl"))
     study = optuna.load_study(study_name="killed/MLP_spectrogram", storage=settings.storage)
     assert [t.state for t in study.trials] == [TrialState.RUNNING, TrialState.FAIL]
+
+
+def test_the_trial_device_follows_what_ray_assigned():
+    """On a node with a (logical) GPU: a worker given no GPU gets no ids, so it trains on the
+    CPU; one given the GPU gets its id, and a torch that cannot use it says so clearly."""
+    from genre_ray.training import pick_device
+
+    @ray.remote
+    def chosen() -> tuple[list, str]:
+        ids = ray.get_gpu_ids()
+        try:
+            return ids, str(pick_device(ids))
+        except UserError as err:
+            return ids, str(err)
+
+    ray.init(address="local", num_cpus=1, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        cpu_trial = ray.get(chosen.options(num_gpus=0).remote())
+        gpu_trial = ray.get(chosen.options(num_gpus=0.5).remote())
+    finally:
+        ray.shutdown()
+    assert cpu_trial == ([], "cpu")
+    assert gpu_trial[0] == [0] or gpu_trial[0] == ["0"]
+    assert gpu_trial[1] == "cuda:0" if torch.cuda.is_available() else "no CUDA device" in gpu_trial[1]
