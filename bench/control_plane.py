@@ -10,7 +10,8 @@ spectrogram: seeded TPE, one ASHA per pair, the run's Optuna journal) and real t
 config), with a function trainable that does no work: it sleeps `--epoch-s` per epoch
 and reports a synthetic val_loss computed from its config (a bowl in the unit cube of
 the pair's space, approached faster with a larger learning rate, plus noise), and
-checkpoints when the loss improves, as the real trainable does. The driver therefore
+checkpoints as the real trainable does (at ASHA's rungs and the last epoch, when the loss
+improved since its last checkpoint: trainable.BestSaver). The driver therefore
 does everything a real run does (suggest, route results, ASHA, tell Optuna, persist
 checkpoints, snapshot the experiment) at a cluster's rate of events.
 
@@ -57,6 +58,7 @@ from ray import tune
 from bench.common import context
 from genre_ray import tuning
 from genre_ray.config import defaults
+from genre_ray.export import CHECKPOINT_METRIC
 from genre_ray.search_space import load_space
 
 MODELS = ("MLP", "MLP2", "CEL", "CEL2", "CEL3")
@@ -107,7 +109,8 @@ def landscape(pairs: list[tuple[str, str]], epoch_s: float, seed: int = 0) -> di
 
 def synthetic_trial(config: dict[str, Any], feature_refs: dict[str, Any]) -> None:
     """A function trainable that reports as the real one does (every epoch; a checkpoint
-    on improvement; a resume from it) and does no work: sleeps, then reports a loss
+    at ASHA's rungs and the last epoch when it improved since the last one, as
+    trainable.BestSaver; a resume from it) and does no work: sleeps, then reports a loss
     computed from `config`. Imports inside: it is pickled by value from the driver and
     must not pull torch or genre_ray into every worker."""
     import json
@@ -137,7 +140,7 @@ def synthetic_trial(config: dict[str, Any], feature_refs: dict[str, Any]) -> Non
     final = 0.5 + sum((x[k] - optimum[k]) ** 2 for k in coders)
     speed = 0.15 + 0.6 * x.get("learning_rate", 0.5)  # fast starters, as ASHA's rungs see them
     noise = random.Random(json.dumps(config, sort_keys=True))
-    epoch, best = 0, math.inf
+    epoch, best, pending = 0, math.inf, None
     checkpoint = tune.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
@@ -146,13 +149,16 @@ def synthetic_trial(config: dict[str, Any], feature_refs: dict[str, Any]) -> Non
         time.sleep(feature_refs["epoch_s"])
         loss = final + (2.3 - final) * math.exp(-speed * epoch) + noise.gauss(0, 0.02)
         metrics = {"epoch": epoch, "val_loss": loss, "started": started}
-        if loss >= best:
+        if loss < best:
+            best = pending = loss
+        if pending is None or epoch not in config["checkpoint_epochs"]:
             tune.report(metrics)
             continue
-        best = loss
         with tempfile.TemporaryDirectory() as folder:
             (Path(folder) / "state.json").write_text(json.dumps([epoch, best]))
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+            tune.report({**metrics, CHECKPOINT_METRIC: best},
+                        checkpoint=tune.Checkpoint.from_directory(folder))
+        pending = None
 
 
 class WallBudget(tune.Stopper):

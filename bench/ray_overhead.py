@@ -5,7 +5,7 @@
 For CEL on spectrograms and MLP on waveforms at the seed's settings, the same model
 trains for `--epochs` epochs three times: with the plain loop (`Trainer.fit`, what
 `python -m genre_ray.training` runs), then as one trial of the real Tuner (features from
-the object store, a report every epoch, a checkpoint on every improvement, W&B logging),
+the object store, a report every epoch, checkpoints at ASHA's rungs and the last epoch, W&B logging),
 then with the plain loop again, so drift in machine load falls on both sides. Each side
 gets `--cpus` threads (Ray gives a trial OMP_NUM_THREADS = its CPUs). An epoch's time in
 the trial is Tune's `time_this_iter_s` (training, evaluation, report, checkpoint); the

@@ -24,6 +24,10 @@ from genre_ray.files import atomic_path
 from genre_ray.models import build_model
 
 FORMAT = "genre-ray-model/1"
+# Reported by a trial with each checkpoint (trainable.BestSaver): the validation loss of the
+# state it holds, its best epoch's; Tune ranks checkpoints by it. The epoch's own val_loss,
+# reported beside it, may be worse.
+CHECKPOINT_METRIC = "checkpoint_val_loss"
 REQUIRED = ("format", "state_dict", "model", "feature", "config", "classes", "input_shape",
             "feature_params", "stats")
 
@@ -41,16 +45,19 @@ class Best:
 def best_of_pair(results: Iterable, load_state) -> Best | None:
     """The lowest-val-loss checkpoint over one pair's trials (Tune `Result`s), or None.
 
-    `load_state(checkpoint)` returns the trial's saved state (trainable.load_trial_state).
+    `load_state(checkpoint)` returns the trial's saved state (trainable.load_trial_state):
+    the best epoch's model and metrics, which a checkpoint may have saved epochs later
+    (trainable.BestSaver); Tune's checkpoint metrics are those of the epoch it was saved
+    at, with the state's loss as CHECKPOINT_METRIC.
     """
     best: Best | None = None
     for result in results:
         for checkpoint, metrics in result.best_checkpoints:
-            loss = metrics.get("val_loss", math.inf)
+            loss = metrics.get(CHECKPOINT_METRIC, math.inf)
             if math.isfinite(loss) and (best is None or loss < best.metrics["val_loss"]):
-                state = load_state(checkpoint)["trainer"]["model"]
+                state = load_state(checkpoint)
                 best = Best(result.metrics.get("trial_id", ""), dict(result.config),
-                            dict(metrics), state)
+                            dict(state["metrics"]), state["trainer"]["model"])
     return best
 
 

@@ -27,12 +27,13 @@ from typing import Any
 from ray.air.integrations.wandb import WandbLoggerCallback, _QueueItem, _WandbLoggingActor
 
 from genre_ray.errors import UserError
+from genre_ray.export import CHECKPOINT_METRIC
 
 MODES = ("auto", "online", "offline", "off")
 KEY = "WANDB_API_KEY"
 # Ray bookkeeping that would clutter the W&B history (training_iteration stays: it is the step).
 EXCLUDES = ["time_this_iter_s", "time_since_restore", "iterations_since_restore", "timestamp",
-            "checkpoint_dir_name"]
+            "checkpoint_dir_name", CHECKPOINT_METRIC]
 log = logging.getLogger(__name__)
 UPLOAD_TIMEOUT = {"offline": 30, "online": 120}  # Ray's default, 1800 s, stalls a Ctrl-C
 

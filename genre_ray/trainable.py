@@ -4,10 +4,11 @@ The trial reads its `TrialData` from the object store (put once per run by `shar
 the feature's train and val splits as numpy arrays, which Ray maps from the node's shared
 memory without a copy (DESIGN.md pitfall 13), so every trial on a node reads one copy and
 holds none of its own; the test split never reaches a trial. It builds the model and
-runs `training.Trainer`. It reports every epoch, and checkpoints
-when the validation loss improves; the checkpoint holds everything a resume needs, so a
-retried or restored trial continues from its best epoch, not from epoch 0. It reads no
-file but its checkpoint.
+runs `training.Trainer` on the device Ray assigned it (`training.pick_device`). It
+reports every epoch and checkpoints its best epoch's state at ASHA's rungs and its last
+epoch (`BestSaver`); the checkpoint holds everything a resume needs, so a retried or
+restored trial continues from its best epoch, not from epoch 0. It reads no file but
+its checkpoint.
 
 A trial whose loss turns NaN or infinite ends itself: its last result carries
 `diverged` (the reason) and a NaN `val_loss`, which the tuner tells Optuna as FAIL
@@ -33,12 +34,13 @@ import ray
 import torch
 from ray import tune
 
+from genre_ray.export import CHECKPOINT_METRIC
 from genre_ray.features import FeatureSet, batch_augmentation
 from genre_ray.models import build_model
 from genre_ray.training import Diverged, Evaluation, Trainer, pick_device, seed_everything
 
 # Keys the tuner puts in every trial's config beside the searched hyperparameters.
-TRIAL_KEYS = frozenset({"pair", "model", "feature", "max_epochs", "seed"})
+TRIAL_KEYS = frozenset({"pair", "model", "feature", "max_epochs", "seed", "checkpoint_epochs"})
 STATE_FILE = "trial_state.pt"
 LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None  # glibc
 
@@ -91,28 +93,69 @@ def _train(config: Mapping[str, Any], feature_refs: Mapping[str, ray.ObjectRef])
     trainer = Trainer(model, tensors(data.train), tensors(data.val), hyper,
                       n_classes=len(data.classes), epochs=config["max_epochs"], seed=config["seed"],
                       device=pick_device(ray.get_gpu_ids()), transform=batch_augmentation(data.feature))
-    best = {"val_loss": math.inf}
+    saver = BestSaver(trainer, set(config["checkpoint_epochs"]))
     checkpoint = tune.get_checkpoint()
     if checkpoint:
-        state = load_trial_state(checkpoint)
-        trainer.load_state_dict(state["trainer"])
-        best["val_loss"] = state["val_loss"]
+        saver.resume(load_trial_state(checkpoint))
+    try:
+        trainer.fit(config["max_epochs"], saver.report)
+    except Diverged as err:  # ends the trial, never retried: the same config diverges again
+        saver.report_end({"epoch": trainer.epoch + 1, "val_loss": math.nan, "diverged": str(err)})
 
-    def report(metrics: dict[str, float], evaluation: Evaluation) -> None:
-        if metrics["val_loss"] >= best["val_loss"]:
+
+class BestSaver:
+    """Reports every epoch; checkpoints the best epoch's state, but only at
+    `checkpoint_epochs` (ASHA's rungs and the last epoch, tuning.checkpoint_epochs) or when
+    the trial ends early, and only when a better epoch came since the last checkpoint.
+
+    Why not at every improvement: with ~1 s epochs on a GPU, a full checkpoint (up to
+    ~170 MB with Adam's state for MLP on waveforms) plus the experiment snapshot Tune takes
+    after each one (num_to_keep=1) made storage and the driver the limit (issue 13). ASHA
+    reads a trial's loss only at rungs, where it may stop it, so a checkpoint there holds
+    the best state the trial will ever have had. In between, the best state waits in host
+    memory (copied off the device, so checkpoints are device-neutral: CPU tensors on disk).
+    A retried or resumed trial continues from the last checkpoint's best epoch and, its
+    RNGs restored, replays the epochs after it exactly."""
+
+    def __init__(self, trainer: Trainer, checkpoint_epochs: set[int]) -> None:
+        self.trainer, self.checkpoint_epochs = trainer, checkpoint_epochs
+        self.best_loss, self.pending = math.inf, None
+
+    def resume(self, state: dict[str, Any]) -> None:
+        self.trainer.load_state_dict(state["trainer"])
+        self.best_loss = state["metrics"]["val_loss"]
+
+    def report(self, metrics: dict[str, float], evaluation: Evaluation) -> None:
+        if metrics["val_loss"] < self.best_loss:
+            self.best_loss = metrics["val_loss"]
+            self.pending = {"trainer": on_cpu(self.trainer.state_dict()), "metrics": metrics}
+            metrics = {**metrics, "val_confusion": evaluation.confusion.tolist()}
+        if metrics["epoch"] in self.checkpoint_epochs:
+            self.report_end(metrics)
+        else:
+            tune.report(metrics)
+
+    def report_end(self, metrics: dict[str, Any]) -> None:
+        """Report `metrics` with a checkpoint of the best state, if one is pending."""
+        if self.pending is None:
             tune.report(metrics)
             return
-        best["val_loss"] = metrics["val_loss"]
         with tempfile.TemporaryDirectory() as folder:
-            torch.save({"trainer": trainer.state_dict(), "val_loss": metrics["val_loss"]},
-                       Path(folder) / STATE_FILE)
-            tune.report({**metrics, "val_confusion": evaluation.confusion.tolist()},
+            torch.save(self.pending, Path(folder) / STATE_FILE)
+            tune.report({**metrics, CHECKPOINT_METRIC: self.pending["metrics"]["val_loss"]},
                         checkpoint=tune.Checkpoint.from_directory(folder))
+        self.pending = None
 
-    try:
-        trainer.fit(config["max_epochs"], report)
-    except Diverged as err:  # ends the trial, never retried: the same config diverges again
-        tune.report({"epoch": trainer.epoch + 1, "val_loss": math.nan, "diverged": str(err)})
+
+def on_cpu(state: Any) -> Any:
+    """A copy of `state` (nested dicts, lists and tensors) with every tensor on the CPU."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {key: on_cpu(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(on_cpu(value) for value in state)
+    return state
 
 
 def release_memory() -> None:
@@ -130,7 +173,7 @@ def release_memory() -> None:
 
 
 def load_trial_state(checkpoint: tune.Checkpoint) -> dict[str, Any]:
-    """The state a trial saved in `checkpoint`: {"trainer": ..., "val_loss": ...}, its tensors
+    """The state a trial saved in `checkpoint`: {"trainer": ..., "metrics": its epoch's}, tensors
     on the CPU whatever device saved them (a GPU trial's, read by a driver without one)."""
     with checkpoint.as_directory() as folder:
         return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)

@@ -16,6 +16,7 @@ search and its own early stopping:
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import pickle
@@ -225,7 +226,17 @@ def build_search(pairs: list[tuple[str, str]], spaces: dict[str, SearchSpace],
 def trial_constants(model: str, feature: str, settings: SearchSettings) -> dict[str, Any]:
     """The keys every trial of a pair carries beside its hyperparameters (trainable.TRIAL_KEYS)."""
     return {"pair": pair_name(model, feature), "model": model, "feature": feature,
-            "max_epochs": settings.max_epochs, "seed": settings.seed}
+            "max_epochs": settings.max_epochs, "seed": settings.seed,
+            "checkpoint_epochs": checkpoint_epochs(settings)}
+
+
+def checkpoint_epochs(settings: SearchSettings) -> list[int]:
+    """The epochs a trial may checkpoint at (trainable.BestSaver): ASHA's rungs, grace x
+    reduction_factor^k below max_epochs, where it may be stopped, and the last epoch."""
+    grace = min(settings.grace_period, settings.max_epochs)
+    rungs = itertools.takewhile(lambda epoch: epoch < settings.max_epochs,
+                                (grace * settings.reduction_factor ** k for k in itertools.count()))
+    return [*rungs, settings.max_epochs]
 
 
 def _trial_name(trial) -> str:
@@ -259,19 +270,23 @@ def make_tuner(feature_refs: dict[str, Any], searcher: PairSearcher, scheduler: 
 
     The feature sets reach trials through `tune.with_parameters` as object refs put
     once per run; each trial fetches only its own feature. Checkpoints are bounded to
-    `keep_checkpoints` per trial, the best by validation loss (a trial checkpoints only
-    on improvement, so the best is also the latest, which is what a resume needs).
+    `keep_checkpoints` per trial, ranked by the loss of the state they hold (a trial
+    checkpoints its best state, and only when it improved, so the best is also the latest,
+    which is what a resume needs).
 
-    The control plane's price of `keep_checkpoints=1` (bench/control_plane.py, 32 slots,
-    0.5 s epochs): Tune then snapshots the whole experiment (every trial's state, the
-    searcher) after every checkpoint, never to point at a deleted one
-    (TUNE_GLOBAL_CHECKPOINT_S does not apply), and a snapshot costs more as trials
-    accumulate: the driver's CPU per trial went 150 -> 590 ms over the first 250 trials.
-    With 2 kept, a snapshot comes about once per epoch: 60 -> 120 ms over 300 trials,
-    330 by trial 1,700; with no limit Tune snapshots every 10 s or more (50 ms at 200).
+    The control plane's price of `keep_checkpoints=1`: Tune then snapshots the whole
+    experiment (every trial's state, the searcher) after every checkpoint, never to point
+    at a deleted one (TUNE_GLOBAL_CHECKPOINT_S does not apply), and a snapshot costs more
+    as trials accumulate. When trials checkpointed at every improvement,
+    bench/control_plane.py (32 slots, 0.5 s epochs) measured the driver's CPU per trial
+    going 150 -> 590 ms over the first 250 trials; trials now checkpoint at ASHA's rungs
+    and their last epoch at most (trainable.BestSaver), which bounds the snapshots per
+    trial to the rungs it reaches.
     """
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    from genre_ray.export import CHECKPOINT_METRIC
 
     _quiet_snapshot_warning()
     memory_kills_fail_trials()
@@ -291,7 +306,7 @@ def make_tuner(feature_refs: dict[str, Any], searcher: PairSearcher, scheduler: 
             name=name, storage_path=storage_path, verbose=verbose, stop=stop,
             callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), *(callbacks or [])],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=keep_checkpoints,
-                                                    checkpoint_score_attribute=METRIC,
+                                                    checkpoint_score_attribute=CHECKPOINT_METRIC,
                                                     checkpoint_score_order=MODE),
             failure_config=tune.FailureConfig(max_failures=MAX_FAILURES)))
 

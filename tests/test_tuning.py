@@ -13,16 +13,18 @@ from genre_ray import tuning
 from genre_ray.errors import UserError
 from genre_ray.features import build_features
 from genre_ray.search_space import load_space
-from genre_ray.trainable import share
+from genre_ray.export import CHECKPOINT_METRIC
+from genre_ray.trainable import load_trial_state, share
 from genre_ray.tuning import SearchSettings, build_search
 from tests.helpers import make_tree
 
 PAIRS = [("MLP", "spectrogram"), ("MLP2", "waveform")]
+MAX_EPOCHS = 5
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """One real tuning run: 2 pairs x 4 trials x up to 3 epochs, ASHA grace 1."""
+    """One real tuning run: 2 pairs x 4 trials x up to 5 epochs, ASHA grace 1 (rungs 1, 2, 4)."""
     root = make_tree(tmp_path_factory.mktemp("tones"), tracks=3, seconds=6.0)
     cache = tmp_path_factory.mktemp("cache")
     run_dir = tmp_path_factory.mktemp("runs") / "test-run"
@@ -31,7 +33,7 @@ def run(tmp_path_factory):
         refs = {f: share(build_features(root, f, cache=cache)) for f in ("spectrogram", "waveform")}
         storage = tuning.optuna_storage(run_dir)
         settings = SearchSettings(run_name="test-run", storage=storage, num_samples=4,
-                                  max_epochs=3, grace_period=1, reduction_factor=2,
+                                  max_epochs=MAX_EPOCHS, grace_period=1, reduction_factor=2,
                                   n_startup_trials=2, seed=0)
         spaces = {m: load_space(m) for m, _ in PAIRS}
         searcher, scheduler = build_search(PAIRS, spaces, settings)
@@ -55,12 +57,12 @@ def test_each_pair_has_its_own_study_with_the_seed_point_first(run):
 def test_asha_stopped_trials_are_pruned_in_optuna(run):
     grid, storage, _ = run
     epochs = {r.metrics["trial_id"]: r.metrics["training_iteration"] for r in grid}
-    assert min(epochs.values()) < 3  # ASHA stopped someone at a rung
+    assert min(epochs.values()) < MAX_EPOCHS  # ASHA stopped someone at a rung
     for model, feature in PAIRS:
         study = optuna.load_study(study_name=f"test-run/{model}_{feature}", storage=storage)
         for t in study.trials:
             last_step = max(t.intermediate_values)
-            assert (t.state == TrialState.PRUNED) == (last_step < 3), (t.number, t.state, last_step)
+            assert (t.state == TrialState.PRUNED) == (last_step < MAX_EPOCHS), (t.number, t.state, last_step)
 
 
 def test_every_trial_reports_every_epoch_and_keeps_one_checkpoint(run):
@@ -70,8 +72,25 @@ def test_every_trial_reports_every_epoch_and_keeps_one_checkpoint(run):
         history = result.metrics_dataframe
         assert list(history["epoch"]) == list(range(1, len(history) + 1))
         assert {"train_loss", "val_loss", "val_acc"} <= set(history.columns)
-        best = result.get_best_checkpoint(tuning.METRIC, tuning.MODE)
-        assert best is not None and len(result.best_checkpoints) == 1
+        assert len(result.best_checkpoints) == 1
+
+
+def test_trials_checkpoint_their_best_state_only_at_asha_rungs_and_the_last_epoch(run):
+    grid, _, _ = run
+    allowed = {1, 2, 4, MAX_EPOCHS}
+    assert tuning.checkpoint_epochs(SearchSettings("r", None, 1, MAX_EPOCHS, 1, 2, 1, 0)) == sorted(allowed)
+    for result in grid:
+        history = result.metrics_dataframe.set_index("epoch")
+        saved_at = set(history.index[history["checkpoint_dir_name"].notna()])
+        assert saved_at and saved_at <= allowed, saved_at
+        assert history.index.max() in allowed  # ASHA stops trials at rungs only: nothing unsaved is lost
+        checkpoint, metrics = result.best_checkpoints[0]
+        state = load_trial_state(checkpoint)
+        best_epoch = history["val_loss"].idxmin()
+        assert state["metrics"]["epoch"] == best_epoch  # the best state, saved at or after its epoch
+        assert state["metrics"]["val_loss"] == pytest.approx(history["val_loss"].min())
+        assert metrics[CHECKPOINT_METRIC] == pytest.approx(history["val_loss"].min())
+        assert all(t.device.type == "cpu" for t in state["trainer"]["model"].values())
 
 
 def test_max_epochs_below_the_grace_period_still_builds_its_schedulers(tmp_path):
