@@ -3,12 +3,19 @@
     python -m bench.gpu_sharing [--epochs 4] [--repeats 2]
 
 CEL on spectrograms of the embedded dataset trains for `--epochs` epochs as real trials
-of the Tuner (`tuning.fit`: features from the object store, a report every epoch, a
-checkpoint on every improvement; W&B off), every trial with the same configuration (the
+of the Tuner (`tuning.fit`: features from the object store, a report every epoch,
+checkpoints at ASHA's rungs and the last epoch; W&B off), every trial with the same configuration (the
 search space's first point), in two layouts and two precisions (`training.PRECISIONS`):
 (a) one trial with a whole GPU, (b) four trials with 0.25 GPU each, sharing it. Each
 layout gets all the machine's CPUs, split evenly among its trials. Without a GPU the
 CPU analogue runs instead: one trial with every CPU vs min(4, CPUs) trials sharing them.
+
+On a node with several GPUs the layouts run on a Ray that sees only the first of them
+(`one_gpu`: CUDA_VISIBLE_DEVICES names that GPU for the Ray this script starts, which
+then has 1 GPU): otherwise Ray could spread the four 0.25-GPU trials over four GPUs,
+and (b) would measure four GPUs, not four trials sharing one. It prints whether NVIDIA
+MPS is on (`mps_status`): without MPS the four trials' processes time-slice the GPU;
+with it their kernels can run side by side.
 
 Throughput = per-trial segments/s summed over a layout's trials (they all run side by
 side: the layout's resources fit exactly its trials): a trial's training segments over
@@ -21,11 +28,14 @@ measured in the same run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import statistics
 import tempfile
 from pathlib import Path
+from typing import Iterator
+from unittest import mock
 
 import ray
 import torch
@@ -91,6 +101,53 @@ def throughput(fs: FeatureSet, refs: dict, layout: Layout, precision: str, epoch
                for r in grid)
 
 
+def one_gpu() -> dict[str, str]:
+    """CUDA_VISIBLE_DEVICES naming only the first GPU this process sees: a Ray started
+    under it has one GPU, so every trial of a layout lands on that GPU."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return {"CUDA_VISIBLE_DEVICES": "0" if visible is None else visible.split(",")[0]}
+
+
+def mps_status() -> str:
+    """Whether NVIDIA MPS serves this machine's CUDA processes: on, off or unknown, and
+    why. Its control daemon makes a `control` pipe in CUDA_MPS_PIPE_DIRECTORY (default
+    /tmp/nvidia-mps), the one way CUDA clients reach it."""
+    pipe = Path(os.environ.get("CUDA_MPS_PIPE_DIRECTORY") or "/tmp/nvidia-mps")
+    try:
+        found = (pipe / "control").exists()
+    except OSError as err:
+        return f"unknown ({pipe}: {err.strerror})"
+    return (f"on (control pipe in {pipe})" if found else
+            f"off (no control pipe in {pipe}): trials sharing a GPU time-slice it")
+
+
+@contextlib.contextmanager
+def local_ray(cpus: int, gpus: int) -> Iterator[None]:
+    """A new local Ray with `cpus` CPUs and `gpus` (0 or 1) GPUs, the GPU `one_gpu`'s."""
+    with mock.patch.dict(os.environ, one_gpu() if gpus else {}):  # what Ray's processes inherit
+        ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=False,
+                 configure_logging=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def measure(fs: FeatureSet, plan: list[Layout], epochs: int,
+            repeats: int) -> dict[tuple[Layout, str], float]:
+    """Segments/s of every (layout, precision) of `plan`, the best of `repeats` runs, on a
+    local Ray holding `plan`'s first layout: every CPU and, with a GPU, `one_gpu`'s."""
+    cases = [(layout, precision) for precision in PRECISIONS for layout in plan]
+    rate = dict.fromkeys(cases, 0.0)
+    with local_ray(int(plan[0].cpus), int(plan[0].gpus)), tempfile.TemporaryDirectory() as tmp:
+        refs = {FEATURE: share(fs)}
+        for i in range(repeats):
+            for case in cases[::-1] if i % 2 else cases:
+                rate[case] = max(rate[case], throughput(fs, refs, *case, epochs,
+                                                        Path(tmp) / f"run{i}"))
+    return rate
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=4, help="per trial; at least 2")
@@ -101,21 +158,9 @@ def main() -> None:
     gpu, cpus = torch.cuda.is_available(), os.cpu_count() or 1
     fs = build_features(embedded_dataset(), FEATURE)
     print(context())
-    if not gpu:
-        print("no GPU found: running on the CPU")
+    print(f"NVIDIA MPS: {mps_status()}" if gpu else "no GPU found: running on the CPU")
     plan = layouts(cpus, gpu)
-    cases = [(layout, precision) for precision in PRECISIONS for layout in plan]
-    rate = dict.fromkeys(cases, 0.0)
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, configure_logging=False)
-    try:
-        refs = {FEATURE: share(fs)}
-        with tempfile.TemporaryDirectory() as tmp:
-            for i in range(args.repeats):
-                for case in cases[::-1] if i % 2 else cases:
-                    rate[case] = max(rate[case], throughput(fs, refs, *case, args.epochs,
-                                                            Path(tmp) / f"run{i}"))
-    finally:
-        ray.shutdown()
+    rate = measure(fs, plan, args.epochs, args.repeats)
     print(f"{MODEL} on {FEATURE}, {args.epochs} epochs per trial, best of {args.repeats} runs; "
           f"seg/s summed over a layout's trials")
     print_table(rate, *plan)

@@ -92,7 +92,8 @@ def _train(config: Mapping[str, Any], feature_refs: Mapping[str, ray.ObjectRef])
     model = build_model(config["model"], data.input_shape, len(data.classes), hyper)
     trainer = Trainer(model, tensors(data.train), tensors(data.val), hyper,
                       n_classes=len(data.classes), epochs=config["max_epochs"], seed=config["seed"],
-                      device=pick_device(ray.get_gpu_ids()), transform=batch_augmentation(data.feature))
+                      device=pick_device(ray.get_gpu_ids()), transform=batch_augmentation(data.feature),
+                      device_share=ray.get_runtime_context().get_assigned_resources().get("GPU", 1.0))
     saver = BestSaver(trainer, set(config["checkpoint_epochs"]))
     checkpoint = tune.get_checkpoint()
     if checkpoint:
@@ -128,7 +129,8 @@ class BestSaver:
     def report(self, metrics: dict[str, float], evaluation: Evaluation) -> None:
         if metrics["val_loss"] < self.best_loss:
             self.best_loss = metrics["val_loss"]
-            self.pending = {"trainer": on_cpu(self.trainer.state_dict()), "metrics": metrics}
+            self.pending = {"trainer": on_cpu(self.trainer.state_dict()), "metrics": metrics,
+                            "device": str(self.trainer.device)}  # where it trained, for bench.gpu_check
             metrics = {**metrics, "val_confusion": evaluation.confusion.tolist()}
         if metrics["epoch"] in self.checkpoint_epochs:
             self.report_end(metrics)

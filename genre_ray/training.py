@@ -42,6 +42,8 @@ SCHEDULERS = {
     "cosine": lambda opt, epochs: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs),
 }
 
+RESIDENT_BUDGET = 0.5  # of a GPU's free memory, that a trial's data may take (`resident`)
+
 # `precision` (defaults.yaml `training`) -> the dtype forward passes autocast to; None:
 # no autocast, fp32 throughout. Parameters, gradients and optimiser state stay fp32.
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
@@ -164,8 +166,16 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def _on(model: nn.Module, t: torch.Tensor) -> torch.Tensor:
-    """`t` on the model's device (a no-op when the data is resident there)."""
-    return t.to(_device(model), non_blocking=True)
+    """`t` on the model's device (a no-op when the data is resident there). A batch of
+    host-resident data is pinned first: a copy from pageable memory would block the host
+    until the GPU has it, a per-batch synchronisation; from pinned memory it is queued
+    (PyTorch's pinned-memory cache keeps the block until the copy is done)."""
+    device = _device(model)
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 class Trainer:
@@ -173,18 +183,22 @@ class Trainer:
 
     train, val: (x: (n, *input_shape), y: (n,)). Data is moved to the device once when
     it fits (see `resident`), else kept in host memory and sent batch by batch.
+    `device_share`: the fraction of the device this trainer was given (Ray's 0.25 GPU):
+    trials sharing a GPU start together and each sees the same free memory, so each
+    may take only its share of the budget.
     """
 
     def __init__(self, model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
                  val: tuple[torch.Tensor, torch.Tensor], config: Mapping[str, Any], *,
                  n_classes: int, epochs: int, seed: int = 0, device: torch.device | None = None,
-                 transform: nn.Module | None = None) -> None:
+                 transform: nn.Module | None = None, device_share: float = 1.0) -> None:
         opts = {**defaults("training"), **config}
         self.device = device or pick_device()
         # channels_last changes only 4-D (conv2d) weights: oneDNN and cuDNN run those
         # fastest so (bench/training_loop.py: CEL epochs about 1/5 shorter on the CPU)
         self.model = model.to(self.device, memory_format=torch.channels_last)
-        self.train_xy, self.val_xy = resident(train, self.device), resident(val, self.device)
+        self.train_xy = resident(train, self.device, RESIDENT_BUDGET * device_share)
+        self.val_xy = resident(val, self.device, RESIDENT_BUDGET * device_share)
         self.n_classes, self.batch_size = n_classes, int(opts["batch_size"])
         self.eval_batch_size = int(opts["eval_batch_size"])
         self.precision = _checked_precision(opts["precision"])
@@ -227,12 +241,13 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """Model, optimiser, scheduler, RNGs (shuffling; dropout, masks and noise on the CPU
-        and every GPU) and epoch: everything a resume needs to continue exactly as an
-        uninterrupted run."""
+        and on the trainer's GPU) and epoch: everything a resume needs to continue exactly
+        as an uninterrupted run. Only the trainer's own GPU: a CPU trial on a GPU node
+        must not open a CUDA context on every GPU it can see, and a resume may see fewer."""
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler else None,
                 "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
                 "epoch": self.epoch}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -242,13 +257,13 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") and torch.cuda.is_available():  # dropout, masks, noise on a GPU
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if state.get("cuda_rng") is not None and self.device.type == "cuda":  # dropout, masks, noise
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.epoch = state["epoch"]
 
 
 def resident(split: tuple[torch.Tensor, ...], device: torch.device,
-             budget: float = 0.5) -> tuple[torch.Tensor, ...]:
+             budget: float = RESIDENT_BUDGET) -> tuple[torch.Tensor, ...]:
     """A split's tensors (x, y) moved to `device` together if they take under `budget` of
     its free memory; otherwise all left where they are (a trial's data: the node's shared
     copy), and batches are copied as they are used. Never pinned: pinning copies the

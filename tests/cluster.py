@@ -35,14 +35,14 @@ class Cluster:
 def two_node_cluster(logs: Path, head_cpus: int = 1, worker_cpus: int = 1) -> Iterator[Cluster]:
     """Start the head and one worker node, wait until both are alive, stop both after."""
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     nodes: list[subprocess.Popen] = []
     try:
-        nodes.append(_start(["--head", "--port", address.split(":")[1], "--num-cpus",
+        nodes.append(start_node(["--head", "--port", address.split(":")[1], "--num-cpus",
                              str(head_cpus), "--include-dashboard", "false"], env, logs / "head.log"))
-        nodes.append(_start(["--address", address, "--num-cpus", str(worker_cpus)], env,
+        nodes.append(start_node(["--address", address, "--num-cpus", str(worker_cpus)], env,
                             logs / "worker.log"))
-        _wait_for_nodes(address, 2, env)
+        wait_for_nodes(address, 2, env)
         yield Cluster(address, env, *nodes)
     finally:
         for node in reversed(nodes):
@@ -71,14 +71,14 @@ def node_pids(node: subprocess.Popen) -> list[int]:
     return pids
 
 
-def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+def start_node(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
         return subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args], env=env,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _wait_for_nodes(address: str, count: int, env: dict[str, str], timeout: float = 90) -> None:
+def wait_for_nodes(address: str, count: int, env: dict[str, str], timeout: float = 90) -> None:
     probe = ("import ray, sys, time\n"
              "ray.init(address=sys.argv[1], log_to_driver=False)\n"
              "end = time.time() + float(sys.argv[3])\n"
@@ -95,7 +95,7 @@ def _wait_for_nodes(address: str, count: int, env: dict[str, str], timeout: floa
     raise TimeoutError(f"the cluster at {address} did not reach {count} nodes in {timeout} s")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -144,13 +144,15 @@ def test_cli_trains_one_model_and_reports_user_errors(tmp_path):
 
 def test_the_trainers_state_round_trips_every_rng_it_uses(tones):
     """Shuffling (the trainer's generator), dropout/masks/noise (torch's global RNG on the
-    CPU, and every GPU's when there are GPUs): each restored draws what it drew before."""
+    CPU, and the trainer's GPU's when it trains on one): each restored draws what it drew
+    before."""
     trainer = _trainer(tones)
     state = trainer.state_dict()
     assert set(state) >= {"generator", "torch_rng", "cuda_rng"}
+    assert (state["cuda_rng"] is None) == (trainer.device.type == "cpu")  # no CUDA context for a CPU trial
 
     def draws():
-        cuda = [torch.rand(3, device=f"cuda:{i}").tolist() for i in range(torch.cuda.device_count())]
+        cuda = torch.rand(3, device=trainer.device).tolist() if trainer.device.type == "cuda" else []
         return torch.rand(3, generator=trainer.generator).tolist(), torch.rand(3).tolist(), cuda
 
     before = draws()
