@@ -151,8 +151,8 @@ def _entries(data_dir: Path, features: list[str], split: str | Path | None, seed
 
 def standardise(waves: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Zero mean, unit variance per segment; silence stays zero: (n, samples) -> same."""
-    centred = waves - waves.mean(dim=1, keepdim=True)
-    return centred / centred.std(dim=1, keepdim=True).clamp_min(eps)
+    std, mean = torch.std_mean(waves, dim=1, keepdim=True)
+    return (waves - mean).div_(std.clamp_min(eps))
 
 
 class LogMel(torch.nn.Module):
@@ -220,6 +220,8 @@ def _build(data_dir: Path, params: dict[str, Any], entries: dict[str, Path]) -> 
         for feature, writer in writers.items():
             _normalise_entry(writer, feature)
             writer.commit({**meta, "feature": feature, "feature_params": every[feature]})
+    if torch.cuda.is_available():  # what augmenting on the GPU cached, given back to the trials
+        torch.cuda.empty_cache()
 
 
 def _augmented(chunk: data.Chunk, rate: int, params: dict[str, Any],
