@@ -27,8 +27,8 @@ the machine's other load, and 1 / it is the trial rate one driver core sustains.
 Two Tuners run one after the other on the same Ray, each for at most `--budget-s`
 seconds of tuning (a run that has not finished its trials by then is stopped: rates are
 compared over the same wall time): the baseline keeps one checkpoint per trial
-(make_tuner's default), which makes Tune snapshot the experiment after every
-checkpoint; the other keeps `--keep-checkpoints`. Printed per run: utilisation (busy
+(make_tuner's former default), which makes Tune snapshot the experiment after every
+checkpoint; the other keeps `--keep-checkpoints` (default: make_tuner's, 2). Printed per run: utilisation (busy
 trial-seconds over wall x slots, tuning.utilisation; "steady" counts from when every
 slot had started its first trial: starting 32 worker processes on a small machine is
 not the control plane), trials started per second, driver CPU per trial, and the time
@@ -264,7 +264,7 @@ def main() -> None:
                         help="ASHA's max_t (grace period and reduction factor: defaults.yaml)")
     parser.add_argument("--epoch-s", type=float, default=0.5, help="seconds a trial sleeps per epoch")
     parser.add_argument("--budget-s", type=float, default=150, help="most seconds of tuning per run")
-    parser.add_argument("--keep-checkpoints", type=int, default=2,
+    parser.add_argument("--keep-checkpoints", type=int, default=tuning.KEEP_CHECKPOINTS,
                         help="checkpoints kept per trial in the run compared with the baseline's 1 "
                              "(0: no limit)")
     parser.add_argument("--curve", type=int, default=500, help="trials of the one-pair suggest curve")

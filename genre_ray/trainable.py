@@ -111,7 +111,7 @@ class BestSaver:
 
     Why not at every improvement: with ~1 s epochs on a GPU, a full checkpoint (up to
     ~170 MB with Adam's state for MLP on waveforms) plus the experiment snapshot Tune takes
-    after each one (num_to_keep=1) made storage and the driver the limit (issue 13). ASHA
+    after each one (with num_to_keep=1) made storage and the driver the limit. ASHA
     reads a trial's loss only at rungs, where it may stop it, so a checkpoint there holds
     the best state the trial will ever have had. In between, the best state waits in host
     memory (copied off the device, so checkpoints are device-neutral: CPU tensors on disk).

@@ -39,6 +39,7 @@ METRIC, MODE = "val_loss", "min"
 TIME_ATTR = "training_iteration"  # one per epoch
 JOURNAL = "optuna.journal"  # in the run folder
 MAX_FAILURES = 2  # retries of a failed trial (lost node, out of memory), from its checkpoint
+KEEP_CHECKPOINTS = 2  # per trial, the best by its state's loss (make_tuner says why not 1)
 
 
 def pair_name(model: str, feature: str) -> str:
@@ -263,7 +264,7 @@ def make_tuner(feature_refs: dict[str, Any], searcher: PairSearcher, scheduler: 
                storage_path: str, name: str, num_trials: int, cpus_per_trial: float,
                gpus_per_trial: float, max_concurrent: int, memory_per_trial: int = 0,
                callbacks: list | None = None, stop: Any = None, verbose: int = 1, trainable=None,
-               keep_checkpoints: int | None = 1):
+               keep_checkpoints: int | None = KEEP_CHECKPOINTS):
     """One Tuner over every pair's trials. `stop`: Tune's RunConfig(stop=...), e.g. a
     Stopper that ends the run at a budget. `trainable`: a function trainable taking
     `(config, feature_refs)` in place of `trainable.train_pair` (benches).
@@ -274,21 +275,20 @@ def make_tuner(feature_refs: dict[str, Any], searcher: PairSearcher, scheduler: 
     checkpoints its best state, and only when it improved, so the best is also the latest,
     which is what a resume needs).
 
-    The control plane's price of `keep_checkpoints=1`: Tune then snapshots the whole
-    experiment (every trial's state, the searcher) after every checkpoint, never to point
-    at a deleted one (TUNE_GLOBAL_CHECKPOINT_S does not apply), and a snapshot costs more
-    as trials accumulate. When trials checkpointed at every improvement,
-    bench/control_plane.py (32 slots, 0.5 s epochs) measured the driver's CPU per trial
-    going 150 -> 590 ms over the first 250 trials; trials now checkpoint at ASHA's rungs
-    and their last epoch at most (trainable.BestSaver), which bounds the snapshots per
-    trial to the rungs it reaches.
+    Why two kept, not one: with `num_to_keep=1` Tune snapshots the whole experiment
+    (every trial's state, the searcher) after every checkpoint, never to point at a
+    deleted one, and a snapshot costs more as trials accumulate. bench/control_plane.py
+    (32 logical slots, 0.5 s epochs, 150 s): one kept, the driver's CPU per trial went
+    87 -> 402 ms over 400 trials (utilisation 24 %); two kept, 37 -> 74 ms over 730
+    trials (42 %, the rest is 32 workers on 2 cores), one driver core then starting 17
+    trials/s. A trial checkpoints only at ASHA's rungs and its last epoch
+    (trainable.BestSaver), so two is a few MB to ~340 MB (MLP on waveforms with Adam).
     """
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     from genre_ray.export import CHECKPOINT_METRIC
 
-    _quiet_snapshot_warning()
     memory_kills_fail_trials()
     # Tune's default loggers are CSV, JSON and TensorBoard. The run reads progress.csv and
     # result.json (ResultGrid, plots) and logs to W&B, never to TensorBoard, whose writer
@@ -319,20 +319,10 @@ def restore_tuner(path: str, feature_refs: dict[str, Any], cpus_per_trial: float
     come from the saved state; the feature sets are this Ray's `feature_refs`."""
     from ray import tune
 
-    _quiet_snapshot_warning()
     memory_kills_fail_trials()
     return tune.Tuner.restore(path, _trainable(feature_refs, cpus_per_trial, gpus_per_trial,
                                                memory_per_trial),
                               resume_unfinished=True, resume_errored=False)
-
-
-def _quiet_snapshot_warning() -> None:
-    """num_to_keep=1 makes Tune snapshot its state after every checkpoint, and warn when
-    snapshots come less than 5 s apart: the price of a bounded disk. No bottleneck at this
-    project's default size (bench/utilisation.py: ~97% busy at 30 trials), but it grows
-    with the run's trials and limits the control plane at hundreds (make_tuner's docstring,
-    bench/control_plane.py). A user's own threshold is kept."""
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 
 def _trainable(feature_refs: dict[str, Any], cpus_per_trial: float, gpus_per_trial: float,

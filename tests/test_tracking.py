@@ -15,6 +15,7 @@ from ray import tune
 
 from genre_ray import tuning
 from genre_ray.errors import UserError
+from genre_ray.export import CHECKPOINT_METRIC
 from genre_ray.features import build_features
 from genre_ray.search_space import load_space
 from genre_ray.tracking import resolve_mode, sync_hint, wandb_callback
@@ -141,7 +142,8 @@ def test_summary_holds_the_best_epochs_confusion_matrix(runs):
     for result in runs.grid:
         folder, run = runs.wandb[result.metrics["trial_id"]]
         summary = run["summary"]
-        best = load_trial_state(result.best_checkpoints[0][0])["metrics"]  # the best epoch's
+        checkpoint, _ = min(result.best_checkpoints, key=lambda c: c[1][CHECKPOINT_METRIC])
+        best = load_trial_state(checkpoint)["metrics"]  # the best epoch's
         assert summary["best_val_loss"] == pytest.approx(best["val_loss"])
         assert summary["best_val_acc"] == pytest.approx(best["val_acc"])
         assert summary["best_epoch"] == best["epoch"]
