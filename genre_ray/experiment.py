@@ -330,12 +330,15 @@ def summary_table(summary: RunSummary) -> str:
     return "\n".join(lines)
 
 
+LOWEST = {"num_samples": (1, ">= 1"), "max_epochs": (1, ">= 1"), "grace_period": (1, ">= 1"),
+          "reduction_factor": (2, ">= 2"), "n_startup_trials": (0, ">= 0"),
+          "cpus_per_trial": (1e-4, "> 0"), "gpus_per_trial": (0, ">= 0")}  # Ray: 1/10,000ths
+
+
 def _require_positive(opts: Options) -> None:
-    for flag in ("num_samples", "max_epochs", "cpus_per_trial"):
-        if getattr(opts, flag) <= 0:
-            raise UserError(f"--{flag.replace('_', '-')} must be > 0, got {getattr(opts, flag)}")
-    if opts.gpus_per_trial < 0:
-        raise UserError(f"--gpus-per-trial must be >= 0, got {opts.gpus_per_trial}")
+    for flag, (lowest, words) in LOWEST.items():
+        if getattr(opts, flag) < lowest:
+            raise UserError(f"--{flag.replace('_', '-')} must be {words}, got {getattr(opts, flag)}")
 
 
 def _require_shared_storage(opts: Options, store: runs.Storage) -> None:

@@ -324,9 +324,11 @@ TUNE_MISTAKES = [
          says=r"\S+spaces/MLP\.yaml: params\.momentum: model MLP does not take this key; "
               r"searchable keys: "),
     Case("tune: zero --num-samples", lambda w: tune(w, "--num-samples", "0"),
-         says=r"--num-samples must be > 0, got 0"),
+         says=r"--num-samples must be >= 1, got 0"),
     Case("tune: negative --max-epochs", lambda w: tune(w, "--max-epochs", "-1"),
-         says=r"--max-epochs must be > 0, got -1"),
+         says=r"--max-epochs must be >= 1, got -1"),
+    Case("tune: --reduction-factor 1", lambda w: tune(w, "--reduction-factor", "1"),
+         says=r"--reduction-factor must be >= 2, got 1"),
     Case("tune: missing data dir", missing_data_dir,
          says=r"data directory \S+nope does not exist"),
     Case("tune: --output-dir is a file", output_dir_is_a_file,

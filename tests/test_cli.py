@@ -1,0 +1,41 @@
+"""tune_main.py's flags as a user types them: list flags in either form, help for every
+flag with its default shown once, and a flag for every `tune` default."""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+
+import tune_main
+from genre_ray.config import defaults
+
+
+def test_list_flags_take_words_commas_or_both():
+    spaced = tune_main.parse(["--models", "CEL", "MLP2", "--features", "spectrogram"])
+    assert tune_main.parse(["--models", "CEL,MLP2", "--features", "spectrogram,"]) == spaced
+    assert tune_main.parse(["--models", "CEL,", "MLP2"]).models == spaced.models == ["CEL", "MLP2"]
+
+
+def test_every_tune_default_has_its_flag():
+    opts = dataclasses.asdict(tune_main.parse([]))
+    for key, value in defaults("tune").items():
+        if key != "env_file":  # a file read for WANDB_API_KEY, not a setting of the run
+            assert key in opts and str(opts[key]) == str(value), key
+    changed = tune_main.parse(["--grace-period", "3", "--reduction-factor", "4", "--n-startup-trials", "5"])
+    assert (changed.grace_period, changed.reduction_factor, changed.n_startup_trials) == (3, 4, 5)
+
+
+def test_every_flag_has_help_and_its_default_at_most_once(capsys):
+    with pytest.raises(SystemExit):
+        tune_main.parse(["--help"])
+    text = capsys.readouterr().out
+    options = [" ".join(o.split()) for o in re.split(r"\n  (?=-)", text.split("options:", 1)[1])[1:]]
+    assert len(options) >= 20
+    for option in options:
+        flag, help_text = re.fullmatch(r"(-[-\w, ]*?(?: [A-Z_]+(?: \[[A-Z_]+ \.\.\.\])?| \{[^}]*\})?)"
+                                       r"(?: (.*))?", option).groups()
+        assert help_text, f"{flag} has no help"
+        assert len(re.findall(r"default", option)) <= 1, option
+        assert "(default: None)" not in option and "(default: False)" not in option, option
+    assert "(default: 0)" in next(o for o in options if o.startswith("--gpus-per-trial"))
