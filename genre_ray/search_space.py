@@ -35,7 +35,7 @@ SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 # Training keys a search must not vary: the run sets them (epochs is ASHA's budget, seed
 # the run's seed) or they do not change the result (eval_batch_size).
 NOT_SEARCHABLE = frozenset({"seed", "epochs", "eval_batch_size"})
-_TOP_LEVEL = ("params", "first_point")
+_TOP_LEVEL = ("params", "first_point", "extends")  # extends: another model's file, whose keys it takes
 
 
 class _SpecError(ValueError):
@@ -114,18 +114,11 @@ def load_space(model: str, directory: Path | None = None) -> SearchSpace:
     if not path.is_file():
         raise UserError(f"no search space for model {model}: {path} does not exist; "
                         f"create it (see {SPACES_DIR / 'MLP.yaml'} for the format)")
-    doc = _read_yaml(path)
+    doc = _extended(path)
 
     def fail(where: str, problem: str) -> UserError:
         return UserError(f"{path}: {where}: {problem}")
 
-    if not isinstance(doc, dict):
-        got = "an empty file" if doc is None else f"a {type(doc).__name__}"
-        raise UserError(f"{path}: expected a mapping with keys {' and '.join(_TOP_LEVEL)}, "
-                        f"got {got}")
-    for key in doc:
-        if key not in _TOP_LEVEL:
-            raise fail(str(key), f"unknown top-level key; valid keys: {', '.join(_TOP_LEVEL)}")
     params, point = doc.get("params"), doc.get("first_point")
     if not (isinstance(params, dict) and params):
         raise fail("params", "needs a mapping of one or more searched keys, "
@@ -200,6 +193,28 @@ class _Loader(yaml.SafeLoader):
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def _extended(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The search-space file at `path` as a mapping, with what it `extends` filled in: the
+    named file's (same folder) params and first_point, under the file's own keys."""
+    doc = _read_yaml(path)
+    if not isinstance(doc, dict):
+        got = "an empty file" if doc is None else f"a {type(doc).__name__}"
+        raise UserError(f"{path}: expected a mapping with keys {' and '.join(_TOP_LEVEL[:2])}, "
+                        f"got {got}")
+    for key in doc:
+        if key not in _TOP_LEVEL:
+            raise UserError(f"{path}: {key}: unknown top-level key; valid keys: {', '.join(_TOP_LEVEL)}")
+    if "extends" not in doc:
+        return doc
+    base = path.with_name(f"{doc['extends']}.yaml")
+    if not base.is_file() or base in (path, *seen):
+        why = "does not exist" if not base.is_file() else "extends this file in turn"
+        raise UserError(f"{path}: extends: {base} {why}; name another model's search-space "
+                        "file in the same folder")
+    inherited = _extended(base, (*seen, path))
+    return {key: {**(inherited.get(key) or {}), **(doc.get(key) or {})} for key in _TOP_LEVEL[:2]}
 
 
 def _read_yaml(path: Path) -> Any:

@@ -168,3 +168,28 @@ def test_missing_file_names_the_model_and_the_folder(tmp_path):
 def test_unknown_model_is_the_registry_error(tmp_path):
     with pytest.raises(UserError, match=r"unknown model 'VGG'.*MLP, MLP2, CEL"):
         load_space("VGG", directory=tmp_path)
+
+
+def test_a_space_can_extend_another_and_override_keys(tmp_path):
+    (tmp_path / "CEL.yaml").write_text("params:\n" + GOOD_PARAMS + GOOD_POINT)
+    (tmp_path / "CEL2.yaml").write_text("extends: CEL\nparams:\n  nodes: {choice: [16, 32]}\n"
+                                        "first_point: {nodes: 16}\n")
+    base, child = load_space("CEL", tmp_path), load_space("CEL2", tmp_path)
+    assert child.distributions["learning_rate"] == base.distributions["learning_rate"]
+    assert child.distributions["nodes"].choices == (16, 32)
+    assert child.first_point == {"learning_rate": 0.001, "nodes": 16}
+
+
+def test_the_shipped_cel_variants_share_cels_space():
+    assert load_space("CEL2").distributions == load_space("CEL3").distributions == \
+        load_space("CEL").distributions
+
+
+@pytest.mark.parametrize("text,says", [
+    ("extends: CEL9\n", r"CEL2\.yaml: extends: \S+CEL9\.yaml does not exist"),
+    ("extends: CEL2\n", r"CEL2\.yaml: extends: \S+CEL2\.yaml extends this file in turn"),
+])
+def test_a_bad_extends_is_one_clear_error(tmp_path, text, says):
+    (tmp_path / "CEL2.yaml").write_text(text)
+    with pytest.raises(UserError, match=says):
+        load_space("CEL2", tmp_path)
