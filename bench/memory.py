@@ -14,9 +14,11 @@ Phases, each a child process the bench samples with one poller thread (`Sampler`
 - tune: tune_main.py on that cache (features cached) with 2 trial slots (each half the
   CPUs), W&B off, sampled every 0.5 s.
 - allowance: for every trial the tune run recorded, its model and config trained for 2 s
-  on one evaluation batch of random inputs, as the trainable trains, in a fresh Ray
+  on one evaluation batch of random inputs, as the trainable trains (with the CPU copy of
+  its best state that trainable.BestSaver keeps between checkpoints), in a fresh Ray
   worker; that worker's peak private memory less the random inputs is the trial's
-  allowance (model, optimiser, batches, activations, and the worker's own torch + Ray).
+  allowance (model, optimiser, batches, activations, the best state's copy, and the
+  worker's own torch + Ray).
   Its driver also loads each feature set to size it (train + val + test arrays).
 
 Measures: peak RSS is the kernel's VmHWM (exact up to the last sample; a build child
@@ -209,7 +211,7 @@ def one_batch(config: dict[str, Any], shape: list[int], n_classes: int) -> tuple
     import torch
     from genre_ray.features import batch_augmentation
     from genre_ray.models import build_model
-    from genre_ray.trainable import TRIAL_KEYS
+    from genre_ray.trainable import TRIAL_KEYS, on_cpu
     from genre_ray.training import Trainer
     hyper = {k: v for k, v in config.items() if k not in TRIAL_KEYS}
     n = int({**defaults("training"), **hyper}["eval_batch_size"])
@@ -220,6 +222,8 @@ def one_batch(config: dict[str, Any], shape: list[int], n_classes: int) -> tuple
     end = time.monotonic() + 2
     while time.monotonic() < end:
         trainer.fit(trainer.epoch + 1)
+        best = on_cpu(trainer.state_dict())  # the best state a trial holds between checkpoints
+    del best
     return os.getpid(), x.nbytes + y.nbytes
 
 

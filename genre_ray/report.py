@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sklearn.metrics import f1_score
 from torch import nn
 
 from genre_ray import plots
@@ -84,6 +83,8 @@ class PairResult:
 
 def test_scores(model: nn.Module, split: FeatureSplit, n_classes: int) -> TestScores:
     """Score `model` (eval mode) on a split's segments and tracks."""
+    from sklearn.metrics import f1_score  # here: importing it takes a second, and every command imports this module
+
     result = evaluate(model, split.x, split.labels, n_classes)
     predicted = result.probs.argmax(dim=1)
     f1 = f1_score(split.labels.numpy(), predicted.numpy(), labels=list(range(n_classes)),

@@ -74,6 +74,12 @@ class Case:
     check: Callable[[World], None] | None = None
     marks: tuple = ()
 
+    @property
+    def slow(self) -> bool:
+        """Starts Ray, or tune_main.py, whose imports alone take ~4 s on 2 cores: the slow
+        tier (tests/test_cli.py checks flag errors in-process in the fast one)."""
+        return self.ray or self.id.startswith("tune:")
+
 
 # ---- the commands -------------------------------------------------------------------
 
@@ -459,7 +465,8 @@ def run_command(argv: list[str], w: World, timeout: float) -> subprocess.Complet
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=c.marks) for c in CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=(*c.marks, *[pytest.mark.slow] * c.slow))
+                                  for c in CASES])
 def test_bad_input(case: Case, world: World):
     argv = case.argv(world)
     before = snapshot(world.best, world.runs)

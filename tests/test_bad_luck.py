@@ -22,6 +22,8 @@ from genre_ray import export, tuning
 from genre_ray.search_space import SPACES_DIR
 from tests.helpers import REPO, make_tree
 
+pytestmark = pytest.mark.slow  # whole tune_main runs
+
 CAP = 4 << 30  # bytes of data memory per process (RLIMIT_DATA): Ray runs well under it
 # MLP: SGD at a learning rate of 1e4 turns the loss NaN in its first epoch.
 # MLP2: 300,000 hidden nodes over 64 x 108 spectrogram inputs is an 8.3 GB first layer.

@@ -39,3 +39,19 @@ def test_every_flag_has_help_and_its_default_at_most_once(capsys):
         assert len(re.findall(r"default", option)) <= 1, option
         assert "(default: None)" not in option and "(default: False)" not in option, option
     assert "(default: 0)" in next(o for o in options if o.startswith("--gpus-per-trial"))
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--num-samples", "0"], r"--num-samples must be >= 1, got 0"),
+    (["--reduction-factor", "1"], r"--reduction-factor must be >= 2, got 1"),
+    (["--models", "CEL,NOPE"], r"unknown model 'NOPE'"),
+    (["--features", "mfcc"], r"feature"),
+])
+def test_a_bad_flag_is_one_error_line_and_exit_2_before_anything_is_written(tmp_path, capsys, args, says):
+    """In-process, for the fast tier; tests/test_bad_inputs.py runs such cases as commands."""
+    with pytest.raises(SystemExit) as stop:
+        tune_main.main(["--storage-path", str(tmp_path / "runs"), "--output-dir", str(tmp_path / "best"),
+                        "--wandb", "off", *args])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and re.fullmatch(rf"error: .*{says}.*\n", err), err
+    assert not list(tmp_path.iterdir())

@@ -7,8 +7,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.cluster import kill_node, node_pids, two_node_cluster
 from tests.helpers import REPO, make_tree
+
+pytestmark = pytest.mark.slow  # real multi-node Ray clusters
 
 
 def tune_args(cluster, data, tmp_path, *args: str) -> list[str]:

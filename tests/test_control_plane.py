@@ -89,6 +89,7 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_the_tuner_writes_csv_and_json_results_and_no_tensorboard(tmp_path, local_ray, monkeypatch):
     monkeypatch.setenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "")  # undone after the test
     monkeypatch.delenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS")  # make_tuner's own choice

@@ -20,6 +20,7 @@ DRY = {"cluster tune": "PASS", "exports load without a GPU": "PASS", "trials on 
 RAY_WORKER = re.compile(r"\([\w:.]* ?pid=\d+")  # the prefix of a line Ray forwards from a worker
 
 
+@pytest.mark.slow
 def test_dry_run_passes_or_skips_every_check_and_says_what_needs_cuda(tmp_path):
     data = make_tree(tmp_path / "data", tracks=3, seconds=6.0)
     out = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--dry", "--data-dir",

@@ -73,6 +73,7 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_a_trial_reads_the_nodes_copy_of_its_data_without_copying_it(local_ray):
     fs = _feature_set(train_mb=300, test_mb=100)
     seen = ray.get(_touch_all.remote([share(fs)]))
@@ -150,6 +151,7 @@ def _sparse_wav(path: Path, seconds: float, rate: int = 22050) -> None:
         f.truncate(len(header) + data)
 
 
+@pytest.mark.slow
 def test_the_preflight_refuses_features_no_node_can_hold_before_anything_is_written(tmp_path):
     for genre in ("blues", "jazz", "rock"):
         for i in range(3):  # 9 tracks of 24 h: waveform features would take ~300 GB
@@ -177,6 +179,7 @@ def _meminfo(key: str) -> int:
     raise RuntimeError(f"no {key} in /proc/meminfo")
 
 
+@pytest.mark.slow
 def test_a_trial_the_memory_monitor_kills_fails_alone_and_the_run_exports(tmp_path):
     make_tree(tmp_path / "data", tracks=3, seconds=11.0)
     spaces = shutil.copytree(SPACES_DIR, tmp_path / "spaces")

@@ -12,6 +12,8 @@ from genre_ray.search_space import first_point
 from genre_ray.training import Trainer, seed_everything
 from tests.helpers import run_module
 
+pytestmark = pytest.mark.slow  # trains a CNN on the embedded dataset
+
 TRACKS, SECONDS = 10, 10.0  # per genre: 6 train / 2 val / 2 test tracks of 2 segments
 
 

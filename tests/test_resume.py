@@ -89,6 +89,7 @@ def resumed(interrupted):
     return base, out, wandb_before
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_run_within_30_s_with_its_state_saved(interrupted):
     base, code, seconds, finished = interrupted
     log = (base / "first.log").read_text()
@@ -103,6 +104,7 @@ def test_ctrl_c_stops_the_run_within_30_s_with_its_state_saved(interrupted):
         assert read_run(folder)["exit"] is not None, folder  # every W&B run closed
 
 
+@pytest.mark.slow
 def test_the_same_command_continues_without_rerunning_finished_trials(interrupted, resumed):
     _, _, _, finished = interrupted
     base, out, wandb_before = resumed
@@ -117,6 +119,7 @@ def test_the_same_command_continues_without_rerunning_finished_trials(interrupte
     assert runs.read_record(run_dir)["status"] == "finished"
 
 
+@pytest.mark.slow
 def test_a_continued_trial_goes_on_in_its_own_wandb_run(resumed):
     base, _, wandb_before = resumed
     before = {read_run(f)["id"] for f in wandb_before}
@@ -128,6 +131,7 @@ def test_a_continued_trial_goes_on_in_its_own_wandb_run(resumed):
         assert run["resume"], folder  # offline: `wandb sync` appends it to the first
 
 
+@pytest.mark.slow
 def test_each_optuna_study_holds_every_trial_once_and_its_seed_point_once(resumed):
     base, _, _ = resumed
     storage = JournalStorage(JournalFileBackend(str(base / "runs" / "r" / "optuna.journal")))
@@ -139,6 +143,7 @@ def test_each_optuna_study_holds_every_trial_once_and_its_seed_point_once(resume
         assert params[json.dumps(load_space(model).first_point, sort_keys=True)] == 1
 
 
+@pytest.mark.slow
 def test_the_continued_run_exports_every_pair(resumed):
     base, _, _ = resumed
     for model in MODELS:
@@ -147,6 +152,7 @@ def test_the_continued_run_exports_every_pair(resumed):
         assert payload["model"] == model
 
 
+@pytest.mark.slow
 def test_a_finished_run_rerun_says_where_its_results_are(resumed):
     base, _, _ = resumed
     before = tree_hash(base / "runs" / "r"), tree_hash(base / "best")
@@ -157,6 +163,7 @@ def test_a_finished_run_rerun_says_where_its_results_are(resumed):
     assert (tree_hash(base / "runs" / "r"), tree_hash(base / "best")) == before
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_every_trial_is_running_is_still_an_interruption(tmp_path):
     """Once Tune has made every trial, its ResultGrid calls them all TERMINATED after a
     Ctrl-C; the run must still say interrupted (judged from Tune's saved state)."""
@@ -236,6 +243,7 @@ def test_a_named_run_with_other_settings_is_refused_with_the_difference(tmp_path
         runs.choose(store, "x", SPEC, resume=True)
 
 
+@pytest.mark.slow
 def test_a_uri_storage_path_gets_the_trials_and_a_copy_of_the_run_files(tmp_path):
     """file:// goes the way of s3:// and gs://: Tune writes trials to the URI; genre-ray's
     own files are written under the cache and copied there at the end."""

@@ -123,6 +123,7 @@ def runs(tmp_path_factory):
                            wandb=read_runs(run_dir), stopped=read_runs(stopped_dir))
 
 
+@pytest.mark.slow
 def test_one_run_per_trial_grouped_by_pair_with_every_epoch(runs):
     assert len(runs.grid) == 2 and not runs.grid.errors
     assert sorted(runs.wandb) == sorted(r.metrics["trial_id"] for r in runs.grid)
@@ -137,6 +138,7 @@ def test_one_run_per_trial_grouped_by_pair_with_every_epoch(runs):
                 assert h[key] == pytest.approx(row[key])
 
 
+@pytest.mark.slow
 def test_summary_holds_the_best_epochs_confusion_matrix(runs):
     classes = runs.classes
     for result in runs.grid:
@@ -155,6 +157,7 @@ def test_summary_holds_the_best_epochs_confusion_matrix(runs):
         assert matrix == next(r["val_confusion"] for r in reported if r["epoch"] == best["epoch"])
 
 
+@pytest.mark.slow
 def test_run_files_stay_under_the_run_dir(runs):
     wandb_files = list(runs.run_dir.parent.rglob("*.wandb"))
     assert len(wandb_files) == 2 + 1  # the tuned run's trials, and the interrupted one
@@ -163,6 +166,7 @@ def test_run_files_stay_under_the_run_dir(runs):
     assert not list(runs.session.rglob("*.wandb")) and not list(runs.session.rglob("offline-run-*"))
 
 
+@pytest.mark.slow
 def test_ctrl_c_closes_the_runs_of_interrupted_trials(runs):
     ((_, run),) = runs.stopped.values()
     assert run["exit"] is not None and run["exit"]["exit_code"] == 0  # finished, not killed

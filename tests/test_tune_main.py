@@ -22,6 +22,8 @@ from genre_ray.search_space import load_space
 from genre_ray.training import evaluate, track_accuracy
 from tests.helpers import REPO, make_tree, read_runs
 
+pytestmark = pytest.mark.slow  # a whole tune_main run
+
 PAIRS = [("MLP", "spectrogram"), ("CEL", "spectrogram")]
 
 

@@ -45,6 +45,7 @@ def run(tmp_path_factory):
     return grid, storage, spaces
 
 
+@pytest.mark.slow
 def test_each_pair_has_its_own_study_with_the_seed_point_first(run):
     grid, storage, spaces = run
     for model, feature in PAIRS:
@@ -54,6 +55,7 @@ def test_each_pair_has_its_own_study_with_the_seed_point_first(run):
         assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
 
 
+@pytest.mark.slow
 def test_asha_stopped_trials_are_pruned_in_optuna(run):
     grid, storage, _ = run
     epochs = {r.metrics["trial_id"]: r.metrics["training_iteration"] for r in grid}
@@ -65,6 +67,7 @@ def test_asha_stopped_trials_are_pruned_in_optuna(run):
             assert (t.state == TrialState.PRUNED) == (last_step < MAX_EPOCHS), (t.number, t.state, last_step)
 
 
+@pytest.mark.slow
 def test_every_trial_reports_every_epoch_and_keeps_its_checkpoints_bounded(run):
     grid, _, _ = run
     assert len(grid) == 8 and not grid.errors
@@ -75,6 +78,7 @@ def test_every_trial_reports_every_epoch_and_keeps_its_checkpoints_bounded(run):
         assert 1 <= len(result.best_checkpoints) <= tuning.KEEP_CHECKPOINTS
 
 
+@pytest.mark.slow
 def test_trials_checkpoint_their_best_state_only_at_asha_rungs_and_the_last_epoch(run):
     grid, _, _ = run
     allowed = {1, 2, 4, MAX_EPOCHS}
@@ -119,6 +123,7 @@ def test_a_restored_search_fails_the_trials_asked_after_its_last_save(tmp_path):
     assert [t.state for t in study.trials] == [TrialState.RUNNING, TrialState.FAIL]
 
 
+@pytest.mark.slow
 def test_the_trial_device_follows_what_ray_assigned():
     """On a node with a (logical) GPU: a worker given no GPU gets no ids, so it trains on the
     CPU; one given the GPU gets its id, and a torch that cannot use it says so clearly."""

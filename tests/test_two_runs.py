@@ -8,12 +8,15 @@ import subprocess
 import sys
 
 import optuna
+import pytest
 import torch
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
 from genre_ray import export, runs
 from tests.helpers import REPO, make_tree
+
+pytestmark = pytest.mark.slow  # two whole tune_main runs at once
 
 PAIRS = ["MLP_spectrogram", "CEL_spectrogram"]
 SAMPLES = 2
