@@ -13,6 +13,7 @@ import logging
 import socket
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -199,7 +200,8 @@ def _run(opts: Options, checked: Checked, sets: dict[str, FeatureSet], slots: in
     return RunSummary(results, run_dir, tuned["seconds"], tuned["slots"],
                       None if run_.resume else
                       tuning.utilisation(grid, tuned["seconds"], tuned["slots"]),
-                      failures=[_failure(r) for r in grid if _failed(r)])
+                      failures=[_failure(r) for r in grid
+                                if tuning.result_outcome(r, opts.max_epochs) == tuning.FAILED])
 
 
 def _spec(opts: Options) -> dict[str, Any]:
@@ -261,10 +263,9 @@ def _pair_result(grid, model: str, fs: FeatureSet, output_dir: Path, run_dir: Pa
     """Export the pair's best checkpoint, with its test scores, and describe its search."""
     pair = tuning.pair_name(model, fs.feature)
     results = [r for r in grid if r.config.get("pair") == pair]
-    epochs = [int(r.metrics.get("training_iteration", 0)) for r in results if not _failed(r)]
-    pruned = sum(e < opts.max_epochs for e in epochs)
+    ended = Counter(tuning.result_outcome(r, opts.max_epochs) for r in results)
     seconds = tuning.busy_seconds(results)
-    row = report.PairResult(pair, len(epochs) - pruned, pruned, len(results) - len(epochs),
+    row = report.PairResult(pair, ended[tuning.FINISHED], ended[tuning.PRUNED], ended[tuning.FAILED],
                             seconds * opts.cpus_per_trial, seconds * opts.gpus_per_trial)
     best = export.best_of_pair(results, load_trial_state)
     if best is None:
@@ -285,11 +286,6 @@ def _pair_result(grid, model: str, fs: FeatureSet, output_dir: Path, run_dir: Pa
     return row
 
 
-def _failed(result) -> bool:
-    """Errored (after Tune's retries) or diverged (see trainable)."""
-    return bool(result.error or result.metrics.get("diverged"))
-
-
 def _failure(result) -> str:
     """`<trial folder>: why it failed`, the error's last line (see its error.txt)."""
     why = result.metrics.get("diverged") or str(result.error).strip().splitlines()[-1]
@@ -301,8 +297,8 @@ def _trials(grid, max_epochs: int) -> list[dict[str, Any]]:
     return [{"pair": r.config["pair"], "trial_id": r.metrics.get("trial_id", ""),
              "epochs": r.metrics_dataframe["epoch"].tolist(),
              "val_loss": r.metrics_dataframe["val_loss"].tolist(),
-             "stopped": not _failed(r) and len(r.metrics_dataframe) < max_epochs,
-             "failed": _failed(r)}
+             "stopped": tuning.result_outcome(r, max_epochs) == tuning.PRUNED,
+             "failed": tuning.result_outcome(r, max_epochs) == tuning.FAILED}
             for r in grid if r.metrics_dataframe is not None and len(r.metrics_dataframe)]
 
 

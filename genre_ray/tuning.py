@@ -13,6 +13,7 @@ search and its own early stopping:
   higher, whatever their promise).
 - ASHA-stopped trials are told to Optuna as PRUNED (Tune reports them as complete,
   which would mislead TPE); a trial that errors or whose loss is not finite as FAIL.
+  `outcome` is that rule, and the leaderboard and the search plot use it too.
 """
 from __future__ import annotations
 
@@ -46,6 +47,28 @@ def pair_name(model: str, feature: str) -> str:
     return f"{model}_{feature}"
 
 
+FINISHED, PRUNED, FAILED = "finished", "pruned", "failed"
+
+
+def outcome(last_epoch: int, max_epochs: int, failed: bool) -> str:
+    """How a trial ended, the one rule every reader uses (Optuna's state, the leaderboard's
+    counts, the search plot): FAILED when it errored after its retries or its loss was not
+    finite (diverged); else FINISHED when it reached `max_epochs`, PRUNED when ASHA (or the
+    run's end) stopped it before."""
+    if failed:
+        return FAILED
+    return FINISHED if last_epoch >= max_epochs else PRUNED
+
+
+def result_outcome(result, max_epochs: int) -> str:
+    """`outcome` of a Tune `Result` (a trial of the ResultGrid)."""
+    failed = bool(result.error or result.metrics.get("diverged"))
+    return outcome(int(result.metrics.get(TIME_ATTR, 0)), max_epochs, failed)
+
+
+OPTUNA_STATE = {FINISHED: TrialState.COMPLETE, PRUNED: TrialState.PRUNED, FAILED: TrialState.FAIL}
+
+
 class PrunedOptunaSearch(OptunaSearch):
     """OptunaSearch that tells scheduler-stopped trials as PRUNED and bad ones as FAIL.
 
@@ -73,16 +96,13 @@ class PrunedOptunaSearch(OptunaSearch):
             return super().on_trial_complete(trial_id, result, error)
         trial, result = self._ot_trials[trial_id], result or {}
         value, step = result.get(self.metric), int(result.get(TIME_ATTR, 0))
-        if error or not _finite(value):
-            self._ot_study.tell(trial, state=TrialState.FAIL)
+        state = OPTUNA_STATE[outcome(step, self._max_t, error or not _finite(value))]
+        if state != TrialState.FAIL and step > self._last_step.get(trial_id, 0):
+            trial.report(float(value), step)  # the result Tune stopped it on: not seen above
+        if state == TrialState.COMPLETE:
+            self._ot_study.tell(trial, float(value), state=state)
         else:
-            stopped = step > self._last_step.get(trial_id, 0)
-            if stopped:
-                trial.report(float(value), step)
-            if stopped and step < self._max_t:
-                self._ot_study.tell(trial, state=TrialState.PRUNED)  # value: last intermediate
-            else:
-                self._ot_study.tell(trial, float(value), state=TrialState.COMPLETE)
+            self._ot_study.tell(trial, state=state)  # PRUNED: its value is its last intermediate
         self._completed_trials.add(trial_id)
         self._forget(trial_id)
 

@@ -10,6 +10,7 @@ import resource
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import optuna
 import pytest
@@ -17,8 +18,9 @@ import torch
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
+from ray.tune import ExperimentAnalysis, ResultGrid
 
-from genre_ray import export, tuning
+from genre_ray import experiment, export, tuning
 from genre_ray.search_space import SPACES_DIR
 from tests.helpers import REPO, make_tree
 
@@ -55,7 +57,7 @@ def run(tmp_path_factory):
     out = subprocess.run(
         [sys.executable, str(REPO / "tune_main.py"), "--data-dir", str(base / "data"),
          "--models", "MLP", "MLP2", "--features", "spectrogram", "--num-samples", str(SAMPLES),
-         "--max-epochs", "3", "--search-spaces", str(spaces), "--storage-path", str(base / "runs"),
+         "--max-epochs", "3", "--grace-period", "1", "--search-spaces", str(spaces), "--storage-path", str(base / "runs"),
          "--name", "r", "--output-dir", str(base / "best"), "--wandb", "offline"],
         cwd=REPO, capture_output=True, text=True, timeout=600, preexec_fn=cap_memory)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
@@ -117,3 +119,27 @@ def test_optuna_the_leaderboard_and_the_summary_record_them_as_failed(run):
         failed = sum(bad(pair, config) for name, (config, _, _) in trials.items()
                      if name.startswith(pair))
         assert int(rows[pair]["failed"]) == failed
+
+
+def test_each_trial_has_one_outcome_in_optuna_the_leaderboard_and_the_search_plot(run):
+    """Finished, pruned, diverged and errored trials: one rule (tuning.outcome) for all."""
+    base, _, trials = run
+    run_dir = base / "runs" / "r"
+    grid = ResultGrid(ExperimentAnalysis(str(run_dir)))
+    ended = {r.metrics["trial_id"]: tuning.result_outcome(r, 3) for r in grid}
+    assert {tuning.FINISHED, tuning.FAILED} <= set(ended.values())
+    plotted = {t["trial_id"]: t for t in experiment._trials(grid, 3)}
+    storage = JournalStorage(JournalFileBackend(str(run_dir / "optuna.journal")))
+    with open(run_dir / "leaderboard.csv", newline="") as f:
+        rows = {row["pair"]: row for row in csv.DictReader(f)}
+    for model in SPACES:
+        pair = f"{model}_spectrogram"
+        ids = [r.metrics["trial_id"] for r in grid if Path(r.path).name.startswith(f"{pair}_")]
+        study = optuna.load_study(study_name=f"r/{pair}", storage=storage)
+        assert sorted(tuning.OPTUNA_STATE[ended[i]] for i in ids) == sorted(t.state for t in study.trials)
+        for kind in (tuning.FINISHED, tuning.PRUNED, tuning.FAILED):
+            assert int(rows[pair][kind]) == sum(ended[i] == kind for i in ids), (pair, kind)
+        for i in ids:
+            if i in plotted:  # a trial that reported no epoch is not drawn
+                assert plotted[i]["failed"] == (ended[i] == tuning.FAILED)
+                assert plotted[i]["stopped"] == (ended[i] == tuning.PRUNED)
