@@ -33,9 +33,10 @@ from genre_ray.errors import UserError
 from genre_ray.files import atomic_path
 
 RECORD, LOCK = "run.json", ".lock"
-# Bumped when what a run saves (Tune's pickled searcher and scheduler) changes shape:
-# an interrupted run of another format cannot be continued.
-FORMAT = 2
+# Bumped when what a run saves (Tune's pickled searcher and scheduler, its trials'
+# configs and checkpoints) changes shape: an interrupted run of another format cannot be
+# continued. 3: trials carry checkpoint_epochs; checkpoints hold their epoch's metrics.
+FORMAT = 3
 
 
 @dataclass(frozen=True)
