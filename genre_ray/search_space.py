@@ -29,7 +29,7 @@ from optuna.distributions import (
 
 from genre_ray import models
 from genre_ray.errors import UserError
-from genre_ray.training import OPTIMIZERS, SCHEDULERS
+from genre_ray.optim import OPTIMIZERS, SCHEDULERS
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 # Training keys a search must not vary: the run sets them (epochs is ASHA's budget, seed

@@ -28,19 +28,7 @@ from torch import nn
 
 from genre_ray.config import defaults
 from genre_ray.errors import UserError, exit_on_user_error
-
-# fused: one kernel per step for all parameters (CPU and CUDA); bench/training_loop.py
-# measured MLP's 7M-parameter Adam step at about 3/4 of the default's time
-OPTIMIZERS = {
-    "adam": lambda params, lr, wd: torch.optim.Adam(params, lr=lr, weight_decay=wd, fused=True),
-    "sgd": lambda params, lr, wd: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd,
-                                                  fused=True),
-}
-SCHEDULERS = {
-    "none": lambda opt, epochs: None,
-    "plateau": lambda opt, epochs: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=2),
-    "cosine": lambda opt, epochs: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs),
-}
+from genre_ray.optim import OPTIMIZERS, SCHEDULERS
 
 RESIDENT_BUDGET = 0.5  # of a GPU's free memory, that a trial's data may take (`resident`)
 
