@@ -109,7 +109,8 @@ class BestSaver:
     `checkpoint_epochs` (ASHA's rungs and the last epoch, tuning.checkpoint_epochs) or when
     the trial ends early, and only when a better epoch came since the last checkpoint.
 
-    Why not at every improvement: with ~1 s epochs on a GPU, a full checkpoint (up to
+    Why not at every improvement, as DESIGN.md's trainable contract has it (issue 13
+    changed it, and wins): with ~1 s epochs on a GPU, a full checkpoint (up to
     ~170 MB with Adam's state for MLP on waveforms) plus the experiment snapshot Tune takes
     after each one (with num_to_keep=1) made storage and the driver the limit. ASHA
     reads a trial's loss only at rungs, where it may stop it, so a checkpoint there holds
