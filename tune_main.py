@@ -12,9 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from genre_ray import experiment
 from genre_ray.config import defaults
-from genre_ray.errors import exit_on_user_error
+from genre_ray.errors import UserError, exit_on_user_error
 from genre_ray.search_space import SPACES_DIR
 from genre_ray.tracking import MODES
 
@@ -28,9 +30,27 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def listed(tokens: list[str]) -> list[str]:
+def listed(tokens: list[str] | str) -> list[str]:
     """A list flag's values, given as separate words, commas, or both: CEL,MLP2 MLP."""
-    return [value for token in tokens for value in token.split(",") if value]
+    tokens = [tokens] if isinstance(tokens, str) else tokens
+    return [value for token in tokens for value in str(token).split(",") if value]
+
+
+def from_file(path: Path, fields: set[str]) -> dict:
+    """The settings a --config file gives: a mapping of `fields`, or a run.json's spec."""
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise UserError(f"--config {path} cannot be read as YAML ({err}); pass a YAML file of "
+                        "settings or a run's run.json") from None
+    doc = doc.get("spec", doc) if isinstance(doc, dict) else doc
+    if not isinstance(doc, dict):
+        raise UserError(f"--config {path} is not a mapping of settings; write e.g. num_samples: 5")
+    unknown = sorted(set(doc) - fields)
+    if unknown:
+        raise UserError(f"--config {path}: unknown setting(s) {', '.join(unknown)}; "
+                        f"settings: {', '.join(sorted(fields))}")
+    return doc
 
 
 def parse(argv: list[str] | None = None) -> experiment.Options:
@@ -75,7 +95,14 @@ def parse(argv: list[str] | None = None) -> experiment.Options:
                    help="where {model}_{feature}_best_model.pth land")
     p.add_argument("--search-spaces", type=Path, default=SPACES_DIR,
                    help="folder of <MODEL>.yaml search-space files")
+    p.add_argument("--config", type=Path,
+                   help="YAML of these settings by field name (num_samples: 5, models: [CEL]), or a "
+                        "run's run.json to replay its settings; flags given beside it win")
+    known, _ = p.parse_known_args(argv)
+    if known.config is not None:
+        p.set_defaults(**from_file(known.config, {a.dest for a in p._actions} - {"help", "config"}))
     args = p.parse_args(argv)
+    del args.config
     args.models, args.features = listed(args.models), listed(args.features)
     return experiment.Options(**vars(args), env_file=Path(d["env_file"]))
 

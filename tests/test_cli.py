@@ -9,6 +9,7 @@ import pytest
 
 import tune_main
 from genre_ray.config import defaults
+from genre_ray.errors import UserError
 
 
 def test_list_flags_take_words_commas_or_both():
@@ -55,3 +56,30 @@ def test_a_bad_flag_is_one_error_line_and_exit_2_before_anything_is_written(tmp_
     err = capsys.readouterr().err
     assert stop.value.code == 2 and re.fullmatch(rf"error: .*{says}.*\n", err), err
     assert not list(tmp_path.iterdir())
+
+
+def test_config_replays_a_runs_settings_and_flags_beside_it_win(tmp_path):
+    """A finished run's run.json given to --config gives the same spec; a YAML of fields too."""
+    from genre_ray import experiment, runs
+
+    first = tune_main.parse(["--models", "CEL,MLP2", "--features", "spectrogram", "--num-samples", "5",
+                             "--grace-period", "3", "--seed", "7", "--output-dir", str(tmp_path / "best")])
+    run = runs.Run("r", tmp_path / "r", experiment._spec(first), resume=False)
+    runs.write_record(run, "finished")
+    record = tmp_path / "r" / runs.RECORD
+    assert experiment._spec(tune_main.parse(["--config", str(record)])) == experiment._spec(first)
+    assert tune_main.parse(["--config", str(record), "--num-samples", "2"]).num_samples == 2
+    (tmp_path / "c.yaml").write_text("models: CEL3\nmax_epochs: 4\n")
+    opts = tune_main.parse(["--config", str(tmp_path / "c.yaml")])
+    assert (opts.models, opts.max_epochs, opts.num_samples) == (["CEL3"], 4, defaults("tune")["num_samples"])
+
+
+@pytest.mark.parametrize("text,says", [
+    ("num_sample: 3\n", r"unknown setting\(s\) num_sample; settings: .*num_samples"),
+    ("- CEL\n", r"is not a mapping of settings"),
+    ("models: [CEL\n", r"cannot be read as YAML"),
+])
+def test_a_bad_config_file_is_one_clear_error(tmp_path, text, says):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(UserError, match=says):
+        tune_main.parse(["--config", str(tmp_path / "c.yaml")])
