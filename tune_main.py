@@ -100,7 +100,7 @@ def parse(argv: list[str] | None = None) -> experiment.Options:
                         "run's run.json to replay its settings; flags given beside it win")
     known, _ = p.parse_known_args(argv)
     if known.config is not None:
-        p.set_defaults(**from_file(known.config, {a.dest for a in p._actions} - {"help", "config"}))
+        p.set_defaults(**from_file(known.config, set(vars(known)) - {"config"}))
     args = p.parse_args(argv)
     del args.config
     args.models, args.features = listed(args.models), listed(args.features)

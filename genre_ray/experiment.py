@@ -294,12 +294,16 @@ def _failure(result) -> str:
 
 def _trials(grid, max_epochs: int) -> list[dict[str, Any]]:
     """Every trial's validation loss by epoch, for plots.search_view."""
-    return [{"pair": r.config["pair"], "trial_id": r.metrics.get("trial_id", ""),
-             "epochs": r.metrics_dataframe["epoch"].tolist(),
-             "val_loss": r.metrics_dataframe["val_loss"].tolist(),
-             "stopped": tuning.result_outcome(r, max_epochs) == tuning.PRUNED,
-             "failed": tuning.result_outcome(r, max_epochs) == tuning.FAILED}
-            for r in grid if r.metrics_dataframe is not None and len(r.metrics_dataframe)]
+    trials = []
+    for r in grid:
+        if r.metrics_dataframe is None or not len(r.metrics_dataframe):
+            continue
+        ended = tuning.result_outcome(r, max_epochs)
+        trials.append({"pair": r.config["pair"], "trial_id": r.metrics.get("trial_id", ""),
+                       "epochs": r.metrics_dataframe["epoch"].tolist(),
+                       "val_loss": r.metrics_dataframe["val_loss"].tolist(),
+                       "stopped": ended == tuning.PRUNED, "failed": ended == tuning.FAILED})
+    return trials
 
 
 def _sizes(fs: FeatureSet) -> dict[str, tuple[int, int]]:

@@ -35,7 +35,8 @@ SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 # Training keys a search must not vary: the run sets them (epochs is ASHA's budget, seed
 # the run's seed) or they do not change the result (eval_batch_size).
 NOT_SEARCHABLE = frozenset({"seed", "epochs", "eval_batch_size"})
-_TOP_LEVEL = ("params", "first_point", "extends")  # extends: another model's file, whose keys it takes
+_SPACE_KEYS = ("params", "first_point")
+_TOP_LEVEL = (*_SPACE_KEYS, "extends")  # extends: another model's file, whose keys it takes
 
 
 class _SpecError(ValueError):
@@ -201,7 +202,7 @@ def _extended(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     doc = _read_yaml(path)
     if not isinstance(doc, dict):
         got = "an empty file" if doc is None else f"a {type(doc).__name__}"
-        raise UserError(f"{path}: expected a mapping with keys {' and '.join(_TOP_LEVEL[:2])}, "
+        raise UserError(f"{path}: expected a mapping with keys {' and '.join(_SPACE_KEYS)}, "
                         f"got {got}")
     for key in doc:
         if key not in _TOP_LEVEL:
@@ -214,7 +215,7 @@ def _extended(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise UserError(f"{path}: extends: {base} {why}; name another model's search-space "
                         "file in the same folder")
     inherited = _extended(base, (*seen, path))
-    return {key: {**(inherited.get(key) or {}), **(doc.get(key) or {})} for key in _TOP_LEVEL[:2]}
+    return {key: {**(inherited.get(key) or {}), **(doc.get(key) or {})} for key in _SPACE_KEYS}
 
 
 def _read_yaml(path: Path) -> Any:
