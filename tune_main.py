@@ -3,7 +3,9 @@
     python tune_main.py                      # the embedded dataset, local Ray, W&B offline
     python tune_main.py --data-dir ~/data/gtzan --address auto --gpus-per-trial 0.25
 
-Defaults live in genre_ray/defaults.yaml (section `tune`).
+Every setting has its default in genre_ray/defaults.yaml; a --config file of the same
+sections overrides them, and the flags override both (genre_ray.config.FLAGS: which
+field each flag sets).
 """
 from __future__ import annotations
 
@@ -11,14 +13,37 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from genre_ray import experiment
-from genre_ray.config import defaults
+from genre_ray import config, experiment
 from genre_ray.errors import UserError, exit_on_user_error
-from genre_ray.search_space import SPACES_DIR
 from genre_ray.tracking import MODES
+
+# Help of each flag that sets a configuration field (config.FLAGS), and its argparse
+# options beside type and default.
+HELP: dict[str, tuple[str, dict[str, Any]]] = {
+    "--data-dir": ("GTZAN folder (absent: the embedded dataset)", {}),
+    "--models": ("architectures to tune, as words or commas: CEL MLP2 or CEL,MLP2", {"nargs": "+"}),
+    "--features": ("waveform, spectrogram, or both (words or commas)", {"nargs": "+"}),
+    "--num-samples": ("trials per pair", {"type": int}),
+    "--max-epochs": ("epochs per trial (ASHA max_t)", {"type": int}),
+    "--grace-period": ("ASHA: epochs before a trial can be stopped", {"type": int}),
+    "--reduction-factor": ("ASHA: keep the best 1/REDUCTION_FACTOR of the trials at each rung",
+                           {"type": int}),
+    "--n-startup-trials": ("TPE: random trials per pair before it models the space", {"type": int}),
+    "--cpus-per-trial": ("CPUs Ray reserves for each trial (its torch threads)", {"type": float}),
+    "--gpus-per-trial": ("fractional: 0.25 puts four trials on a GPU", {"type": float}),
+    "--storage-path": ("runs live in STORAGE_PATH/NAME; a path or s3://, gs://, file:// URI", {}),
+    "--split": ("random | fault-filtered | JSON split file", {}),
+    "--wandb": ("auto: online with a WANDB_API_KEY (environment or .env), else offline",
+                {"choices": MODES}),
+    "--wandb-project": ("W&B project of the runs", {}),
+    "--seed": ("seeds the split, the augmentation, TPE and every trial", {"type": int}),
+    "--output-dir": ("where {model}_{feature}_best_model.pth land", {}),
+    "--search-spaces": ("folder of <MODEL>.yaml search-space files (absent: search_spaces/)", {}),
+}
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -36,82 +61,62 @@ def listed(tokens: list[str] | str) -> list[str]:
     return [value for token in tokens for value in str(token).split(",") if value]
 
 
-def from_file(path: Path, fields: set[str]) -> dict:
-    """The settings a --config file gives: a mapping of `fields`, or a run.json's spec."""
+def from_file(path: Path) -> dict[str, Any]:
+    """The sections a --config file gives: a YAML of defaults.yaml's sections, or a run's
+    run.json (its saved configuration, replayed)."""
     try:
         doc = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as err:
         raise UserError(f"--config {path} cannot be read as YAML ({err}); pass a YAML file of "
                         "settings or a run's run.json") from None
-    doc = doc.get("spec", doc) if isinstance(doc, dict) else doc
+    doc = doc.get("config", doc) if isinstance(doc, dict) else doc
     if not isinstance(doc, dict):
-        raise UserError(f"--config {path} is not a mapping of settings; write e.g. num_samples: 5")
-    unknown = sorted(set(doc) - fields)
-    if unknown:
-        raise UserError(f"--config {path}: unknown setting(s) {', '.join(unknown)}; "
-                        f"settings: {', '.join(sorted(fields))}")
+        raise UserError(f"--config {path} is not a mapping of sections; write e.g. "
+                        "search: {num_samples: 5}")
+    doc.pop("spaces", None)  # a run.json's search spaces as read: the files are read again
     return doc
 
 
-def parse(argv: list[str] | None = None) -> experiment.Options:
-    d, split = defaults("tune"), defaults("split")
+def parse(argv: list[str] | None = None) -> tuple[config.Config, experiment.Session]:
+    """The run's configuration (defaults.yaml < --config FILE < flags) and the session."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=_Help)
-    p.add_argument("--data-dir", type=Path, help="GTZAN folder (absent: the embedded dataset)")
-    p.add_argument("--models", nargs="+", default=d["models"],
-                   help="architectures to tune, as words or commas: CEL MLP2 or CEL,MLP2")
-    p.add_argument("--features", nargs="+", default=d["features"],
-                   help="waveform, spectrogram, or both (words or commas)")
-    p.add_argument("--num-samples", type=int, default=d["num_samples"], help="trials per pair")
-    p.add_argument("--max-epochs", type=int, default=d["max_epochs"], help="epochs per trial (ASHA max_t)")
-    p.add_argument("--grace-period", type=int, default=d["grace_period"],
-                   help="ASHA: epochs before a trial can be stopped")
-    p.add_argument("--reduction-factor", type=int, default=d["reduction_factor"],
-                   help="ASHA: keep the best 1/REDUCTION_FACTOR of the trials at each rung")
-    p.add_argument("--n-startup-trials", type=int, default=d["n_startup_trials"],
-                   help="TPE: random trials per pair before it models the space")
-    p.add_argument("--cpus-per-trial", type=float, default=d["cpus_per_trial"],
-                   help="CPUs Ray reserves for each trial (its torch threads)")
-    p.add_argument("--gpus-per-trial", type=float, default=d["gpus_per_trial"],
-                   help="fractional: 0.25 puts four trials on a GPU")
+    p.add_argument("--config", type=Path,
+                   help="YAML of defaults.yaml's sections (search: {num_samples: 5}), or a run's "
+                        "run.json to replay its configuration; flags given beside it win")
+    pre = argparse.ArgumentParser(add_help=False)  # --config first: it sets the flags' defaults
+    pre.add_argument("--config", type=Path)
+    known, _ = pre.parse_known_args(argv)
+    file = from_file(known.config) if known.config else None
+    base = config.as_json(config.load(file, source=f"--config {known.config}"))
+    for flag, field in config.FLAGS.items():
+        section, key = field.split(".")
+        text, options = HELP[flag]
+        p.add_argument(flag, dest=field, default=base[section][key], help=text,
+                       metavar=key.upper(), **options)
     p.add_argument("--address", help="Ray cluster to join: auto, HOST:PORT or ray://HOST:PORT "
                                      "(absent: start a local Ray)")
-    p.add_argument("--storage-path", default=d["storage_path"],
-                   help="runs live in STORAGE_PATH/NAME; a path or s3://, gs://, file:// URI")
     p.add_argument("--shared-storage", action="store_true",
                    help="the storage path is mounted on every node of the cluster (NFS); "
                         "needed to run on more than one node with a path rather than a bucket")
-    p.add_argument("--name", help="run name (absent: the newest interrupted run with these "
-                                  "settings, if any, else tune-<date>-<time>)")
+    p.add_argument("--name", help="run name (absent: the newest interrupted run of this command, "
+                                  "if any, else tune-<date>-<time>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run --name names, or the newest interrupted run under "
-                        "--storage-path, with the settings it was started with")
-    p.add_argument("--split", default=split["kind"], help="random | fault-filtered | JSON split file")
-    p.add_argument("--wandb", choices=MODES, default=d["wandb"],
-                   help="auto: online with a WANDB_API_KEY (environment or .env), else offline")
-    p.add_argument("--wandb-project", default=d["wandb_project"], help="W&B project of the runs")
-    p.add_argument("--seed", type=int, default=d["seed"],
-                   help="seeds the split, the augmentation, TPE and every trial")
-    p.add_argument("--output-dir", type=Path, default=Path(d["output_dir"]),
-                   help="where {model}_{feature}_best_model.pth land")
-    p.add_argument("--search-spaces", type=Path, default=SPACES_DIR,
-                   help="folder of <MODEL>.yaml search-space files")
-    p.add_argument("--config", type=Path,
-                   help="YAML of these settings by field name (num_samples: 5, models: [CEL]), or a "
-                        "run's run.json to replay its settings; flags given beside it win")
-    known, _ = p.parse_known_args(argv)
-    if known.config is not None:
-        p.set_defaults(**from_file(known.config, set(vars(known)) - {"config"}))
-    args = p.parse_args(argv)
-    del args.config
-    args.models, args.features = listed(args.models), listed(args.features)
-    return experiment.Options(**vars(args), env_file=Path(d["env_file"]))
+                        "--storage-path, with the configuration it was started with")
+    args = vars(p.parse_args(argv))
+    values = {field: args[field] for field in config.FLAGS.values()}
+    for field in ("run.models", "run.features"):
+        values[field] = listed(values[field])
+    cfg = config.load(file, values, source=f"--config {known.config}")
+    return cfg, experiment.Session(args["name"], args["resume"], args["address"],
+                                   args["shared_storage"])
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
-        summary = experiment.run(parse(argv))
+        summary = experiment.run(*parse(argv))
     except experiment.Interrupted as stop:
         print(stop, file=sys.stderr)
         return 130  # the shell's code for a Ctrl-C

@@ -26,7 +26,7 @@ import torchaudio.transforms as T
 
 from bench.common import context
 from genre_ray import augment as new
-from genre_ray.config import defaults
+from genre_ray import config
 
 RATE, SEGMENT = 22050, 110250
 
@@ -117,7 +117,7 @@ def main() -> float:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    params, n = defaults("augment"), args.segments
+    params, n = config.as_json(config.load())["augment"], args.segments
     waves = segments(n)
     print(context())
     print(f"{n} segments of {SEGMENT} samples at {RATE} Hz, params {params}")

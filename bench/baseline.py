@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from bench.common import context
+from genre_ray import config
 from genre_ray.features import FeatureSet, batch_augmentation, build_features
 from genre_ray.models import build_model
 from genre_ray.search_space import first_point
@@ -47,13 +49,14 @@ def logistic_baseline(fs: FeatureSet) -> dict[str, float]:
     return scores
 
 
-def cnn(fs: FeatureSet, model_name: str, epochs: int) -> dict[str, float]:
-    config = first_point(model_name)
+def cnn(fs: FeatureSet, cfg: config.Config, model_name: str, epochs: int) -> dict[str, float]:
+    cfg = config.tuned(cfg, first_point(model_name))
     seed_everything(0)
-    model = build_model(model_name, fs.input_shape, len(fs.classes), config)
+    model = build_model(model_name, fs.input_shape, len(fs.classes), dataclasses.asdict(cfg.model))
     split = {n: (s.x, s.labels) for n, s in fs.splits.items()}
-    trainer = Trainer(model, split["train"], split["val"], config, n_classes=len(fs.classes),
-                      epochs=epochs, transform=batch_augmentation(fs.feature))
+    trainer = Trainer(model, split["train"], split["val"], cfg.training, n_classes=len(fs.classes),
+                      epochs=epochs,
+                      transform=batch_augmentation(fs.feature, cfg.batch_augment.of(fs.feature)))
     best = {"val_loss": float("inf")}
 
     def keep_best(metrics, _):
@@ -80,12 +83,13 @@ def main() -> None:
     args = parser.parse_args()
     data_dir = args.data_dir or embedded_dataset()
     print(context())
-    fs = build_features(data_dir, "spectrogram")
+    cfg = config.load()
+    fs = build_features(data_dir, "spectrogram", cfg)
     sizes = {n: f"{len(s.track_ids)} tracks/{len(s.x)} segments" for n, s in fs.splits.items()}
     print(f"{data_dir}: {sizes}")
     base = logistic_baseline(fs)
     print(f"{args.model} on spectrogram, {args.epochs} epochs:")
-    net = cnn(fs, args.model, args.epochs)
+    net = cnn(fs, cfg, args.model, args.epochs)
     for name, scores in (("logistic regression", base), (args.model, net)):
         print(f"{name:>20}: " + "  ".join(f"{k} {v:.3f}" for k, v in scores.items()
                                             if k != "epoch"))

@@ -56,8 +56,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from ray import tune
 
 from bench.common import context
-from genre_ray import tuning
-from genre_ray.config import defaults
+from genre_ray import config, tuning
+from genre_ray.config import Config
 from genre_ray.export import CHECKPOINT_METRIC
 from genre_ray.search_space import load_space
 
@@ -107,12 +107,14 @@ def landscape(pairs: list[tuple[str, str]], epoch_s: float, seed: int = 0) -> di
     return out
 
 
-def synthetic_trial(config: dict[str, Any], feature_refs: dict[str, Any]) -> None:
+def synthetic_trial(config: dict[str, Any], feature_refs: dict[str, Any],
+                    settings: Config) -> None:
     """A function trainable that reports as the real one does (every epoch; a checkpoint
     at ASHA's rungs and the last epoch when it improved since the last one, as
     trainable.BestSaver; a resume from it) and does no work: sleeps, then reports a loss
-    computed from `config`. Imports inside: it is pickled by value from the driver and
-    must not pull torch or genre_ray into every worker."""
+    computed from `config`; the run's `settings` go unused. Imports
+    inside: it is pickled by value from the driver and must not pull torch or the rest
+    of genre_ray into every worker."""
     import json
     import logging
     import math
@@ -174,25 +176,22 @@ class WallBudget(tune.Stopper):
         return time.monotonic() > self.deadline
 
 
-def settings_for(run_dir: Path, args, num_samples: int, storage=None) -> tuning.SearchSettings:
-    d = defaults("tune")
-    return tuning.SearchSettings(
-        run_name=run_dir.name, storage=storage or tuning.optuna_storage(run_dir),
-        num_samples=num_samples, max_epochs=args.epochs, grace_period=d["grace_period"],
-        reduction_factor=d["reduction_factor"], n_startup_trials=d["n_startup_trials"], seed=0)
+def settings_for(args, num_samples: int) -> Config:
+    return config.load(values={"search.num_samples": num_samples, "search.max_epochs": args.epochs,
+                               "run.seed": 0})
 
 
 def run_tuner(pairs, args, folder: Path, label: str, keep: int) -> dict[str, Any]:
     """One Tuner over `pairs` with the synthetic trainable, for at most --budget-s."""
-    run_dir = folder / label
-    settings = settings_for(run_dir, args, math.ceil(args.trials / len(pairs)))
-    searcher, scheduler = tuning.build_search(pairs, {m: load_space(m) for m, _ in pairs}, settings)
+    settings = settings_for(args, math.ceil(args.trials / len(pairs)))
+    searcher, scheduler = tuning.build_search(pairs, {m: load_space(m) for m, _ in pairs}, settings,
+                                              label, tuning.optuna_storage(folder / label))
     searcher.__class__ = TimedPairSearcher
     SUGGEST_TIMES.clear()
     DRIVER_CPU.clear()
-    tuner = tuning.make_tuner(landscape(pairs, args.epoch_s), searcher, scheduler,
+    tuner = tuning.make_tuner(landscape(pairs, args.epoch_s), searcher, scheduler, settings,
                               storage_path=str(folder), name=label,
-                              num_trials=settings.num_samples * len(pairs), cpus_per_trial=1,
+                              num_trials=settings.search.num_samples * len(pairs), cpus_per_trial=1,
                               gpus_per_trial=0, max_concurrent=args.slots, verbose=0,
                               stop=WallBudget(args.budget_s), trainable=synthetic_trial,
                               keep_checkpoints=keep or None)
@@ -230,12 +229,13 @@ def suggest_curve(model: str, feature: str, n: int, args, folder: Path,
     (s) of pickling the searcher's state at the end (what PairSearcher.save writes at
     every experiment snapshot)."""
     run_dir = folder / f"curve-{'journal' if storage is None else 'memory'}"
-    searcher, _ = tuning.build_search([(model, feature)], {model: load_space(model)},
-                                      settings_for(run_dir, args, n, storage))
+    settings = settings_for(args, n)
+    searcher, _ = tuning.build_search([(model, feature)], {model: load_space(model)}, settings,
+                                      run_dir.name, storage or tuning.optuna_storage(run_dir))
     searcher.__class__ = TimedPairSearcher
     SUGGEST_TIMES.clear()
     rng, running = random.Random(0), []
-    grace = defaults("tune")["grace_period"]
+    grace = settings.search.grace_period
     for i in range(n):
         searcher.suggest(f"curve_{i}")
         running.append(f"curve_{i}")
@@ -260,7 +260,7 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=32, help="logical CPUs of the local Ray")
     parser.add_argument("--trials", type=int, default=2000, help="trials in all, over the pairs")
     parser.add_argument("--pairs", type=int, default=10, help="(model, feature) pairs, 1-10")
-    parser.add_argument("--epochs", type=int, default=defaults("tune")["max_epochs"],
+    parser.add_argument("--epochs", type=int, default=config.load().search.max_epochs,
                         help="ASHA's max_t (grace period and reduction factor: defaults.yaml)")
     parser.add_argument("--epoch-s", type=float, default=0.5, help="seconds a trial sleeps per epoch")
     parser.add_argument("--budget-s", type=float, default=150, help="most seconds of tuning per run")

@@ -23,14 +23,14 @@ from bench.common import context
 CHILD = """
 import contextlib, json, sys, time
 from unittest import mock
-from genre_ray import features
+from genre_ray import config, features
 from genre_ray.features import build_feature_sets
 from bench.augment import reference_augment
 data_dir, names, baseline = sys.argv[1], sys.argv[2].split(","), sys.argv[3] == "1"
 start, cpu = time.perf_counter(), time.process_time()
 former = lambda waves, rate, params, generator, device=None: reference_augment(waves, rate, params, generator)
 with mock.patch.object(features, "augment", former) if baseline else contextlib.nullcontext():
-    sets = build_feature_sets(data_dir, names)
+    sets = build_feature_sets(data_dir, names, config.load())
 hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 print(json.dumps({"wall": time.perf_counter() - start, "cpu": time.process_time() - cpu,
                   "peak": hwm * 1024,

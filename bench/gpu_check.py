@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import statistics
 import subprocess
@@ -44,7 +45,7 @@ from ray import tune
 
 from bench import gpu_sharing
 from bench.common import context
-from genre_ray import training
+from genre_ray import config, training
 from genre_ray.export import export_name
 from genre_ray.features import FeatureSet, batch_augmentation, build_features
 from genre_ray.models import build_model
@@ -165,12 +166,12 @@ def trials_device(run_dir: Path, cuda: bool) -> Line:
 def trainer(fs: FeatureSet, device: torch.device, seed: int) -> training.Trainer:
     """MODEL's first point on `fs`, seeded as a trial seeds it."""
     training.seed_everything(seed)
-    config = first_point(MODEL)
-    model = build_model(MODEL, fs.input_shape, len(fs.classes), config)
+    cfg = config.tuned(config.load(), first_point(MODEL))
+    model = build_model(MODEL, fs.input_shape, len(fs.classes), dataclasses.asdict(cfg.model))
     train, val = ((fs.splits[name].x, fs.splits[name].labels) for name in ("train", "val"))
-    return training.Trainer(model, train, val, config, n_classes=len(fs.classes),
+    return training.Trainer(model, train, val, cfg.training, n_classes=len(fs.classes),
                             epochs=EPOCHS, seed=seed, device=device,
-                            transform=batch_augmentation(fs.feature))
+                            transform=batch_augmentation(fs.feature, cfg.batch_augment.of(fs.feature)))
 
 
 def deviation(a: Run, b: Run) -> float:
@@ -299,8 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         print("no GPU found: running dry, on the CPU", flush=True)
     data_dir = args.data_dir or embedded_dataset()
     with tempfile.TemporaryDirectory() as work:
-        s = Setup(data_dir, build_features(data_dir, FEATURE), cuda, Path(work), args.epochs,
-                  args.repeats)
+        s = Setup(data_dir, build_features(data_dir, FEATURE, config.load()), cuda, Path(work),
+                  args.epochs, args.repeats)
         lines = [line for step in STEPS for line in run_step(step, s)]
     return int(any(status == "FAIL" for status, _, _ in lines))
 

@@ -42,7 +42,7 @@ import torch
 from optuna.distributions import CategoricalDistribution
 
 from bench.common import context
-from genre_ray import tuning
+from genre_ray import config, tuning
 from genre_ray.features import FeatureSet, build_features
 from genre_ray.search_space import SearchSpace, load_space
 from genre_ray.synthetic import embedded_dataset
@@ -86,12 +86,14 @@ def throughput(fs: FeatureSet, refs: dict, layout: Layout, precision: str, epoch
                folder: Path) -> float:
     """Segments/s of `layout` in `precision`, as the module docstring defines it."""
     run_dir = folder / f"{layout.trials}-{precision}"
+    settings = config.load(values={
+        "search.num_samples": layout.trials, "search.max_epochs": epochs,
+        "search.grace_period": epochs, "search.reduction_factor": 2,
+        "search.n_startup_trials": 1, "run.seed": 0})
     searcher, scheduler = tuning.build_search(
-        [(MODEL, FEATURE)], {MODEL: one_point_space(precision)}, tuning.SearchSettings(
-            run_name=run_dir.name, storage=tuning.optuna_storage(run_dir),
-            num_samples=layout.trials, max_epochs=epochs, grace_period=epochs,
-            reduction_factor=2, n_startup_trials=1, seed=0))
-    grid = tuning.fit(refs, searcher, scheduler, storage_path=str(folder), name=run_dir.name,
+        [(MODEL, FEATURE)], {MODEL: one_point_space(precision)}, settings, run_dir.name,
+        tuning.optuna_storage(run_dir))
+    grid = tuning.fit(refs, searcher, scheduler, settings, storage_path=str(folder), name=run_dir.name,
                       num_trials=layout.trials, cpus_per_trial=layout.cpus,
                       gpus_per_trial=layout.gpus, max_concurrent=layout.trials, verbose=0)
     if grid.errors:
@@ -156,7 +158,7 @@ def main() -> None:
     if args.epochs < 2:
         parser.error("--epochs must be at least 2 (the first epoch is dropped)")
     gpu, cpus = torch.cuda.is_available(), os.cpu_count() or 1
-    fs = build_features(embedded_dataset(), FEATURE)
+    fs = build_features(embedded_dataset(), FEATURE, config.load())
     print(context())
     print(f"NVIDIA MPS: {mps_status()}" if gpu else "no GPU found: running on the CPU")
     plan = layouts(cpus, gpu)

@@ -46,6 +46,7 @@ set; the machine's peak <= 1.5 x the largest feature set + 3 GB; each build's pe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -57,7 +58,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from bench.common import context
-from genre_ray.config import defaults
+from genre_ray import config
 from genre_ray.synthetic import embedded_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,7 +184,7 @@ def sampled(cmd: list[str], env: dict[str, str], interval: float, log: Path) -> 
 def build_child(data_dir: str, feature: str) -> None:
     """Build one feature set into $GENRE_RAY_CACHE; print this process's peak RSS last."""
     from genre_ray.features import build_features
-    build_features(Path(data_dir), feature)
+    build_features(Path(data_dir), feature, config.load())
     print(status("self")["rss"])
 
 
@@ -193,8 +194,9 @@ def allowance_child(data_dir: str, configs: str) -> None:
     import ray
     from genre_ray.features import build_features
     trials, sizes, shapes = json.loads(configs), {}, {}
+    cfg = config.load()
     for feature in sorted({c["feature"] for c in trials}):
-        fs = build_features(Path(data_dir), feature)
+        fs = build_features(Path(data_dir), feature, cfg)
         sizes[feature] = sum(v.nbytes for s in fs.splits.values() for v in vars(s).values()
                              if hasattr(v, "nbytes"))
         shapes[feature] = [list(fs.input_shape), len(fs.classes)]
@@ -205,20 +207,21 @@ def allowance_child(data_dir: str, configs: str) -> None:
     print(json.dumps({"sizes": sizes, "tasks": tasks}))
 
 
-def one_batch(config: dict[str, Any], shape: list[int], n_classes: int) -> tuple[int, int]:
+def one_batch(trial: dict[str, Any], shape: list[int], n_classes: int) -> tuple[int, int]:
     """Train the trial's model for 2 s on one evaluation batch of random inputs, as the
     trainable does: (this worker's pid, bytes of those inputs)."""
     import torch
     from genre_ray.features import batch_augmentation
     from genre_ray.models import build_model
-    from genre_ray.trainable import TRIAL_KEYS, on_cpu
+    from genre_ray.trainable import on_cpu
     from genre_ray.training import Trainer
-    hyper = {k: v for k, v in config.items() if k not in TRIAL_KEYS}
-    n = int({**defaults("training"), **hyper}["eval_batch_size"])
+    keys, hyper = config.TrialKeys.split(trial)
+    cfg = config.tuned(config.load(), hyper)
+    n = cfg.training.eval_batch_size
     x, y = torch.randn(n, *shape), torch.randint(n_classes, (n,))
-    trainer = Trainer(build_model(config["model"], tuple(shape), n_classes, hyper), (x, y), (x, y),
-                      hyper, n_classes=n_classes, epochs=1000,
-                      transform=batch_augmentation(config["feature"]))
+    model = build_model(keys.model, tuple(shape), n_classes, dataclasses.asdict(cfg.model))
+    trainer = Trainer(model, (x, y), (x, y), cfg.training, n_classes=n_classes, epochs=1000,
+                      transform=batch_augmentation(keys.feature, cfg.batch_augment.of(keys.feature)))
     end = time.monotonic() + 2
     while time.monotonic() < end:
         trainer.fit(trainer.epoch + 1)
@@ -292,12 +295,11 @@ def row(name: str, mem: dict[str, int]) -> str:
     return f"  {name:<64} {' '.join(cells)}"
 
 
-def label(config: str) -> str:
+def label(trial: str) -> str:
     """A trial config (JSON) in a few words: pair and hyperparameters."""
-    from genre_ray.trainable import TRIAL_KEYS
-    c = json.loads(config)
-    return " ".join([c["pair"]] + [f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                                   for k, v in sorted(c.items()) if k not in TRIAL_KEYS])
+    keys, hyper = config.TrialKeys.split(json.loads(trial))
+    return " ".join([keys.pair] + [f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                   for k, v in sorted(hyper.items())])
 
 
 def tune_rows(sampler: Sampler, trials: dict[int, set[str]]) -> list[str]:
@@ -324,8 +326,8 @@ def report(built: dict[str, tuple], sampler: Sampler, trials: dict[int, set[str]
         print(row(f"build {feature} (wrote {out / MB:,.0f} MB)", {**child.peaks[child.root], "rss": hwm}))
     print("tune\n" + "\n".join(tune_rows(sampler, trials)))
     print("allowance (private memory of a worker training the trial's model on one batch)")
-    for config, value in allowance.items():
-        print(row(label(config), {"anon": value}))
+    for trial, value in allowance.items():
+        print(row(label(trial), {"anon": value}))
     store, run, machine = (sampler.totals[k] / MB for k in ("store", "run", "machine"))
     print(f"tune peaks: object store {store:,.0f} MB (plasma files allocated), this run "
           f"{run:,.0f} MB (its processes' private memory + store), machine {machine:,.0f} MB "
@@ -357,11 +359,11 @@ def verdict(ratio: float, goal: float) -> str:
 
 
 def main() -> None:
-    d = defaults("tune")
+    run = config.load().run
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", type=Path)
-    parser.add_argument("--models", nargs="+", default=d["models"])
-    parser.add_argument("--features", nargs="+", default=d["features"])
+    parser.add_argument("--models", nargs="+", default=run.models)
+    parser.add_argument("--features", nargs="+", default=run.features)
     parser.add_argument("--num-samples", type=int, default=2)
     parser.add_argument("--max-epochs", type=int, default=1)
     parser.add_argument("--cache", type=Path, help="feature cache to fill (default: a temporary one)")

@@ -15,6 +15,7 @@ Goal: ratio >= 0.9.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -24,7 +25,7 @@ import ray
 import torch
 
 from bench.common import context
-from genre_ray import tuning
+from genre_ray import config, tuning
 from genre_ray.features import FeatureSet, batch_augmentation, build_features
 from genre_ray.models import build_model
 from genre_ray.search_space import first_point, load_space
@@ -38,12 +39,13 @@ PAIRS = [("CEL", "spectrogram"), ("MLP", "waveform")]
 
 def plain_epochs(model_name: str, fs: FeatureSet, epochs: int) -> list[float]:
     """Seconds per epoch of the plain loop (the trainable's work without Ray)."""
-    config = first_point(model_name)
+    cfg = config.tuned(config.load(), first_point(model_name))
     seed_everything(0)
-    model = build_model(model_name, fs.input_shape, len(fs.classes), config)
+    model = build_model(model_name, fs.input_shape, len(fs.classes), dataclasses.asdict(cfg.model))
     train, val = fs.splits["train"], fs.splits["val"]
-    trainer = Trainer(model, (train.x, train.labels), (val.x, val.labels), config,
-                      n_classes=len(fs.classes), epochs=epochs, transform=batch_augmentation(fs.feature))
+    trainer = Trainer(model, (train.x, train.labels), (val.x, val.labels), cfg.training,
+                      n_classes=len(fs.classes), epochs=epochs,
+                      transform=batch_augmentation(fs.feature, cfg.batch_augment.of(fs.feature)))
     stamps = [time.perf_counter()]
     trainer.fit(epochs, lambda metrics, evaluation: stamps.append(time.perf_counter()))
     return [b - a for a, b in zip(stamps, stamps[1:])]
@@ -54,13 +56,14 @@ def trial_epochs(model_name: str, fs: FeatureSet, epochs: int, cpus: int, wandb:
     """Seconds per epoch (Tune's time_this_iter_s) of one trial of the real Tuner."""
     pair = [(model_name, fs.feature)]
     run_dir = folder / tuning.pair_name(model_name, fs.feature)
-    searcher, scheduler = tuning.build_search(pair, {model_name: load_space(model_name)},
-                                              tuning.SearchSettings(
-        run_name=run_dir.name, storage=tuning.optuna_storage(run_dir), num_samples=1,
-        max_epochs=epochs, grace_period=epochs, reduction_factor=2, n_startup_trials=1, seed=0))
+    settings = config.load(values={
+        "search.num_samples": 1, "search.max_epochs": epochs, "search.grace_period": epochs,
+        "search.reduction_factor": 2, "search.n_startup_trials": 1, "run.seed": 0})
+    searcher, scheduler = tuning.build_search(pair, {model_name: load_space(model_name)}, settings,
+                                              run_dir.name, tuning.optuna_storage(run_dir))
     callbacks = (wandb_callback("offline", project="bench", run_dir=run_dir, classes=fs.classes)
                  if wandb == "offline" else [])
-    grid = tuning.fit({fs.feature: share(fs)}, searcher, scheduler, storage_path=str(folder),
+    grid = tuning.fit({fs.feature: share(fs)}, searcher, scheduler, settings, storage_path=str(folder),
                       name=run_dir.name, num_trials=1, cpus_per_trial=cpus, gpus_per_trial=0,
                       max_concurrent=1, callbacks=callbacks, verbose=0)
     return grid[0].metrics_dataframe["time_this_iter_s"].tolist()
@@ -79,7 +82,7 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for model_name, feature in PAIRS:
-                fs = build_features(data_dir, feature)
+                fs = build_features(data_dir, feature, config.load())
                 plain = plain_epochs(model_name, fs, args.epochs)[1:]
                 trial = trial_epochs(model_name, fs, args.epochs, args.cpus, args.wandb,
                                      Path(tmp))[1:]

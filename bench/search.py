@@ -20,6 +20,7 @@ epochs' accuracies is mostly the luckiest.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 from pathlib import Path
 
@@ -29,8 +30,7 @@ from ray import tune
 from ray.tune.schedulers import FIFOScheduler
 
 from bench.common import context
-from genre_ray import tuning
-from genre_ray.config import defaults
+from genre_ray import config, tuning
 from genre_ray.features import build_features
 from genre_ray.search_space import load_space
 from genre_ray.synthetic import embedded_dataset
@@ -59,16 +59,18 @@ class EpochBudget(tune.Stopper):
         return len(self.seen) >= self.budget
 
 
-def random_fifo(model: str, feature: str, settings: tuning.SearchSettings):
+def random_fifo(model: str, feature: str, settings: config.Config, study: str,
+                storage: optuna.storages.BaseStorage):
     """The baseline's searcher and scheduler: random configurations, every one trained fully."""
-    pair = tuning.pair_name(model, feature)
+    pair, search, seed = tuning.pair_name(model, feature), settings.search, settings.run.seed
     searcher = tuning.PrunedOptunaSearch(
         load_space(model).distributions, metric=tuning.METRIC, mode=tuning.MODE,
-        sampler=optuna.samplers.RandomSampler(seed=settings.seed + RANDOM_STREAM),
-        storage=settings.storage,
-        study_name=f"{settings.run_name}/{pair}", max_t=settings.max_epochs)
-    return (tuning.PairSearcher({pair: searcher}, {pair: settings.num_samples},
-                                {pair: tuning.trial_constants(model, feature, settings)}),
+        sampler=optuna.samplers.RandomSampler(seed=seed + RANDOM_STREAM),
+        storage=storage, study_name=f"{study}/{pair}", max_t=search.max_epochs)
+    keys = config.TrialKeys(pair, model, feature, search.max_epochs, seed,
+                            tuning.checkpoint_epochs(search))
+    return (tuning.PairSearcher({pair: searcher}, {pair: search.num_samples},
+                                {pair: dataclasses.asdict(keys)}),
             FIFOScheduler())
 
 
@@ -81,17 +83,15 @@ def epochs_in_order(grid) -> list[tuple[float, float]]:
 
 def search(kind: str, model: str, feature: str, args, ref, folder: Path,
            slots: int) -> list[tuple[float, float]]:
-    d = defaults("tune")
-    run_dir = folder / kind
-    settings = tuning.SearchSettings(
-        run_name=kind, storage=tuning.optuna_storage(run_dir), max_epochs=args.max_epochs,
-        num_samples=args.trials if kind == "random" else 10 * args.trials,
-        grace_period=d["grace_period"], reduction_factor=d["reduction_factor"],
-        n_startup_trials=d["n_startup_trials"], seed=args.seed)
-    searcher, scheduler = (random_fifo(model, feature, settings) if kind == "random" else
-                           tuning.build_search([(model, feature)], {model: load_space(model)}, settings))
-    grid = tuning.fit({feature: ref}, searcher, scheduler, storage_path=str(folder), name=kind,
-                      num_trials=settings.num_samples, cpus_per_trial=1, gpus_per_trial=0,
+    settings = config.load(values={
+        "search.max_epochs": args.max_epochs, "run.seed": args.seed,
+        "search.num_samples": args.trials if kind == "random" else 10 * args.trials})
+    storage = tuning.optuna_storage(folder / kind)
+    searcher, scheduler = (random_fifo(model, feature, settings, kind, storage) if kind == "random" else
+                           tuning.build_search([(model, feature)], {model: load_space(model)}, settings,
+                                               kind, storage))
+    grid = tuning.fit({feature: ref}, searcher, scheduler, settings, storage_path=str(folder), name=kind,
+                      num_trials=settings.search.num_samples, cpus_per_trial=1, gpus_per_trial=0,
                       max_concurrent=slots, verbose=0,
                       stop=EpochBudget(args.trials * args.max_epochs))
     for result in grid.errors:
@@ -104,10 +104,10 @@ def main() -> None:
     parser.add_argument("--model", default="CEL")
     parser.add_argument("--feature", default="spectrogram")
     parser.add_argument("--trials", type=int, default=10, help="the baseline's trials")
-    parser.add_argument("--max-epochs", type=int, default=defaults("tune")["max_epochs"])
+    parser.add_argument("--max-epochs", type=int, default=config.load().search.max_epochs)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    fs = build_features(embedded_dataset(), args.feature)
+    fs = build_features(embedded_dataset(), args.feature, config.load())
     budget = args.trials * args.max_epochs
     ray.init(address="local", include_dashboard=False, configure_logging=False)
     print(context())

@@ -12,6 +12,7 @@ loops, in ABBA order, to share any drift in machine load. Goal: ratio >= 1.0.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from bench.common import context
+from genre_ray import config
 from genre_ray.features import build_features
 from genre_ray.models import build_model
 from genre_ray.search_space import first_point
@@ -44,19 +46,21 @@ def dataloader_epoch(model, optimizer, loader: DataLoader, device: torch.device)
 
 
 def bench_pair(model_name: str, feature: str, data_dir: Path, epochs: int) -> float:
-    fs = build_features(data_dir, feature)
+    cfg = config.load()
+    fs = build_features(data_dir, feature, cfg)
     x, y = fs.splits["train"].x, fs.splits["train"].labels
-    config = first_point(model_name)
+    cfg = config.tuned(cfg, first_point(model_name))
     models = []
     for _ in range(2):
         seed_everything(0)
-        models.append(build_model(model_name, fs.input_shape, len(fs.classes), config))
-    trainer = Trainer(models[0], (x, y), (x[:1], y[:1]), config, n_classes=len(fs.classes),
+        models.append(build_model(model_name, fs.input_shape, len(fs.classes),
+                                  dataclasses.asdict(cfg.model)))
+    trainer = Trainer(models[0], (x, y), (x[:1], y[:1]), cfg.training, n_classes=len(fs.classes),
                       epochs=epochs)
     device = trainer.device
     baseline = models[1].to(device)
-    optimizer = torch.optim.Adam(baseline.parameters(), lr=config["learning_rate"])
-    loader = DataLoader(TensorDataset(x, y), batch_size=config["batch_size"], shuffle=True)
+    optimizer = torch.optim.Adam(baseline.parameters(), lr=cfg.training.learning_rate)
+    loader = DataLoader(TensorDataset(x, y), batch_size=cfg.training.batch_size, shuffle=True)
     loops = {"genre_ray": lambda: train_epoch(trainer.model, trainer.optimizer, *trainer.train_xy,
                                               trainer.batch_size, trainer.generator),
              "DataLoader": lambda: dataloader_epoch(baseline, optimizer, loader, device)}

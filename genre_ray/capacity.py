@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from genre_ray.config import defaults
+from genre_ray.config import Memory
 from genre_ray.errors import UserError
 
 GB = 1 << 30
@@ -35,27 +35,22 @@ class Need:
     trial: int
     cpus: float
     gpus: float
-
-    @property
-    def store(self) -> int:
-        """Object-store bytes a node needs for the data."""
-        return int(sum(self.data.values()) * defaults("memory")["store_headroom"])
+    store: int  # object-store bytes a node needs for the data
 
 
-def need(sizes: dict[str, dict[str, int]], cpus: float, gpus: float) -> Need:
+def need(sizes: dict[str, dict[str, int]], cpus: float, gpus: float, memory: Memory) -> Need:
     """The Need of a run over features of `sizes` (features.estimated_bytes)."""
-    per_feature = defaults("memory")["trial_gb"]
-    trial = max(per_feature[f] for f in sizes) * GB
-    return Need({f: s["train"] + s["val"] for f, s in sizes.items()}, int(trial), cpus, gpus)
+    trial = max(memory.trial_gb[f] for f in sizes) * GB
+    data = {f: s["train"] + s["val"] for f, s in sizes.items()}
+    return Need(data, int(trial), cpus, gpus, int(sum(data.values()) * memory.store_headroom))
 
 
-def local_store_bytes(want: Need) -> int:
+def local_store_bytes(want: Need, memory: Memory) -> int:
     """The object store a new local Ray gets: the data plus headroom, at least Ray's minimum;
     UserError when this machine cannot hold it beside the driver and one trial."""
-    cfg = defaults("memory")
-    store = max(want.store + int(cfg["store_extra_gb"] * GB), int(cfg["store_min_gb"] * GB))
+    store = max(want.store + int(memory.store_extra_gb * GB), int(memory.store_min_gb * GB))
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if store + want.trial + cfg["driver_gb"] * GB > total:
+    if store + want.trial + memory.driver_gb * GB > total:
         raise UserError(_too_big(want, f"this machine has {total / GB:.1f} GB of memory"))
     return store
 

@@ -1,29 +1,400 @@
-"""Project defaults (genre_ray/defaults.yaml) and the cache directory."""
+"""The run's configuration: typed, frozen, built once and passed down.
+
+`load()` reads genre_ray/defaults.yaml, lays a `--config` file's sections over it, then
+the flags' values (`FLAGS`: the one place a flag maps to a field), and checks every
+field's type and range in one pass (pydantic validates the dataclasses): a bad value is
+one UserError naming its flag or its `section.key`. No other module reads defaults.yaml;
+each stage takes the sections it needs. `as_json` is what a run's `run.json` keeps, and
+`changes` names what differs between two of them.
+"""
 from __future__ import annotations
 
-import copy
+import dataclasses
 import functools
+import hashlib
+import json
 import os
+import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Mapping
 
+import pydantic
 import yaml
+from pydantic import Field
 
 DEFAULTS_FILE = Path(__file__).with_name("defaults.yaml")
+CACHE_DIR = "~/.cache/genre-ray"  # where datasets and feature caches live; $GENRE_RAY_CACHE wins
+
+# Each tune_main.py flag and the field it sets. A field without a flag is set in
+# defaults.yaml or a --config file.
+FLAGS: dict[str, str] = {
+    "--data-dir": "run.data_dir", "--models": "run.models", "--features": "run.features",
+    "--output-dir": "run.output_dir", "--storage-path": "run.storage_path",
+    "--search-spaces": "run.search_spaces", "--seed": "run.seed", "--split": "split.kind",
+    "--num-samples": "search.num_samples", "--max-epochs": "search.max_epochs",
+    "--grace-period": "search.grace_period", "--reduction-factor": "search.reduction_factor",
+    "--n-startup-trials": "search.n_startup_trials",
+    "--cpus-per-trial": "resources.cpus_per_trial", "--gpus-per-trial": "resources.gpus_per_trial",
+    "--wandb": "tracking.wandb", "--wandb-project": "tracking.wandb_project",
+}
+
+Count = Annotated[int, Field(ge=0, strict=True)]  # strict: True is not 1, 2.0 is not 2
+Positive = Annotated[int, Field(ge=1, strict=True)]
+Share = Annotated[float, Field(ge=0, strict=True)]  # strict: an int is a float, True is not
+Rate = Annotated[float, Field(gt=0, strict=True)]
+# a misspelt key is an error, not ignored; so is a NaN or infinite number
+_STRICT = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+@dataclass(frozen=True)
+class Run:
+    """What the run tunes, where its data comes from and where its results go."""
+
+    __pydantic_config__ = _STRICT
+    models: tuple[str, ...]
+    features: tuple[str, ...]
+    data_dir: str | None  # None: the embedded dataset
+    output_dir: str
+    storage_path: str
+    search_spaces: str | None  # None: the project's search_spaces/
+    seed: Annotated[int, Field(strict=True)]  # the split, the augmentation, TPE and every trial
+    env_file: str  # read for WANDB_API_KEY
+
+
+@dataclass(frozen=True)
+class Data:
+    __pydantic_config__ = _STRICT
+    sample_rate: Positive
+    segment_seconds: Rate
+    min_tail_seconds: Share
+
+
+@dataclass(frozen=True)
+class Split:
+    __pydantic_config__ = _STRICT
+    kind: str  # random | fault-filtered | path to a JSON split file
+    fractions: dict[Literal["train", "val", "test"], Rate]
+
+
+@dataclass(frozen=True)
+class Spectrogram:
+    __pydantic_config__ = _STRICT
+    n_fft: Positive
+    hop_length: Positive
+    n_mels: Positive
+    f_min: Share
+    top_db: Rate
+
+
+@dataclass(frozen=True)
+class Waveform:
+    __pydantic_config__ = _STRICT
+
+
+class _PerFeature:
+    def of(self, feature: str) -> dict[str, Any]:
+        """The parameters of `feature` (waveform | spectrogram), as keyword arguments."""
+        return dataclasses.asdict(getattr(self, feature))
+
+
+@dataclass(frozen=True)
+class Features(_PerFeature):
+    """Each feature's parameters."""
+
+    __pydantic_config__ = _STRICT
+    waveform: Waveform
+    spectrogram: Spectrogram
+
+
+@dataclass(frozen=True)
+class Augment:
+    __pydantic_config__ = _STRICT
+    copies: Count
+    time_stretch: tuple[Rate, Rate]
+    pitch_shift: tuple[Annotated[int, Field(strict=True)], Annotated[int, Field(strict=True)]]
+
+
+@dataclass(frozen=True)
+class Noise:
+    __pydantic_config__ = _STRICT
+    noise_std: Share
+
+
+@dataclass(frozen=True)
+class Masks:
+    __pydantic_config__ = _STRICT
+    freq_mask: Count
+    time_mask: Count
+
+
+@dataclass(frozen=True)
+class BatchAugment(_PerFeature):
+    """On-the-fly training augmentation per feature."""
+
+    __pydantic_config__ = _STRICT
+    waveform: Noise
+    spectrogram: Masks
+
+
+@dataclass(frozen=True)
+class Model:
+    """Architecture keys; a search space may search any of them (models.py checks values)."""
+
+    __pydantic_config__ = _STRICT
+    nodes: Positive
+    hidden_layers: Positive
+    dropout_prob: Annotated[float, Field(ge=0, lt=1, strict=True)]
+    dense_layers: Count
+    stem_kernel: Positive
+    stem_stride: Positive
+
+
+@dataclass(frozen=True)
+class Training:
+    """The training loop's keys; a search space may search all but eval_batch_size."""
+
+    __pydantic_config__ = _STRICT
+    learning_rate: Rate
+    batch_size: Positive
+    optimizer: Literal["adam", "sgd"]  # optim.OPTIMIZERS (a test holds them equal)
+    weight_decay: Share
+    scheduler: Literal["none", "plateau", "cosine"]  # optim.SCHEDULERS
+    precision: Literal["fp32", "bf16"]  # training.PRECISIONS
+    eval_batch_size: Positive
+
+
+@dataclass(frozen=True)
+class Search:
+    __pydantic_config__ = _STRICT
+    num_samples: Positive
+    max_epochs: Positive
+    grace_period: Positive
+    reduction_factor: Annotated[int, Field(ge=2, strict=True)]
+    n_startup_trials: Count
+
+
+@dataclass(frozen=True)
+class Resources:
+    __pydantic_config__ = _STRICT
+    cpus_per_trial: Annotated[float, Field(ge=1e-4, strict=True)]  # Ray counts in 1/10,000ths
+    gpus_per_trial: Share
+
+
+@dataclass(frozen=True)
+class Tracking:
+    __pydantic_config__ = _STRICT
+    wandb: Literal["auto", "online", "offline", "off"]
+    wandb_project: str
+
+
+@dataclass(frozen=True)
+class Memory:
+    __pydantic_config__ = _STRICT
+    trial_gb: dict[Literal["waveform", "spectrogram"], Rate]
+    driver_gb: Share
+    store_headroom: Annotated[float, Field(ge=1, strict=True)]
+    store_extra_gb: Share
+    store_min_gb: Share
+
+
+@dataclass(frozen=True)
+class Config:
+    """One run's whole configuration. `spaces`: each tuned model's search space as read
+    (its file with `extends` applied), filled in by `experiment.resolved`."""
+
+    __pydantic_config__ = _STRICT
+    run: Run
+    data: Data
+    split: Split
+    features: Features
+    augment: Augment
+    batch_augment: BatchAugment
+    model: Model
+    training: Training
+    search: Search
+    resources: Resources
+    tracking: Tracking
+    memory: Memory
+    spaces: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrialKeys:
+    """What each trial's Tune config holds beside its sampled hyperparameters (the one
+    owner of these keys: tuning puts them there, the trainable and the export read them)."""
+
+    pair: str
+    model: str
+    feature: str
+    max_epochs: int
+    seed: int
+    checkpoint_epochs: list[int]  # tuning.checkpoint_epochs
+
+    @classmethod
+    def split(cls, tune_config: Mapping[str, Any]) -> tuple[TrialKeys, dict[str, Any]]:
+        """(the keys, the sampled hyperparameters) of a trial's Tune config."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return (cls(**{k: v for k, v in tune_config.items() if k in names}),
+                {k: v for k, v in tune_config.items() if k not in names})
+
+
+_ADAPTER = pydantic.TypeAdapter(Config)
+_SECTIONS = {name: hint for name, hint in typing.get_type_hints(Config).items() if name != "spaces"}
+_FIELD_FLAGS = {field: flag for flag, field in FLAGS.items()}
 
 
 @functools.cache
-def _load() -> dict[str, Any]:
+def _defaults() -> dict[str, Any]:
     with DEFAULTS_FILE.open() as f:
         return yaml.safe_load(f)
 
 
-def defaults(section: str) -> dict[str, Any]:
-    """A fresh copy of one section of defaults.yaml, safe to modify."""
-    return copy.deepcopy(_load()[section])
+def load(file: Mapping[str, Any] | None = None, values: Mapping[str, Any] | None = None,
+         source: str = "--config") -> Config:
+    """defaults.yaml, with `file`'s sections ({section: {key: value}}) laid over it, then
+    `values` ({"section.key": value}, the flags'). UserError for an unknown section or key,
+    or a value of the wrong type or out of range."""
+    return _validated(_set(_merged(_defaults(), file or {}, source), values or {}))
+
+
+def replaced(cfg: Config, values: Mapping[str, Any]) -> Config:
+    """`cfg` with `values` ({"section.key": value}) in place, checked as `load` checks."""
+    return _validated(_set(as_json(cfg), values))
+
+
+def _set(doc: dict[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    for path, value in values.items():
+        section, key = path.split(".")
+        doc[section] = {**doc[section], key: value}
+    return doc
+
+
+def from_json(doc: Mapping[str, Any]) -> Config:
+    """The Config that `as_json` gave (a run's saved configuration)."""
+    return _validated(dict(doc))
+
+
+def as_json(cfg: Config) -> dict[str, Any]:
+    """`cfg` as plain JSON values (tuples as lists): what run.json keeps."""
+    return _ADAPTER.dump_python(cfg, mode="json")
+
+
+def digest(doc: Mapping[str, Any]) -> str:
+    """A short hash of a configuration's JSON (search spaces included)."""
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """What differs from `saved` in `now`, one phrase each: `--num-samples 3 (now 5)` for a
+    flag's field, `training.learning_rate 0.001 (now 0.01)` for a file's, `search space
+    CEL` for a model's search space."""
+    found = []
+    for section in sorted(set(saved) | set(now)):
+        old, new = saved.get(section) or {}, now.get(section) or {}
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                name = f"{section}.{key}"
+                found.append(f"search space {key}" if section == "spaces" else
+                             f"{_FIELD_FLAGS.get(name, name)} {old.get(key)} (now {new.get(key)})")
+    return found
+
+
+def tuned(cfg: Config, hyper: Mapping[str, Any]) -> Config:
+    """`cfg` with a trial's hyperparameters in place, each in the section that owns it
+    (model or training), checked as `load` checks."""
+    from genre_ray.errors import UserError
+
+    values = {}
+    for key, value in hyper.items():
+        section = next((s for s in ("model", "training") if key in _keys(s)), None)
+        if section is None:
+            raise UserError(f"unknown hyperparameter {key!r}; model and training keys: "
+                            f"{', '.join(sorted(_keys('model') | _keys('training')))}")
+        values[f"{section}.{key}"] = value
+    return replaced(cfg, values)
+
+
+def _keys(section: str) -> set[str]:
+    return {f.name for f in dataclasses.fields(_SECTIONS[section])}
+
+
+def checked(section: str, key: str, value: Any) -> Any:
+    """`value` as `section.key` holds it (an int given for a float is a float), checked as
+    `load` checks; UserError saying why it cannot be."""
+    from genre_ray.errors import UserError
+
+    hints = typing.get_type_hints(_SECTIONS[section], include_extras=True)
+    if key not in hints:
+        raise UserError(f"{section}.{key}: unknown setting; {section} takes {', '.join(sorted(hints))}")
+    try:
+        return pydantic.TypeAdapter(hints[key], config=_STRICT).validate_python(value)
+    except pydantic.ValidationError as err:
+        raise UserError(_describe({**err.errors()[0], "loc": (section, key)})) from None
+
+
+def problem(section: str, key: str, value: Any) -> str | None:
+    """Why `section.key` cannot be `value` (`checked`'s message), or None."""
+    from genre_ray.errors import UserError
+
+    try:
+        checked(section, key, value)
+    except UserError as err:
+        return str(err)
+    return None
+
+
+def command(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """The values of a configuration's (as_json's) fields that flags set: two runs with
+    the same are the same command."""
+    return {field: (doc.get(field.split(".")[0]) or {}).get(field.split(".")[1])
+            for field in FLAGS.values()}
 
 
 def cache_dir() -> Path:
     """Where generated datasets and feature caches live ($GENRE_RAY_CACHE wins)."""
-    root = os.environ.get("GENRE_RAY_CACHE") or defaults("cache")["dir"]
-    return Path(root).expanduser().resolve()
+    return Path(os.environ.get("GENRE_RAY_CACHE") or CACHE_DIR).expanduser().resolve()
+
+
+def _merged(base: dict[str, Any], over: Mapping[str, Any], source: str) -> dict[str, Any]:
+    from genre_ray.errors import UserError
+
+    unknown = sorted(set(over) - set(base))
+    if unknown:
+        raise UserError(f"{source}: unknown section(s) {', '.join(unknown)}; sections: "
+                        f"{', '.join(base)}")
+    doc = dict(base)
+    for section, keys in over.items():
+        if not isinstance(keys, Mapping):
+            raise UserError(f"{source}: {section} must be a mapping of its keys, e.g. "
+                            f"{section}: {{{next(iter(base[section] or {'key': 0}))}: ...}}")
+        doc[section] = {**(base[section] or {}), **keys}
+    return doc
+
+
+def _validated(doc: dict[str, Any]) -> Config:
+    from genre_ray.errors import UserError
+
+    try:
+        return _ADAPTER.validate_python(doc)
+    except pydantic.ValidationError as err:
+        raise UserError(_describe(err.errors()[0])) from None
+
+
+_BOUNDS = {"ge": ">=", "gt": ">", "lt": "<", "le": "<="}
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    """One pydantic error as this project's one-line messages: `--num-samples must be >= 1,
+    got 0` for a flag's field; `training.learning_rate: <why>, got -1` for a file's."""
+    loc = [str(part) for part in error["loc"]]
+    name = ".".join(loc[:2])
+    where = _FIELD_FLAGS.get(name) or ".".join(loc)
+    bound = next(((op, v) for op, v in (error.get("ctx") or {}).items() if op in _BOUNDS), None)
+    if bound and name in _FIELD_FLAGS:
+        return f"{where} must be {_BOUNDS[bound[0]]} {bound[1]}, got {error['input']}"
+    if error["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+        return f"{where}: unknown setting; see {DEFAULTS_FILE} for the settings of each section"
+    if error["type"] == "missing":
+        return f"{where}: missing; every key of {DEFAULTS_FILE} needs a value"
+    return f"{where}: {error['msg'].lower()}, got {error.get('input')!r}"

@@ -31,7 +31,7 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
-from genre_ray.config import defaults
+from genre_ray import config
 from genre_ray.errors import UserError, exit_on_user_error
 
 SPLITS = ("train", "val", "test")
@@ -262,25 +262,20 @@ class Chunk:
         return Chunk(*(torch.cat([getattr(c, k) for c in chunks]) for k in ("waves", "labels", "track")))
 
 
-def plan(data_dir: Path, split: str | Path | None = None, *, seed: int | None = None,
-         fractions: dict[str, float] | None = None) -> Plan:
-    """Scan `data_dir` and split its tracks (params: defaults.yaml); decodes nothing."""
-    params, split_params = defaults("data"), defaults("split")
+def plan(data_dir: Path, params: config.Data, split: config.Split, seed: int) -> Plan:
+    """Scan `data_dir` and split its tracks as `split` says (random splits drawn with
+    `seed`); decodes nothing."""
     found = scan(data_dir)
-    kind = split or split_params["kind"]
-    assigned = split_tracks(found.tracks, kind,
-                            seed=split_params["seed"] if seed is None else seed,
-                            fractions=fractions or split_params["fractions"])
-    rate = params["sample_rate"]
-    cutter = _Cutter(rate, round(params["segment_seconds"] * rate),
-                     round(params["min_tail_seconds"] * rate))
-    return Plan(found, assigned, kind, cutter)
+    assigned = split_tracks(found.tracks, split.kind, seed=seed, fractions=split.fractions)
+    rate = params.sample_rate
+    cutter = _Cutter(rate, round(params.segment_seconds * rate), round(params.min_tail_seconds * rate))
+    return Plan(found, assigned, split.kind, cutter)
 
 
-def load_segments(data_dir: Path, split: str | Path | None = None, *, seed: int | None = None,
-                  fractions: dict[str, float] | None = None) -> SegmentSet:
+def load_segments(data_dir: Path, params: config.Data, split: config.Split,
+                  seed: int) -> SegmentSet:
     """Scan, split by track, decode and cut every track of `data_dir` into memory."""
-    read = plan(data_dir, split, seed=seed, fractions=fractions)
+    read = plan(data_dir, params, split, seed)
     chunks = {name: list(read.chunks(name, CHUNK)) for name in SPLITS}
     segs = read.finish()
     for name, part in segs.splits.items():
@@ -488,15 +483,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m genre_ray.data", description=__doc__.split("\n")[0])
     parser.add_argument("data_dir", nargs="?", type=Path,
                         help="GTZAN folder (default: the embedded synthetic dataset, generated once)")
-    parser.add_argument("--split", default=defaults("split")["kind"],
+    cfg = config.load()
+    parser.add_argument("--split", default=cfg.split.kind,
                         help="random | fault-filtered | path to a JSON split file")
-    parser.add_argument("--seed", type=int, default=defaults("split")["seed"])
+    parser.add_argument("--seed", type=int, default=cfg.run.seed)
     args = parser.parse_args(argv)
     if args.data_dir is None:
         from genre_ray.synthetic import embedded_dataset
 
         args.data_dir = embedded_dataset()
-    data = load_segments(args.data_dir, args.split, seed=args.seed)
+    cfg = config.load(values={"split.kind": args.split, "run.seed": args.seed})
+    data = load_segments(args.data_dir, cfg.data, cfg.split, cfg.run.seed)
     print(f"{find_root(args.data_dir)}: {len(data.classes)} genres, split {args.split}, "
           f"{data.sample_rate} Hz segments of {data.splits['train'].waves.shape[1]} samples")
     print(report(data))

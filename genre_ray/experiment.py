@@ -1,9 +1,10 @@
 """The main job, end to end: features -> Ray -> one Tuner over every pair -> exports
 -> test scores, leaderboard, plots (and a W&B summary run).
 
-`run(Options)` is what `tune_main.py` calls after parsing its flags. Everything a user
-can get wrong (names, paths, search-space files) is checked before Ray starts. Which run
-it starts or continues (after Ctrl-C, through Tuner.restore) is `runs.choose`'s answer.
+`run(Config, Session)` is what `tune_main.py` calls after building the configuration.
+Everything a user can get wrong (names, paths, search-space files) is checked before Ray
+starts. Which run it starts or continues (after Ctrl-C, through Tuner.restore) is
+`runs.choose`'s answer, from the whole configuration the run saved.
 """
 from __future__ import annotations
 
@@ -18,49 +19,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from genre_ray import capacity, export, report, runs, tuning
+from genre_ray import capacity, config, export, report, runs, tuning
+from genre_ray.config import Config
 from genre_ray.data import describe_notes
 from genre_ray.errors import UserError
 from genre_ray.features import FeatureSet, build_feature_sets, canonical_feature, estimated_bytes
 from genre_ray.models import count_parameters
-from genre_ray.search_space import load_space
-from genre_ray.trainable import TRIAL_KEYS, load_trial_state
+from genre_ray.search_space import SearchSpace, load_space, parse_space
+from genre_ray.trainable import load_trial_state
 
 
-@dataclass
-class Options:
-    """One run's settings: tune_main.py's flags (defaults: defaults.yaml `tune`)."""
+@dataclass(frozen=True)
+class Session:
+    """How this command runs, beside what it runs (config.Config): which run, which Ray."""
 
-    data_dir: Path | None
-    models: list[str]
-    features: list[str]
-    num_samples: int
-    max_epochs: int
-    grace_period: int
-    reduction_factor: int
-    n_startup_trials: int
-    cpus_per_trial: float
-    gpus_per_trial: float
-    address: str | None
-    storage_path: str
-    shared_storage: bool
-    name: str | None
-    resume: bool
-    split: str
-    wandb: str
-    wandb_project: str
-    seed: int
-    output_dir: Path
-    search_spaces: Path
-    env_file: Path
-
-
-# The settings that shape a run, saved in its record: an interrupted run is continued by
-# the same command (same settings) or by --resume (its saved settings).
-SPEC_KEYS = ("data_dir", "models", "features", "num_samples", "max_epochs", "grace_period",
-             "reduction_factor", "n_startup_trials", "cpus_per_trial", "gpus_per_trial", "split",
-             "wandb", "wandb_project", "seed", "output_dir", "search_spaces")
-PATH_KEYS = ("data_dir", "output_dir", "search_spaces")
+    name: str | None = None  # None: the newest interrupted run with this configuration, or new
+    resume: bool = False  # continue a run with its saved configuration
+    address: str | None = None  # a Ray cluster to join; None: a new local Ray
+    shared_storage: bool = False  # the storage path is mounted on every node
 
 
 class Interrupted(Exception):
@@ -89,56 +65,72 @@ class RunSummary:
 class Checked:
     """What a run needs, checked before anything of the run is written."""
 
-    spaces: dict[str, Any]
+    spaces: dict[str, SearchSpace]
     output_dir: Path
     mode: str | None  # W&B: online | offline | None (off)
     data_dir: Path
     need: capacity.Need  # what each node must hold (estimated from the audio files' headers)
 
 
-def run(opts: Options) -> RunSummary:
-    """Tune every (model, feature) pair of `opts`, export the best model of each, score the
+def run(cfg: Config, session: Session = Session()) -> RunSummary:
+    """Tune every (model, feature) pair of `cfg`, export the best model of each, score the
     exports on the test split, and write the leaderboard and plots. Interrupted: Ctrl-C.
 
     Order: which run (read-only), flags, files, data and the cluster are checked before
     the run's folder is claimed, so a mistake leaves no trace of a run."""
     start = time.perf_counter()
-    _require_positive(opts)
-    store = runs.storage(opts.storage_path)
-    chosen = runs.choose(store, opts.name, _spec(opts), opts.resume)
-    opts = _with_spec(opts, chosen.spec)
+    store = runs.storage(cfg.run.storage_path)
+    chosen = runs.choose(store, session.name, config.as_json(resolved(cfg, session.resume)),
+                         session.resume)
+    cfg = config.from_json(chosen.config)
     if store.remote:
         runs.require_writable(store)
     else:
         _writable(store.local, "--storage-path")
-    checked = _check(opts)
-    with _ray(opts, store, checked.need) as slots:
-        sets = _feature_sets(opts, checked.data_dir)
+    checked = _check(cfg)
+    with _ray(cfg, session, store, checked.need) as slots:
+        sets = _feature_sets(cfg, checked.data_dir)
         with runs.claimed(store, chosen) as run_:
             if run_.resume:
                 print(f"continuing interrupted run {run_.name!r} ({run_.dir}); pass --name NEW "
                       "to start a new run instead")
-            summary = _run(opts, checked, sets, slots, store, run_, start)
+            summary = _run(cfg, checked, sets, slots, store, run_, start)
         runs.write_record(run_, "finished")
         summary.copied_to = runs.publish(store, run_)
     return summary
 
 
-def _check(opts: Options) -> Checked:
+def resolved(cfg: Config, resume: bool = False) -> Config:
+    """`cfg` as a run keeps it: paths absolute, feature names canonical, and each model's
+    search space read (a --resume takes the run's saved ones: none are read)."""
+    def absolute(path: str | None) -> str | None:
+        return path and (path if "://" in path else str(Path(path).expanduser().resolve()))
+
+    run_ = cfg.run
+    cfg = config.replaced(cfg, {
+        "run.features": [canonical_feature(f) for f in run_.features],
+        **{f"run.{key}": absolute(getattr(run_, key))
+           for key in ("data_dir", "output_dir", "storage_path", "search_spaces")}})
+    spaces = {} if resume else {m: load_space(m, cfg.run.search_spaces).doc for m in cfg.run.models}
+    return dataclasses.replace(cfg, spaces=spaces)
+
+
+def _check(cfg: Config) -> Checked:
     from genre_ray.tracking import resolve_mode
 
-    spaces = {model: load_space(model, opts.search_spaces) for model in opts.models}
-    output_dir = _writable(opts.output_dir, "--output-dir")
-    mode = resolve_mode(opts.wandb, opts.env_file)
-    data_dir = opts.data_dir or _embedded()
-    sizes = estimated_bytes(data_dir, opts.features, split=opts.split, seed=opts.seed)
-    need = capacity.need(sizes, opts.cpus_per_trial, opts.gpus_per_trial)
+    spaces = {m: parse_space(m, cfg.spaces[m], Path(f"run.json spaces.{m}")) for m in cfg.run.models}
+    output_dir = _writable(Path(cfg.run.output_dir), "--output-dir")
+    mode = resolve_mode(cfg.tracking.wandb, Path(cfg.run.env_file))
+    data_dir = Path(cfg.run.data_dir) if cfg.run.data_dir else _embedded()
+    sizes = estimated_bytes(data_dir, list(cfg.run.features), cfg)
+    need = capacity.need(sizes, cfg.resources.cpus_per_trial, cfg.resources.gpus_per_trial,
+                         cfg.memory)
     return Checked(spaces, output_dir, mode, data_dir, need)
 
 
-def _feature_sets(opts: Options, data_dir: Path) -> dict[str, FeatureSet]:
+def _feature_sets(cfg: Config, data_dir: Path) -> dict[str, FeatureSet]:
     """Every feature of the run (computed once, cached), and what loading left out."""
-    sets = build_feature_sets(data_dir, opts.features, split=opts.split, seed=opts.seed)
+    sets = build_feature_sets(data_dir, list(cfg.run.features), cfg)
     notes = next(iter(sets.values())).report  # files skipped, padded or ignored
     if any(notes.values()):
         print("\n".join([f"data {data_dir}:", *describe_notes(notes)]))
@@ -146,7 +138,7 @@ def _feature_sets(opts: Options, data_dir: Path) -> dict[str, FeatureSet]:
 
 
 @contextlib.contextmanager
-def _ray(opts: Options, store: runs.Storage, need: capacity.Need) -> Iterator[int]:
+def _ray(cfg: Config, session: Session, store: runs.Storage, need: capacity.Need) -> Iterator[int]:
     """Ray up (a new local one with an object store sized for the data, or the cluster
     --address names) and checked; yields the trials that fit at once; down after."""
     import optuna
@@ -154,132 +146,123 @@ def _ray(opts: Options, store: runs.Storage, need: capacity.Need) -> Iterator[in
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per study and trial
     logging.getLogger("ray.tune.tune").addFilter(_not_tune_resume_hint)
-    _require_reachable(opts.address)
-    sized = {} if opts.address else {"object_store_memory": capacity.local_store_bytes(need)}
+    _require_reachable(session.address)
+    sized = {} if session.address else \
+        {"object_store_memory": capacity.local_store_bytes(need, cfg.memory)}
     try:  # absent --address: a new local Ray, never a cluster an earlier `ray start` left running
-        ray.init(address=opts.address or "local", include_dashboard=False, configure_logging=False,
-                 **sized)
+        ray.init(address=session.address or "local", include_dashboard=False,
+                 configure_logging=False, **sized)
     except ConnectionError as err:  # --address auto, and no cluster runs here
-        raise UserError(f"--address {opts.address}: {str(err).rstrip('.')}; start one with "
+        raise UserError(f"--address {session.address}: {str(err).rstrip('.')}; start one with "
                         "`ray start --head`, or drop --address to run on a new local Ray") from None
     try:
-        _require_shared_storage(opts, store)
+        _require_shared_storage(session, store)
         yield _slots(need)
     finally:
         ray.shutdown()
 
 
-def _run(opts: Options, checked: Checked, sets: dict[str, FeatureSet], slots: int,
+def _run(cfg: Config, checked: Checked, sets: dict[str, FeatureSet], slots: int,
          store: runs.Storage, run_: runs.Run, start: float) -> RunSummary:
     from genre_ray.tracking import log_summary, sync_hint
 
-    mode = checked.mode
-    pairs = [(m, f) for m in opts.models for f in opts.features]
+    mode, max_epochs = checked.mode, cfg.search.max_epochs
+    pairs = [(m, f) for m in cfg.run.models for f in cfg.run.features]
     runs.write_record(run_, "running")
-    grid, tuned = _tune(opts, sets, pairs, checked.spaces, store, run_, mode,
+    grid, tuned = _tune(cfg, sets, pairs, checked.spaces, store, run_, mode,
                         slots, checked.need.trial)
-    if tuning.interrupted(store.tune_path(run_.name), opts.num_samples * len(pairs), grid):
+    if tuning.interrupted(store.tune_path(run_.name), cfg.search.num_samples * len(pairs), grid):
         runs.write_record(run_, "interrupted")
         raise Interrupted(f"run {run_.name!r} was interrupted; its trials, checkpoints and "
                           "Optuna studies are saved. Run the same command again, or add "
                           f"--resume --name {run_.name}, to continue it")
     run_dir = run_.dir
-    results = [_pair_result(grid, m, sets[f], checked.output_dir, run_dir, opts) for m, f in pairs]
+    results = [_pair_result(grid, m, sets[f], checked.output_dir, run_dir, cfg) for m, f in pairs]
     fs = next(iter(sets.values()))
-    ctx = report.context(checked.data_dir, opts.split, opts.seed, _sizes(fs), tuned["hardware"],
-                         time.perf_counter() - start)
+    ctx = report.context(checked.data_dir, cfg.split.kind, cfg.run.seed, _sizes(fs),
+                         tuned.hardware, time.perf_counter() - start)
     files = report.write_leaderboard(run_dir, results, ctx)
-    files += report.write_plots(run_dir, results, fs.classes, _trials(grid, opts.max_epochs),
-                                opts.max_epochs)
+    files += report.write_plots(run_dir, results, fs.classes, _trials(grid, max_epochs), max_epochs)
     if mode is not None:
-        log_summary(mode, project=opts.wandb_project, run_dir=run_dir, name=run_.name,
+        log_summary(mode, project=cfg.tracking.wandb_project, run_dir=run_dir, name=run_.name,
                     columns=report.COLUMNS, rows=[r.row() for r in report.ranked(results)],
                     files=files)
     if mode == "offline":
         print(sync_hint(run_dir))
-    return RunSummary(results, run_dir, tuned["seconds"], tuned["slots"],
-                      None if run_.resume else
-                      tuning.utilisation(grid, tuned["seconds"], tuned["slots"]),
+    return RunSummary(results, run_dir, tuned.seconds, tuned.slots,
+                      None if run_.resume else tuning.utilisation(grid, tuned.seconds, tuned.slots),
                       failures=[_failure(r) for r in grid
-                                if tuning.result_outcome(r, opts.max_epochs) == tuning.FAILED])
+                                if tuning.result_outcome(r, max_epochs) == tuning.FAILED])
 
 
-def _spec(opts: Options) -> dict[str, Any]:
-    """The run-shaping settings of `opts` as JSON values (paths absolute)."""
-    spec = {k: getattr(opts, k) for k in SPEC_KEYS}
-    spec["features"] = [canonical_feature(f) for f in opts.features]
-    for key in PATH_KEYS:
-        spec[key] = spec[key] and str(Path(spec[key]).expanduser().resolve())
-    return spec
+@dataclass
+class Tuned:
+    """How the Tuner ran: its wall seconds, trial slots and the cluster's hardware."""
+
+    seconds: float
+    slots: int
+    hardware: str
 
 
-def _with_spec(opts: Options, spec: dict[str, Any]) -> Options:
-    paths = {k: spec[k] and Path(spec[k]) for k in PATH_KEYS}
-    return dataclasses.replace(opts, **{**spec, **paths})
-
-
-def _tune(opts: Options, sets: dict[str, FeatureSet], pairs: list[tuple[str, str]],
+def _tune(cfg: Config, sets: dict[str, FeatureSet], pairs: list[tuple[str, str]],
           spaces: dict, store: runs.Storage, run_: runs.Run, mode: str | None, slots: int,
-          trial_bytes: int) -> tuple[Any, dict[str, Any]]:
+          trial_bytes: int) -> tuple[Any, Tuned]:
     """One Tuner over every pair (new, or restored from the run's saved state), on the
-    Ray this process joined: (ResultGrid, {seconds, slots, hardware})."""
+    Ray this process joined: its ResultGrid, and how it ran."""
     import ray
 
     from genre_ray.tracking import wandb_callback
     from genre_ray.trainable import share
 
     refs = {f: share(fs) for f, fs in sets.items()}  # once per run, shared by all trials
-    resources = {"cpus_per_trial": opts.cpus_per_trial, "gpus_per_trial": opts.gpus_per_trial,
-                 "memory_per_trial": trial_bytes}
+    resources = {"cpus_per_trial": cfg.resources.cpus_per_trial,
+                 "gpus_per_trial": cfg.resources.gpus_per_trial, "memory_per_trial": trial_bytes}
     start = time.perf_counter()
     if run_.resume and runs.tune_state_exists(store, run_.name):
-        tuner = tuning.restore_tuner(store.tune_path(run_.name), refs, **resources)
+        tuner = tuning.restore_tuner(store.tune_path(run_.name), refs, cfg, **resources)
     else:
-        callbacks = wandb_callback(mode, project=opts.wandb_project, run_dir=run_.dir,
+        callbacks = wandb_callback(mode, project=cfg.tracking.wandb_project, run_dir=run_.dir,
                                    classes=next(iter(sets.values())).classes)
-        tuner = tuning.make_tuner(refs, *_search(opts, pairs, spaces, run_), **resources,
+        tuner = tuning.make_tuner(refs, *_search(cfg, pairs, spaces, run_), cfg, **resources,
                                   storage_path=store.uri, name=run_.name,
-                                  num_trials=opts.num_samples * len(pairs),
+                                  num_trials=cfg.search.num_samples * len(pairs),
                                   max_concurrent=slots, callbacks=callbacks)
     grid = tuning.fit_in_main_thread(tuner)
-    return grid, {"seconds": time.perf_counter() - start, "slots": slots,
-                  "hardware": report.hardware(ray.nodes())}
+    return grid, Tuned(time.perf_counter() - start, slots, report.hardware(ray.nodes()))
 
 
-def _search(opts: Options, pairs: list[tuple[str, str]], spaces: dict,
+def _search(cfg: Config, pairs: list[tuple[str, str]], spaces: dict,
             run_: runs.Run) -> tuple[tuning.PairSearcher, tuning.PairScheduler]:
     """A new run's searcher and scheduler, over a fresh Optuna journal (one left by a start
     that never reached its Tuner would hold its seed points a second time)."""
     (run_.dir / tuning.JOURNAL).unlink(missing_ok=True)
-    return tuning.build_search(pairs, spaces, tuning.SearchSettings(
-        run_name=run_.name, storage=tuning.optuna_storage(run_.dir),
-        num_samples=opts.num_samples, max_epochs=opts.max_epochs,
-        grace_period=opts.grace_period, reduction_factor=opts.reduction_factor,
-        n_startup_trials=opts.n_startup_trials, seed=opts.seed))
+    return tuning.build_search(pairs, spaces, cfg, run_.name, tuning.optuna_storage(run_.dir))
 
 
 def _pair_result(grid, model: str, fs: FeatureSet, output_dir: Path, run_dir: Path,
-                 opts: Options) -> report.PairResult:
+                 cfg: Config) -> report.PairResult:
     """Export the pair's best checkpoint, with its test scores, and describe its search."""
     pair = tuning.pair_name(model, fs.feature)
     results = [r for r in grid if r.config.get("pair") == pair]
-    ended = Counter(tuning.result_outcome(r, opts.max_epochs) for r in results)
+    ended = Counter(tuning.result_outcome(r, cfg.search.max_epochs) for r in results)
     seconds = tuning.busy_seconds(results)
     row = report.PairResult(pair, ended[tuning.FINISHED], ended[tuning.PRUNED], ended[tuning.FAILED],
-                            seconds * opts.cpus_per_trial, seconds * opts.gpus_per_trial)
+                            seconds * cfg.resources.cpus_per_trial,
+                            seconds * cfg.resources.gpus_per_trial)
     best = export.best_of_pair(results, load_trial_state)
     if best is None:
         return row
-    payload = export.payload(best, fs, {k: v for k, v in best.config.items() if k not in TRIAL_KEYS})
-    net = export.rebuild(payload)
+    _, hyper = config.TrialKeys.split(best.config)
+    exported = export.Exported.of(best, fs, dataclasses.asdict(config.tuned(cfg, hyper).model), hyper)
+    net = exported.rebuild()
     row.test = report.test_scores(net, fs.splits["test"], len(fs.classes))
     name = export.export_name(model, fs.feature)
-    export.save({**payload, "test": row.test.summary()},
-                [output_dir / name, run_dir / "best_models" / name])
+    dataclasses.replace(exported, test=row.test.summary()).save(
+        [output_dir / name, run_dir / "best_models" / name])
     trial = next(r for r in results if r.metrics.get("trial_id") == best.trial_id)
     row.export_path = output_dir / name
     row.val_loss, row.val_acc = best.metrics["val_loss"], best.metrics["val_acc"]
-    row.params, row.config, row.trial_id = count_parameters(net), payload["config"], best.trial_id
+    row.params, row.config, row.trial_id = count_parameters(net), hyper, best.trial_id
     row.epochs = int(trial.metrics.get("training_iteration", 0))
     row.history = trial.metrics_dataframe[["epoch", "train_loss", "val_loss", "val_acc"]] \
         .to_dict("records")
@@ -330,26 +313,15 @@ def summary_table(summary: RunSummary) -> str:
     return "\n".join(lines)
 
 
-LOWEST = {"num_samples": (1, ">= 1"), "max_epochs": (1, ">= 1"), "grace_period": (1, ">= 1"),
-          "reduction_factor": (2, ">= 2"), "n_startup_trials": (0, ">= 0"),
-          "cpus_per_trial": (1e-4, "> 0"), "gpus_per_trial": (0, ">= 0")}  # Ray: 1/10,000ths
-
-
-def _require_positive(opts: Options) -> None:
-    for flag, (lowest, words) in LOWEST.items():
-        if getattr(opts, flag) < lowest:
-            raise UserError(f"--{flag.replace('_', '-')} must be {words}, got {getattr(opts, flag)}")
-
-
-def _require_shared_storage(opts: Options, store: runs.Storage) -> None:
+def _require_shared_storage(session: Session, store: runs.Storage) -> None:
     """On a cluster of more than one node, every node saves its trials' checkpoints to the
     storage path: a path only this machine has would lose them. UserError before any trial."""
     import ray
 
     nodes = sum(node["Alive"] for node in ray.nodes())
-    if nodes > 1 and store.node_local and not opts.shared_storage:
+    if nodes > 1 and store.node_local and not session.shared_storage:
         raise UserError(
-            f"the Ray cluster has {nodes} nodes but --storage-path {opts.storage_path} may be "
+            f"the Ray cluster has {nodes} nodes but --storage-path {store.uri} may be "
             "a path on this machine only: trials on other nodes could not save their "
             "checkpoints there. Pass a bucket (s3://..., gs://...), or a path every node mounts "
             "(NFS) and add --shared-storage")

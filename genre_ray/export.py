@@ -7,6 +7,7 @@ and `rebuild` turns it back into a working model; it never runs pickled code.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import platform
 import warnings
@@ -23,13 +24,11 @@ from genre_ray.features import FeatureSet
 from genre_ray.files import atomic_path
 from genre_ray.models import build_model
 
-FORMAT = "genre-ray-model/1"
+FORMAT = "genre-ray-model/2"  # 2: typed fields (sample_rate, segment_seconds, arch) at the top
 # Reported by a trial with each checkpoint (trainable.BestSaver): the validation loss of the
 # state it holds, its best epoch's; Tune ranks checkpoints by it. The epoch's own val_loss,
 # reported beside it, may be worse.
 CHECKPOINT_METRIC = "checkpoint_val_loss"
-REQUIRED = ("format", "state_dict", "model", "feature", "config", "classes", "input_shape",
-            "feature_params", "stats")
 
 
 @dataclass
@@ -61,48 +60,84 @@ def best_of_pair(results: Iterable, load_state) -> Best | None:
     return best
 
 
-def payload(best: Best, fs: FeatureSet, hyper: dict[str, Any]) -> dict[str, Any]:
-    """What an export file holds: the best state dict and plain metadata."""
-    return {
-        "format": FORMAT, "state_dict": best.state_dict,
-        "model": best.config["model"], "feature": fs.feature, "config": hyper,
-        "classes": list(fs.classes), "input_shape": list(fs.input_shape),
-        "feature_params": fs.params, "stats": dict(fs.stats), "trial_id": best.trial_id,
-        "val": {k: best.metrics[k] for k in ("val_loss", "val_acc", "epoch")},
-        "versions": {"torch": str(torch.__version__), "torchaudio": str(torchaudio.__version__),
-                     "python": platform.python_version()},  # str: TorchVersion is not plain data
-    }
+@dataclass(frozen=True)
+class Exported:
+    """An exported model: its weights and everything needed to use them on audio.
 
+    `arch`: the architecture's keys (models.build_model); `hyper`: the trial's searched
+    hyperparameters; the audio is cut at `sample_rate` into `segment_seconds` segments (a
+    tail of `min_tail_seconds` or more padded) and turned into `feature` with
+    `feature_params`, normalised with the training split's `stats`. `provenance`: the
+    split and augmentation that produced the training data. Saved as plain data
+    (`save`), so `load` reads it with `torch.load(weights_only=True)`."""
 
-def save(payload: dict[str, Any], paths: list[Path]) -> None:
-    """Write an export to every path in `paths`, each atomically."""
-    for path in paths:
-        with atomic_path(path) as tmp:
-            torch.save(payload, tmp)
+    model: str
+    feature: str
+    classes: list[str]
+    input_shape: list[int]
+    arch: dict[str, Any]
+    hyper: dict[str, Any]
+    sample_rate: int
+    segment_seconds: float
+    min_tail_seconds: float
+    feature_params: dict[str, Any]
+    stats: dict[str, torch.Tensor]
+    state_dict: dict[str, torch.Tensor]
+    trial_id: str
+    val: dict[str, float]
+    provenance: dict[str, Any]
+    test: dict[str, Any] | None = None
+    versions: dict[str, str] = dataclasses.field(default_factory=lambda: {
+        "torch": str(torch.__version__), "torchaudio": str(torchaudio.__version__),
+        "python": platform.python_version()})  # str: TorchVersion is not plain data
 
+    @classmethod
+    def of(cls, best: Best, fs: FeatureSet, arch: dict[str, Any], hyper: dict[str, Any]) -> Exported:
+        """The export of a pair's best checkpoint, trained on `fs`."""
+        data = fs.params["data"]
+        return cls(best.config["model"], fs.feature, list(fs.classes), list(fs.input_shape),
+                   arch, hyper, fs.params["sample_rate"], data["segment_seconds"],
+                   data["min_tail_seconds"], fs.params["feature_params"], dict(fs.stats),
+                   best.state_dict, best.trial_id,
+                   {k: best.metrics[k] for k in ("val_loss", "val_acc", "epoch")},
+                   {"split": fs.params["split"], "augment": fs.params["augment"]})
 
-def load_exported(path: Path) -> dict[str, Any]:
-    """An exported model's contents; UserError for a file that is not one of ours."""
-    try:
-        with warnings.catch_warnings():  # torch warns about a plain pickle's protocol first
-            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            payload = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as err:  # weights_only refuses code; anything unreadable is not ours
-        raise UserError(f"{path} is not a genre-ray model ({type(err).__name__}); "
-                        "pass a file exported by tune_main.py into best_models/") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT or \
-            any(key not in payload for key in REQUIRED):
-        raise UserError(f"{path} is not a genre-ray model (no {FORMAT} metadata); pass a file "
-                        "exported by tune_main.py into best_models/")
-    return payload
+    def rebuild(self) -> nn.Module:
+        """The exported model, weights loaded, in eval mode: (batch, *input_shape) -> logits."""
+        model = build_model(self.model, tuple(self.input_shape), len(self.classes), self.arch)
+        model.load_state_dict(self.state_dict)
+        return model.eval()
 
+    def save(self, paths: list[Path]) -> None:
+        """Write the export to every path in `paths`, each atomically."""
+        contents = {"format": FORMAT, **{f.name: getattr(self, f.name)
+                                         for f in dataclasses.fields(self)}}
+        for path in paths:
+            with atomic_path(path) as tmp:
+                torch.save(contents, tmp)
 
-def rebuild(payload: dict[str, Any]) -> nn.Module:
-    """The exported model, weights loaded, in eval mode: (batch, *input_shape) -> logits."""
-    model = build_model(payload["model"], tuple(payload["input_shape"]), len(payload["classes"]),
-                        payload["config"])
-    model.load_state_dict(payload["state_dict"])
-    return model.eval()
+    @classmethod
+    def load(cls, path: Path) -> Exported:
+        """The export at `path`; UserError for a file that is not one of ours."""
+        try:
+            with warnings.catch_warnings():  # torch warns about a plain pickle's protocol first
+                warnings.filterwarnings("ignore", message="Detected pickle protocol",
+                                        category=UserWarning)
+                contents = torch.load(path, weights_only=True, map_location="cpu")
+        except Exception as err:  # weights_only refuses code; anything unreadable is not ours
+            raise UserError(f"{path} is not a genre-ray model ({type(err).__name__}); "
+                            "pass a file exported by tune_main.py into best_models/") from None
+        fields = {f.name for f in dataclasses.fields(cls)}
+        required = {f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        found = contents.get("format") if isinstance(contents, dict) else None
+        if str(found).startswith("genre-ray-model/") and found != FORMAT:
+            raise UserError(f"{path} was exported by another version of genre-ray ({found}, this "
+                            f"one reads {FORMAT}); export it again with this tune_main.py")
+        if found != FORMAT or not required <= set(contents):
+            raise UserError(f"{path} is not a genre-ray model (no {FORMAT} metadata); pass a file "
+                            "exported by tune_main.py into best_models/")
+        return cls(**{k: v for k, v in contents.items() if k in fields})
 
 
 def export_name(model: str, feature: str) -> str:

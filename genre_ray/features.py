@@ -19,6 +19,7 @@ segments to model input: the cached splits and `genre_ray.predict` both go throu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -34,7 +35,7 @@ import torchaudio.transforms as T
 from genre_ray import cache as cache_entry
 from genre_ray import data
 from genre_ray.augment import augment
-from genre_ray.config import cache_dir, defaults
+from genre_ray.config import Config, cache_dir
 from genre_ray.errors import UserError
 
 FEATURES = ("waveform", "spectrogram")
@@ -81,68 +82,62 @@ class FeatureSet:
         return tuple(self.splits["train"].x.shape[1:])
 
 
-def build_feature_sets(data_dir: Path, features: list[str], *, split: str | Path | None = None,
-                       seed: int | None = None, cache: Path | None = None) -> dict[str, FeatureSet]:
-    """The feature sets of `data_dir`, from the cache where an entry is there; the missing
-    ones are computed together in one streaming pass over the audio and cached."""
-    entries = _entries(data_dir, features, split, seed, cache)
+def build_feature_sets(data_dir: Path, features: list[str], cfg: Config,
+                       cache: Path | None = None) -> dict[str, FeatureSet]:
+    """The feature sets of `data_dir` as `cfg` describes them (data, split, augment,
+    features), from the cache where an entry is there; the missing ones are computed
+    together in one streaming pass over the audio and cached."""
+    entries = _entries(data_dir, features, cfg, cache)
     found = {f: cache_entry.read(path) for f, path in entries.items()}
     missing = {f: path for f, path in entries.items() if found[f] is None}
     if missing:
-        _build(data_dir, _params(split, seed), missing)
+        _build(data_dir, cfg, missing)
         found.update({f: cache_entry.read(path) for f, path in missing.items()})
     return {f: _feature_set(*found[f], from_cache=f not in missing) for f in entries}
 
 
-def build_features(data_dir: Path, feature: str, *, split: str | Path | None = None,
-                   seed: int | None = None, cache: Path | None = None) -> FeatureSet:
+def build_features(data_dir: Path, feature: str, cfg: Config,
+                   cache: Path | None = None) -> FeatureSet:
     """The feature set of `data_dir` for `feature`, from the cache when it is there."""
-    return build_feature_sets(data_dir, [feature], split=split, seed=seed, cache=cache)[
-        canonical_feature(feature)]
+    return build_feature_sets(data_dir, [feature], cfg, cache)[canonical_feature(feature)]
 
 
-def estimated_bytes(data_dir: Path, features: list[str], *, split: str | Path | None = None,
-                    seed: int | None = None) -> dict[str, dict[str, int]]:
+def estimated_bytes(data_dir: Path, features: list[str], cfg: Config) -> dict[str, dict[str, int]]:
     """Bytes each feature's splits will take (x only, augmented copies included), from the
     audio files' headers: what the memory preflight needs before anything is computed."""
-    params = _params(split, seed)
-    plan = _plan(data_dir, params)
-    copies = 1 + 2 * params["augment"]["copies"]
+    plan = _plan(data_dir, cfg)
+    copies = 1 + 2 * cfg.augment.copies
     rows = {name: plan.estimated_segments(name) * (copies if name == "train" else 1)
             for name in data.SPLITS}
     out = {}
     for feature in map(canonical_feature, features):
         probe = compute_feature(torch.zeros(1, plan.cutter.length), feature, plan.sample_rate,
-                                defaults("features")[feature], _unit_stats(feature))
+                                cfg.features.of(feature), _unit_stats(feature))
         out[feature] = {name: n * probe[0].nbytes for name, n in rows.items()}
     return out
 
 
-def _params(split: str | Path | None, seed: int | None) -> dict[str, Any]:
-    """What shapes the segments: data, augmentation and split parameters."""
-    split_params = defaults("split")
-    return {"data": defaults("data"), "augment": defaults("augment"),
-            "split": {"kind": str(split or split_params["kind"]),
-                      "seed": split_params["seed"] if seed is None else seed,
-                      "fractions": split_params["fractions"]}}
+def _params(cfg: Config) -> dict[str, Any]:
+    """What shapes the segments: data, augmentation and split parameters (plain data: the
+    cache key, and what a FeatureSet says produced it)."""
+    return {"data": dataclasses.asdict(cfg.data), "augment": dataclasses.asdict(cfg.augment),
+            "split": {"kind": cfg.split.kind, "seed": cfg.run.seed, "fractions": cfg.split.fractions}}
 
 
-def _plan(data_dir: Path, params: dict[str, Any]) -> data.Plan:
-    """The dataset scanned and split as `params` (`_params`) say; nothing decoded."""
-    split = params["split"]
-    return data.plan(data_dir, split["kind"], seed=split["seed"], fractions=split["fractions"])
+def _plan(data_dir: Path, cfg: Config) -> data.Plan:
+    """The dataset scanned and split as `cfg` says; nothing decoded."""
+    return data.plan(data_dir, cfg.data, cfg.split, cfg.run.seed)
 
 
-def _entries(data_dir: Path, features: list[str], split: str | Path | None, seed: int | None,
+def _entries(data_dir: Path, features: list[str], cfg: Config,
              cache: Path | None) -> dict[str, Path]:
     """Feature -> its cache entry's folder, keyed by every input it depends on."""
-    params = _params(split, seed)
-    segments_key = _key(params, _fingerprint(data_dir, params["split"]["kind"]))
+    segments_key = _key(_params(cfg), _fingerprint(data_dir, cfg.split.kind))
     root = Path(cache or cache_dir()) / "features"
     entries = {}
     for feature in map(canonical_feature, features):
         key = _key({"segments": segments_key, "feature": feature,
-                    "params": defaults("features")[feature]})
+                    "params": cfg.features.of(feature)})
         entries[feature] = root / f"{feature}-{key}"
     return entries
 
@@ -197,13 +192,13 @@ def _normalise(x: torch.Tensor, feature: str, stats: dict[str, torch.Tensor]) ->
 
 
 @torch.no_grad()
-def _build(data_dir: Path, params: dict[str, Any], entries: dict[str, Path]) -> None:
+def _build(data_dir: Path, cfg: Config, entries: dict[str, Path]) -> None:
     """Decode, augment and compute every feature of `entries` in one pass over the audio,
     a chunk of segments at a time, each feature streamed into its own cache entry."""
     log.info("decoding %s and computing %s (cached after this run)", data_dir, ", ".join(entries))
-    plan = _plan(data_dir, params)
-    generator = torch.Generator().manual_seed(params["split"]["seed"])
-    rate, every = plan.sample_rate, defaults("features")
+    plan, params = _plan(data_dir, cfg), _params(cfg)
+    generator = torch.Generator().manual_seed(cfg.run.seed)
+    rate, every = plan.sample_rate, {f: cfg.features.of(f) for f in entries}
     with contextlib.ExitStack() as stack:
         writers = {f: stack.enter_context(cache_entry.Writer(path)) for f, path in entries.items()}
         for name in data.SPLITS:
@@ -337,7 +332,6 @@ class SpecMasking(torch.nn.Module):
 BATCH_AUGMENTATIONS = {"waveform": GaussianNoise, "spectrogram": SpecMasking}
 
 
-def batch_augmentation(feature: str) -> torch.nn.Module:
-    """The on-the-fly training augmentation of a feature, parameters from defaults.yaml."""
-    feature = canonical_feature(feature)
-    return BATCH_AUGMENTATIONS[feature](**defaults("batch_augment")[feature])
+def batch_augmentation(feature: str, params: dict[str, Any]) -> torch.nn.Module:
+    """The on-the-fly training augmentation of a feature (`params`: config.BatchAugment.of)."""
+    return BATCH_AUGMENTATIONS[canonical_feature(feature)](**params)

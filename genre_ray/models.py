@@ -9,29 +9,13 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from numbers import Integral, Real
+from numbers import Integral
 from typing import Any, Callable, Mapping
 
 from torch import Tensor, nn
 
-from genre_ray.config import defaults
+from genre_ray import config
 from genre_ray.errors import UserError
-
-# A key missing from a trial's config takes its value from defaults.yaml's `models`.
-DEFAULTS: dict[str, Any] = defaults("models")
-# Read by the training loop, not by a model: accepted and ignored here.
-TRAINING_KEYS = frozenset({"learning_rate", "batch_size", *defaults("training")})
-
-_WHOLE = "an integer >= {}"
-_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "nodes": (lambda v: is_int(v) and v >= 1, _WHOLE.format(1)),
-    "hidden_layers": (lambda v: is_int(v) and v >= 1, _WHOLE.format(1)),
-    "dense_layers": (lambda v: is_int(v) and v >= 0, _WHOLE.format(0)),
-    "stem_kernel": (lambda v: is_int(v) and v >= 1, _WHOLE.format(1)),
-    "stem_stride": (lambda v: is_int(v) and v >= 1, _WHOLE.format(1)),
-    "dropout_prob": (lambda v: isinstance(v, Real) and not isinstance(v, bool) and 0 <= v < 1,
-                     "a number in [0, 1)"),
-}
 
 
 def is_int(value: Any) -> bool:
@@ -163,29 +147,19 @@ def model_keys(name: str) -> frozenset[str]:
 
 
 def build_model(name: str, input_shape: tuple[int, ...], n_classes: int,
-                config: Mapping[str, Any]) -> nn.Module:
+                arch: Mapping[str, Any]) -> nn.Module:
     """Architecture `name` for inputs `(batch, *input_shape)` and `n_classes` outputs.
 
-    `config` is a trial's config: training keys are ignored, missing model keys take
-    `DEFAULTS`, an unknown key or a bad value raises UserError.
+    `arch`: a value for each key the architecture takes (config.Model's fields: the run's
+    `model` section with a trial's searched keys in place); other keys are ignored. A
+    missing key or a bad value raises UserError.
     """
     spec = _spec(name)
-    values = check_config(config)
-    return spec.build(tuple(input_shape), n_classes, **{k: values[k] for k in spec.keys})
-
-
-def check_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The model keys of `config` with DEFAULTS filled in; UserError for an unknown key
-    or a bad value (training keys are accepted and left to the training loop)."""
-    unknown = sorted(set(config) - DEFAULTS.keys() - TRAINING_KEYS)
-    if unknown:
-        raise UserError(f"unknown config key(s) {', '.join(unknown)}; valid keys: "
-                        f"{', '.join(sorted(DEFAULTS.keys() | TRAINING_KEYS))}")
-    values = {**DEFAULTS, **{k: v for k, v in config.items() if k in DEFAULTS}}
-    for key, (ok, expected) in _CHECKS.items():
-        if not ok(values[key]):
-            raise UserError(f"config key {key} must be {expected}, got {values[key]!r}")
-    return values
+    missing = sorted(spec.keys - set(arch))
+    if missing:
+        raise UserError(f"model {name} needs config key(s) {', '.join(missing)}")
+    values = {key: config.checked("model", key, arch[key]) for key in sorted(spec.keys)}
+    return spec.build(tuple(input_shape), n_classes, **values)
 
 
 def count_parameters(model: nn.Module) -> int:

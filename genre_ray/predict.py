@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from genre_ray import data, export
-from genre_ray.config import defaults
+from genre_ray import config, data
+from genre_ray.export import Exported
 from genre_ray.errors import UserError, exit_on_user_error
 from genre_ray.features import compute_feature
 
@@ -52,7 +52,7 @@ class Choice:
     """The export a prediction uses, and why it was chosen (for the user)."""
 
     path: Path
-    payload: dict[str, Any]
+    exported: Exported
     reason: str
 
 
@@ -63,7 +63,7 @@ def load_model(path: Path, reason: str = "given with --model") -> Choice:
     if not path.is_file():
         raise UserError(f"model file {path} does not exist; pass a .pth from best_models/ "
                         "(run tune_main.py first to export models)")
-    return Choice(path, export.load_exported(path), reason)
+    return Choice(path, Exported.load(path), reason)
 
 
 def choose_model(models_dir: Path) -> Choice:
@@ -85,22 +85,20 @@ def choose_model(models_dir: Path) -> Choice:
     return Choice(path, exports[path], reason)
 
 
-def _score(payload: dict[str, Any], section: str, metric: str,
-           missing: float = -math.inf) -> float:
-    """payload[section][metric], or `missing` when the export does not carry it."""
-    value = payload.get(section, {})
-    value = value.get(metric) if isinstance(value, dict) else None
+def _score(exported: Exported, section: str, metric: str, missing: float = -math.inf) -> float:
+    """The export's `section` (val or test) score `metric`, or `missing` when it has none."""
+    value = (getattr(exported, section) or {}).get(metric)
     return float(value) if isinstance(value, (int, float)) else missing
 
 
-def _exports(models_dir: Path) -> dict[Path, dict[str, Any]]:
+def _exports(models_dir: Path) -> dict[Path, Exported]:
     fix = "run tune_main.py first to export models there, or pass --model PATH"
     if not models_dir.is_dir():
         raise UserError(f"models folder {models_dir} does not exist; {fix}")
     found = {}
     for path in sorted(models_dir.glob("*.pth")):
         try:
-            found[path] = export.load_exported(path)
+            found[path] = Exported.load(path)
         except UserError:
             continue  # a foreign or damaged file is not a candidate
     if not found:
@@ -110,15 +108,14 @@ def _exports(models_dir: Path) -> dict[Path, dict[str, Any]]:
 
 # ---- one file -----------------------------------------------------------------------
 
-def read_segments(path: Path, payload: dict[str, Any]) -> tuple[torch.Tensor, float, bool]:
+def read_segments(path: Path, exported: Exported) -> tuple[torch.Tensor, float, bool]:
     """`path` cut as the model's data was: (segments (n, samples), clip seconds, padded).
 
     A clip shorter than one segment is zero-padded to one; longer clips follow the
     training rule (a tail of at least min_tail_seconds is padded, a shorter one dropped)."""
-    params = payload["feature_params"]
-    rate = params["sample_rate"]
-    length = round(params["data"]["segment_seconds"] * rate)
-    min_tail = round(params["data"]["min_tail_seconds"] * rate)
+    rate = exported.sample_rate
+    length = round(exported.segment_seconds * rate)
+    min_tail = round(exported.min_tail_seconds * rate)
     wave = _decode(path, rate)
     seconds, padded = wave.numel() / rate, wave.numel() < length
     if padded:
@@ -139,12 +136,12 @@ def _decode(path: Path, rate: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def probabilities(model: nn.Module, payload: dict[str, Any], segments: torch.Tensor) -> torch.Tensor:
+def probabilities(model: nn.Module, exported: Exported, segments: torch.Tensor) -> torch.Tensor:
     """The mean of the segments' softmax: (n, samples) -> (n_classes,)."""
-    x = compute_feature(segments, payload["feature"], payload["feature_params"]["sample_rate"],
-                        payload["feature_params"]["feature_params"], payload["stats"])
-    if list(x.shape[1:]) != list(payload["input_shape"]):
-        raise UserError(f"the model expects input {tuple(payload['input_shape'])} but its own "
+    x = compute_feature(segments, exported.feature, exported.sample_rate,
+                        exported.feature_params, exported.stats)
+    if list(x.shape[1:]) != list(exported.input_shape):
+        raise UserError(f"the model expects input {tuple(exported.input_shape)} but its own "
                         f"feature parameters give {tuple(x.shape[1:])}; the export is damaged, "
                         "export it again with tune_main.py")
     return torch.cat([model(chunk).softmax(dim=1) for chunk in x.split(BATCH)]).mean(dim=0)
@@ -152,10 +149,10 @@ def probabilities(model: nn.Module, payload: dict[str, Any], segments: torch.Ten
 
 def predict_file(path: Path, choice: Choice, model: nn.Module, top: int) -> Prediction:
     """Classify one audio file with the chosen model."""
-    segments, seconds, padded = read_segments(path, choice.payload)
-    probs = probabilities(model, choice.payload, segments)
+    segments, seconds, padded = read_segments(path, choice.exported)
+    probs = probabilities(model, choice.exported, segments)
     values, indices = probs.topk(min(top, len(probs)))
-    ranked = [{"genre": choice.payload["classes"][i], "probability": round(v, 6)}
+    ranked = [{"genre": choice.exported.classes[i], "probability": round(v, 6)}
               for v, i in zip(values.tolist(), indices.tolist())]
     return Prediction(str(path), str(choice.path), ranked, len(segments), padded, round(seconds, 3))
 
@@ -164,8 +161,8 @@ def predict_file(path: Path, choice: Choice, model: nn.Module, top: int) -> Pred
 
 def describe(choice: Choice) -> str:
     """One line: which export, what it is, why it was chosen."""
-    payload = choice.payload
-    return f"model: {choice.path} ({payload['model']} on {payload['feature']}; {choice.reason})"
+    exported = choice.exported
+    return f"model: {choice.path} ({exported.model} on {exported.feature}; {choice.reason})"
 
 
 def format_prediction(pred: Prediction, segment_seconds: float) -> str:
@@ -189,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", type=Path, help="an exported model (.pth)")
     source.add_argument("--models-dir", type=Path,
-                        help="pick the best export in this folder (default: "
-                             f"{defaults('tune')['output_dir']})")
+                        help="pick the best export in this folder (default: run.output_dir "
+                             "of genre_ray/defaults.yaml)")
     parser.add_argument("--top", type=int, default=3, help="genres shown per file (default 3)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON document (a list, one entry per file) and nothing else")
@@ -198,14 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.top < 1:
         raise UserError(f"--top {args.top} must be at least 1")
     choice = load_model(args.model) if args.model else \
-        choose_model(args.models_dir or Path(defaults("tune")["output_dir"]))
+        choose_model(args.models_dir or Path(config.load().run.output_dir))
     print(describe(choice), file=sys.stderr if args.json else sys.stdout, flush=True)
-    model = export.rebuild(choice.payload)
+    model = choice.exported.rebuild()
     preds = [predict_file(path, choice, model, args.top) for path in args.audio]
     if args.json:
         print(json.dumps([asdict(p) for p in preds], indent=2))
     else:
-        seconds = choice.payload["feature_params"]["data"]["segment_seconds"]
+        seconds = choice.exported.segment_seconds
         print("\n".join(format_prediction(p, seconds) for p in preds))
     return 0
 

@@ -2,11 +2,14 @@
 
 A run is the folder `<storage>/<name>/`: Tune's experiment state and trials, the run's
 Optuna journal, its W&B files, leaderboard and plots. Beside them genre-ray keeps
-`run.json`, the settings that shape the run (`spec`) and whether it finished, and
-`.lock`, held by the process running it. So:
+`run.json`, the run's whole resolved configuration (config.as_json: every section of
+defaults.yaml, the flags, the search spaces as read) with its hash, and whether it
+finished; and `.lock`, held by the process running it. So:
 
 - a run whose record is not `finished` and whose lock is free was interrupted (Ctrl-C,
-  a crash, a killed driver): the same command, or `--resume`, continues it;
+  a crash, a killed driver): the same command continues it if the configuration is
+  still the same; if defaults.yaml, a search-space file or a --config file changed
+  since, it stops naming the change; `--resume` continues it as it was saved;
 - a finished run is not run again: its name says where its results are;
 - two processes never run one folder at once.
 
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from genre_ray import config
 from genre_ray.config import cache_dir
 from genre_ray.errors import UserError
 from genre_ray.files import atomic_path
@@ -36,7 +40,8 @@ RECORD, LOCK = "run.json", ".lock"
 # Bumped when what a run saves (Tune's pickled searcher and scheduler, its trials'
 # configs and checkpoints) changes shape: an interrupted run of another format cannot be
 # continued. 3: trials carry checkpoint_epochs; checkpoints hold their epoch's metrics.
-FORMAT = 3
+# 4: the record holds the whole configuration; trials take it through with_parameters.
+FORMAT = 4
 
 
 @dataclass(frozen=True)
@@ -84,12 +89,12 @@ def storage(path_or_uri: str) -> Storage:
 
 @dataclass
 class Run:
-    """The run this command works on; `resume`: continue it through Tuner.restore;
-    `seen`: its record when chosen (None: it had none)."""
+    """The run this command works on, with its configuration (config.as_json); `resume`:
+    continue it through Tuner.restore; `seen`: its record when chosen (None: it had none)."""
 
     name: str | None
     dir: Path | None
-    spec: dict[str, Any]
+    config: dict[str, Any]
     resume: bool
     seen: dict[str, Any] | None = None
 
@@ -107,19 +112,21 @@ def read_record(run_dir: Path) -> dict[str, Any] | None:
 
 
 def write_record(run: Run, status: str) -> None:
-    record = {"name": run.name, "status": status, "format": FORMAT, "spec": run.spec,
+    record = {"name": run.name, "status": status, "format": FORMAT, "config": run.config,
+              "config_hash": config.digest(run.config),
               "updated": datetime.datetime.now().isoformat(timespec="seconds")}
     with atomic_path(run.dir / RECORD) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
 
 
-def choose(store: Storage, name: str | None, spec: dict[str, Any], resume: bool) -> Run:
+def choose(store: Storage, name: str | None, cfg: dict[str, Any], resume: bool) -> Run:
     """The run a command works on, read-only: the named run, else the newest interrupted
-    run with these settings (with `resume`: any settings), else a new run (name None,
-    given when claimed). UserError when the named run is finished or has other settings."""
+    run this command started (same flags; with `resume`: any), else a new run (name None,
+    given when claimed). UserError when the named run is finished, or when the run to
+    continue was saved with another configuration (unless `resume`: it keeps its own)."""
     if name is not None:
-        return _named(store, name, spec, resume)
-    return _latest(store, spec, resume) or Run(None, None, spec, resume=False)
+        return _named(store, name, cfg, resume)
+    return _latest(store, cfg, resume) or Run(None, None, cfg, resume=False)
 
 
 @contextlib.contextmanager
@@ -154,7 +161,7 @@ def _claim(store: Storage, run: Run) -> int | None:
     return None
 
 
-def _named(store: Storage, name: str, spec: dict[str, Any], resume: bool) -> Run:
+def _named(store: Storage, name: str, cfg: dict[str, Any], resume: bool) -> Run:
     run_dir = store.local / name
     record = read_record(run_dir)
     if record is None and resume:
@@ -167,26 +174,30 @@ def _named(store: Storage, name: str, spec: dict[str, Any], resume: bool) -> Run
             raise UserError(f"a run {name!r} already exists at {store.tune_path(name)}, started "
                             "from another machine (its record is in that machine's cache); "
                             "continue it from there, or pass another --name")
-        return Run(name, run_dir, spec, resume=False)
-    if record["status"] == "finished":
+        return Run(name, run_dir, cfg, resume=False)
+    if record["status"] == "finished" and record.get("format") == FORMAT:
         raise UserError(f"run {name!r} is finished: its leaderboard is {run_dir / 'leaderboard.md'} "
-                        f"and its models are in {record['spec']['output_dir']}; pass a new "
-                        "--name to start another run")
+                        f"and its models are in {record['config']['run']['output_dir']}; pass a "
+                        "new --name to start another run")
+    if record["status"] == "finished":
+        raise UserError(f"run {name!r} is finished: its leaderboard is {run_dir / 'leaderboard.md'}; "
+                        "pass a new --name to start another run")
     if record.get("format") != FORMAT:
         raise UserError(f"run {name!r} was saved by another version of genre-ray and cannot be "
                         "continued; pass a new --name to start another run")
-    if not resume and record["spec"] != spec:
-        raise UserError(f"run {name!r} was started with other settings "
-                        f"({', '.join(spec_differences(record['spec'], spec))}); add --resume to "
-                        "continue it with its own settings, or pass a new --name")
-    return Run(name, run_dir, record["spec"], resume=True, seen=record)
+    if not resume:
+        _require_same(name, record["config"], cfg)
+    return Run(name, run_dir, record["config"], resume=True, seen=record)
 
 
-def _latest(store: Storage, spec: dict[str, Any], resume: bool) -> Run | None:
-    """The newest interrupted run with `spec` (with `resume`: with any spec)."""
+def _latest(store: Storage, cfg: dict[str, Any], resume: bool) -> Run | None:
+    """The newest interrupted run this command started: the same flags' values (with
+    `resume`: any run). UserError if its configuration changed since (not with `resume`)."""
     for run_dir, record in _unfinished(store):
-        if resume or record["spec"] == spec:
-            return Run(run_dir.name, run_dir, record["spec"], resume=True, seen=record)
+        if resume or config.command(record["config"]) == config.command(cfg):
+            if not resume:
+                _require_same(run_dir.name, record["config"], cfg)
+            return Run(run_dir.name, run_dir, record["config"], resume=True, seen=record)
     if resume:
         raise UserError(f"no interrupted run under {store.uri} to resume; drop --resume to start "
                         "a new run, or pass the --storage-path where the run lives")
@@ -209,9 +220,12 @@ def _new_name(store: Storage) -> str:
     return next(n for n in [stamp, *(f"{stamp}-{i}" for i in range(2, 1000))] if n not in taken)
 
 
-def spec_differences(saved: dict[str, Any], spec: dict[str, Any]) -> list[str]:
-    """`--flag saved-value` for each setting where `spec` differs from `saved`."""
-    return [f"--{k.replace('_', '-')} {saved.get(k)}" for k in spec if saved.get(k) != spec[k]]
+def _require_same(name: str, saved: dict[str, Any], cfg: dict[str, Any]) -> None:
+    """UserError naming what changed, unless `cfg` is the configuration run `name` saved."""
+    if config.digest(saved) != config.digest(cfg):
+        raise UserError(f"run {name!r} was interrupted with another configuration than this "
+                        f"command's ({'; '.join(config.changes(saved, cfg))}); add --resume to "
+                        "continue it as it was started, or pass a new --name to start another run")
 
 
 class _Busy(UserError):

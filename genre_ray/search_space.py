@@ -17,6 +17,7 @@ a SearchSpace into OptunaSearch's `space` and `points_to_evaluate`.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -27,14 +28,13 @@ import yaml
 from optuna.distributions import (
     BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution)
 
-from genre_ray import models
+from genre_ray import config, models
 from genre_ray.errors import UserError
-from genre_ray.optim import OPTIMIZERS, SCHEDULERS
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
-# Training keys a search must not vary: the run sets them (epochs is ASHA's budget, seed
-# the run's seed) or they do not change the result (eval_batch_size).
-NOT_SEARCHABLE = frozenset({"seed", "epochs", "eval_batch_size"})
+# Training keys a search must not vary: they do not change the result.
+NOT_SEARCHABLE = frozenset({"eval_batch_size"})
+TRAINING_KEYS = frozenset(f.name for f in dataclasses.fields(config.Training))
 _SPACE_KEYS = ("params", "first_point")
 _TOP_LEVEL = (*_SPACE_KEYS, "extends")  # extends: another model's file, whose keys it takes
 
@@ -82,16 +82,6 @@ DISTRIBUTIONS: dict[str, Callable[[Any], BaseDistribution]] = {
     "choice": _choices,
 }
 
-# What a training key accepts (models check their own keys; see _check_value).
-_TRAINING_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "learning_rate": (lambda v: _is_number(v) and v > 0, "a number > 0"),
-    "batch_size": (lambda v: models.is_int(v) and v >= 1, "an integer >= 1"),
-    "weight_decay": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
-    "optimizer": (lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
-    "scheduler": (lambda v: v in SCHEDULERS, f"one of {', '.join(SCHEDULERS)}"),
-}
-
-
 @dataclass(frozen=True)
 class SearchSpace:
     """One architecture's search space, as read from `path`.
@@ -105,17 +95,24 @@ class SearchSpace:
     path: Path
     distributions: dict[str, BaseDistribution]
     first_point: dict[str, Any]
+    doc: dict[str, Any]  # the mapping it was read from, `extends` applied (a run keeps it)
 
 
 def load_space(model: str, directory: Path | None = None) -> SearchSpace:
     """Read and check `<directory>/<model>.yaml` (directory: SPACES_DIR); UserError if bad."""
-    searchable = sorted((models.model_keys(model) | models.TRAINING_KEYS) - NOT_SEARCHABLE)
+    models.model_keys(model)  # UserError for an unknown model, before looking for its file
     folder = Path(directory).resolve() if directory is not None else SPACES_DIR
     path = folder / f"{model}.yaml"
     if not path.is_file():
         raise UserError(f"no search space for model {model}: {path} does not exist; "
                         f"create it (see {SPACES_DIR / 'MLP.yaml'} for the format)")
-    doc = _extended(path)
+    return parse_space(model, _extended(path), path)
+
+
+def parse_space(model: str, doc: dict[str, Any], path: Path) -> SearchSpace:
+    """The SearchSpace of a file's mapping (`extends` applied), checked; `path` names it
+    in errors. A run's saved configuration holds such mappings (config.Config.spaces)."""
+    searchable = sorted((models.model_keys(model) | TRAINING_KEYS) - NOT_SEARCHABLE)
 
     def fail(where: str, problem: str) -> UserError:
         return UserError(f"{path}: {where}: {problem}")
@@ -132,9 +129,8 @@ def load_space(model: str, directory: Path | None = None) -> SearchSpace:
     for key, spec in params.items():
         where = f"params.{key}"
         if key in NOT_SEARCHABLE:
-            raise fail(where, "is set by the run, not searched (epochs: the run's budget, "
-                              "seed: the run's seed; eval_batch_size does not change results); "
-                              "remove it from params")
+            raise fail(where, "does not change results, so it is not searched; set it in "
+                              "the training section of defaults.yaml or --config")
         if key not in searchable:
             raise fail(where, f"model {model} does not take this key; searchable keys: "
                               f"{', '.join(searchable)}")
@@ -166,7 +162,7 @@ def load_space(model: str, directory: Path | None = None) -> SearchSpace:
             raise fail(f"first_point.{key}", f"{point[key]!r} is outside params.{key} "
                                              f"({_describe(distribution)}); fix one of the two")
     first = {key: point[key] for key in distributions}
-    return SearchSpace(model, path, distributions, first)
+    return SearchSpace(model, path, distributions, first, doc)
 
 
 def first_point(model: str, directory: Path | None = None) -> dict[str, Any]:
@@ -238,16 +234,8 @@ def _extremes(distribution: BaseDistribution) -> list[Any]:
 
 
 def _check_value(model: str, key: str, value: Any) -> str | None:
-    """Why `model` rejects `key: value`, or None. Model keys are checked by the models'
-    own checks; training keys by _TRAINING_CHECKS."""
-    if key in models.model_keys(model):
-        try:
-            models.check_config({key: value})
-        except UserError as err:
-            return str(err)
-        return None
-    ok, expected = _TRAINING_CHECKS.get(key, (lambda v: True, ""))
-    return None if ok(value) else f"{key} must be {expected}, got {value!r}"
+    """Why `model` rejects `key: value`, or None: the check its config section makes."""
+    return config.problem("model" if key in models.model_keys(model) else "training", key, value)
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -26,7 +26,7 @@ import numpy as np
 import soundfile as sf
 import yaml
 
-from genre_ray.config import cache_dir, defaults
+from genre_ray.config import cache_dir
 from genre_ray.errors import UserError, exit_on_user_error
 
 VERSION = 1  # bump when a code change alters the generated audio
@@ -365,7 +365,7 @@ def generate(out_dir: Path, tracks_per_genre: int, seed: int, seconds: float = 3
 
 def embedded_dataset(tracks_per_genre: int | None = None, seed: int | None = None) -> Path:
     """The default synthetic dataset in the cache, generated on first use and reused after."""
-    cfg = defaults("synthetic")
+    cfg = _spec()["embedded"]
     n = cfg["tracks_per_genre"] if tracks_per_genre is None else tracks_per_genre
     seed = cfg["seed"] if seed is None else seed
     digest = hashlib.sha256(SPEC_FILE.read_bytes()).hexdigest()[:8]
@@ -379,7 +379,7 @@ def embedded_dataset(tracks_per_genre: int | None = None, seed: int | None = Non
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     """Command line: write a synthetic dataset into OUT_DIR."""
-    cfg = defaults("synthetic")
+    cfg = _spec()["embedded"]
     parser = argparse.ArgumentParser(prog="python -m genre_ray.synthetic", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="new or empty directory to write into")
     parser.add_argument("--tracks-per-genre", type=int, default=cfg["tracks_per_genre"], help="clips per genre")

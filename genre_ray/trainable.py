@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import gc
 import logging
 import math
@@ -34,13 +35,12 @@ import ray
 import torch
 from ray import tune
 
+from genre_ray import config
 from genre_ray.export import CHECKPOINT_METRIC
 from genre_ray.features import FeatureSet, batch_augmentation
 from genre_ray.models import build_model
 from genre_ray.training import Diverged, Evaluation, Trainer, pick_device, seed_everything
 
-# Keys the tuner puts in every trial's config beside the searched hyperparameters.
-TRIAL_KEYS = frozenset({"pair", "model", "feature", "max_epochs", "seed", "checkpoint_epochs"})
 STATE_FILE = "trial_state.pt"
 LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None  # glibc
 
@@ -78,28 +78,32 @@ def tensors(arrays: tuple[np.ndarray, ...]) -> tuple[torch.Tensor, ...]:
         return tuple(torch.from_numpy(a) for a in arrays)
 
 
-def train_pair(config: Mapping[str, Any], feature_refs: Mapping[str, ray.ObjectRef]) -> None:
-    """The function trainable: `config` = TRIAL_KEYS + hyperparameters."""
+def train_pair(trial_config: Mapping[str, Any], feature_refs: Mapping[str, ray.ObjectRef],
+               settings: config.Config) -> None:
+    """The function trainable: `trial_config` = config.TrialKeys + sampled hyperparameters;
+    `settings`: the run's configuration, which the hyperparameters go into."""
     release_memory()  # what an earlier trial in this (reused) worker freed
-    _train(config, feature_refs)
+    keys, hyper = config.TrialKeys.split(trial_config)
+    _train(keys, config.tuned(settings, hyper), feature_refs)
 
 
-def _train(config: Mapping[str, Any], feature_refs: Mapping[str, ray.ObjectRef]) -> None:
+def _train(keys: config.TrialKeys, cfg: config.Config,
+           feature_refs: Mapping[str, ray.ObjectRef]) -> None:
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # a line per checkpoint
-    data: TrialData = ray.get(feature_refs[config["feature"]])
-    hyper = {k: v for k, v in config.items() if k not in TRIAL_KEYS}
-    seed_everything(config["seed"])
-    model = build_model(config["model"], data.input_shape, len(data.classes), hyper)
-    trainer = Trainer(model, tensors(data.train), tensors(data.val), hyper,
-                      n_classes=len(data.classes), epochs=config["max_epochs"], seed=config["seed"],
-                      device=pick_device(ray.get_gpu_ids()), transform=batch_augmentation(data.feature),
+    data: TrialData = ray.get(feature_refs[keys.feature])
+    seed_everything(keys.seed)
+    model = build_model(keys.model, data.input_shape, len(data.classes), dataclasses.asdict(cfg.model))
+    trainer = Trainer(model, tensors(data.train), tensors(data.val), cfg.training,
+                      n_classes=len(data.classes), epochs=keys.max_epochs, seed=keys.seed,
+                      device=pick_device(ray.get_gpu_ids()),
+                      transform=batch_augmentation(data.feature, cfg.batch_augment.of(data.feature)),
                       device_share=ray.get_runtime_context().get_assigned_resources().get("GPU", 1.0))
-    saver = BestSaver(trainer, set(config["checkpoint_epochs"]))
+    saver = BestSaver(trainer, set(keys.checkpoint_epochs))
     checkpoint = tune.get_checkpoint()
     if checkpoint:
         saver.resume(load_trial_state(checkpoint))
     try:
-        trainer.fit(config["max_epochs"], saver.report)
+        trainer.fit(keys.max_epochs, saver.report)
     except Diverged as err:  # ends the trial, never retried: the same config diverges again
         saver.report_end({"epoch": trainer.epoch + 1, "val_loss": math.nan, "diverged": str(err)})
 

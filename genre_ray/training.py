@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from genre_ray.config import defaults
+from genre_ray import config
 from genre_ray.errors import UserError, exit_on_user_error
 from genre_ray.optim import OPTIMIZERS, SCHEDULERS
 
@@ -142,13 +143,6 @@ def track_accuracy(probs: torch.Tensor, track: torch.Tensor, labels: torch.Tenso
     return (sums.argmax(dim=1) == truth).float().mean().item()
 
 
-def _checked_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}; "
-                        f"set the training config's precision to one of them")
-    return precision
-
-
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -177,23 +171,21 @@ class Trainer:
     """
 
     def __init__(self, model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
-                 val: tuple[torch.Tensor, torch.Tensor], config: Mapping[str, Any], *,
+                 val: tuple[torch.Tensor, torch.Tensor], settings: config.Training, *,
                  n_classes: int, epochs: int, seed: int = 0, device: torch.device | None = None,
                  transform: nn.Module | None = None, device_share: float = 1.0) -> None:
-        opts = {**defaults("training"), **config}
         self.device = device or pick_device()
         # channels_last changes only 4-D (conv2d) weights: oneDNN and cuDNN run those
         # fastest so (bench/training_loop.py: CEL epochs about 1/5 shorter on the CPU)
         self.model = model.to(self.device, memory_format=torch.channels_last)
         self.train_xy = resident(train, self.device, RESIDENT_BUDGET * device_share)
         self.val_xy = resident(val, self.device, RESIDENT_BUDGET * device_share)
-        self.n_classes, self.batch_size = n_classes, int(opts["batch_size"])
-        self.eval_batch_size = int(opts["eval_batch_size"])
-        self.precision = _checked_precision(opts["precision"])
+        self.n_classes, self.batch_size = n_classes, settings.batch_size
+        self.eval_batch_size, self.precision = settings.eval_batch_size, settings.precision
         self.transform = transform.to(self.device) if transform is not None else None
-        self.optimizer = OPTIMIZERS[opts["optimizer"]](model.parameters(), opts["learning_rate"],
-                                                       opts["weight_decay"])
-        self.scheduler = SCHEDULERS[opts["scheduler"]](self.optimizer, epochs)
+        self.optimizer = OPTIMIZERS[settings.optimizer](model.parameters(), settings.learning_rate,
+                                                        settings.weight_decay)
+        self.scheduler = SCHEDULERS[settings.scheduler](self.optimizer, epochs)
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch = 0
 
@@ -270,26 +262,30 @@ def main(argv: list[str] | None = None) -> int:
     from genre_ray.models import build_model, count_parameters
     from genre_ray.search_space import first_point
 
+    run = config.load()
     parser = argparse.ArgumentParser(prog="python -m genre_ray.training", description=main.__doc__)
     parser.add_argument("--data-dir", type=Path, help="GTZAN folder (default: the embedded dataset)")
     parser.add_argument("--model", default="CEL")
     parser.add_argument("--feature", default="spectrogram")
-    parser.add_argument("--epochs", type=int, default=defaults("training")["epochs"])
-    parser.add_argument("--seed", type=int, default=defaults("training")["seed"])
-    parser.add_argument("--config", default="{}", help='JSON overrides, e.g. \'{"learning_rate": 3e-4}\'')
+    parser.add_argument("--epochs", type=int, default=run.search.max_epochs)
+    parser.add_argument("--seed", type=int, default=run.run.seed)
+    parser.add_argument("--config", default="{}", help='JSON hyperparameters over the search space\'s '
+                                                       'first point, e.g. \'{"learning_rate": 3e-4}\'')
     args = parser.parse_args(argv)
     if args.data_dir is None:
         from genre_ray.synthetic import embedded_dataset
 
         args.data_dir = embedded_dataset()
-    fs = build_features(args.data_dir, args.feature)
-    config = {**first_point(args.model), **json.loads(args.config)}
+    run = config.replaced(run, {"run.seed": args.seed})
+    fs = build_features(args.data_dir, args.feature, run)
+    cfg = config.tuned(run, {**first_point(args.model, run.run.search_spaces), **json.loads(args.config)})
     seed_everything(args.seed)
-    model = build_model(args.model, fs.input_shape, len(fs.classes), config)
+    model = build_model(args.model, fs.input_shape, len(fs.classes), dataclasses.asdict(cfg.model))
     print(f"{args.model} on {fs.feature} {fs.input_shape}: {count_parameters(model):,} parameters")
     split = {name: (s.x, s.labels) for name, s in fs.splits.items()}
-    trainer = Trainer(model, split["train"], split["val"], config, n_classes=len(fs.classes),
-                      epochs=args.epochs, seed=args.seed, transform=batch_augmentation(fs.feature))
+    trainer = Trainer(model, split["train"], split["val"], cfg.training, n_classes=len(fs.classes),
+                      epochs=args.epochs, seed=args.seed,
+                      transform=batch_augmentation(fs.feature, cfg.batch_augment.of(fs.feature)))
     trainer.fit(args.epochs, lambda m, _: print(
         f"epoch {m['epoch']:3d}  train_loss {m['train_loss']:.3f}  val_loss {m['val_loss']:.3f}  "
         f"val_acc {m['val_acc']:.3f}", flush=True))

@@ -17,13 +17,13 @@ search and its own early stopping:
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
 import pickle
 import signal
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from genre_ray.config import Config, Search, TrialKeys
 from genre_ray.ray_internals import memory_kills_fail_trials
 from genre_ray.search_space import SearchSpace
 
@@ -207,57 +208,38 @@ class PairScheduler(FIFOScheduler):
         return "\n".join(f"{pair}: {s.debug_string()}" for pair, s in self._schedulers.items())
 
 
-@dataclass
-class SearchSettings:
-    """What `build_search` needs besides the spaces (values: defaults.yaml `tune`)."""
-
-    run_name: str
-    storage: optuna.storages.BaseStorage
-    num_samples: int
-    max_epochs: int
-    grace_period: int
-    reduction_factor: int
-    n_startup_trials: int
-    seed: int
-
-
-def build_search(pairs: list[tuple[str, str]], spaces: dict[str, SearchSpace],
-                 settings: SearchSettings) -> tuple[PairSearcher, PairScheduler]:
-    """The searcher and scheduler of a run over `pairs` of (model, feature)."""
-    searchers, constants = {}, {}
+def build_search(pairs: list[tuple[str, str]], spaces: dict[str, SearchSpace], cfg: Config,
+                 study: str, storage: optuna.storages.BaseStorage) -> tuple[PairSearcher, PairScheduler]:
+    """The searcher and scheduler of a run over `pairs` of (model, feature), as `cfg.search`
+    says, seeded by `cfg.run.seed`; each pair's study is `<study>/<pair>` in `storage`."""
+    search, searchers, constants = cfg.search, {}, {}
     for i, (model, feature) in enumerate(pairs):
         pair = pair_name(model, feature)
         space = spaces[model]
         sampler = optuna.samplers.TPESampler(  # explicit: Optuna 5 changed TPE's defaults
-            seed=settings.seed + i, n_startup_trials=settings.n_startup_trials,
+            seed=cfg.run.seed + i, n_startup_trials=search.n_startup_trials,
             multivariate=True, constant_liar=True)
         searchers[pair] = PrunedOptunaSearch(
             space.distributions, metric=METRIC, mode=MODE, sampler=sampler,
-            points_to_evaluate=[space.first_point], storage=settings.storage,
-            study_name=f"{settings.run_name}/{pair}", max_t=settings.max_epochs)
-        constants[pair] = trial_constants(model, feature, settings)
-    budgets = {pair: settings.num_samples for pair in searchers}
-    grace = min(settings.grace_period, settings.max_epochs)  # ASHA asserts grace <= max_t
+            points_to_evaluate=[space.first_point], storage=storage,
+            study_name=f"{study}/{pair}", max_t=search.max_epochs)
+        constants[pair] = dataclasses.asdict(TrialKeys(
+            pair, model, feature, search.max_epochs, cfg.run.seed, checkpoint_epochs(search)))
+    budgets = {pair: search.num_samples for pair in searchers}
+    grace = min(search.grace_period, search.max_epochs)  # ASHA asserts grace <= max_t
     scheduler = PairScheduler({pair: ASHAScheduler(
-        metric=METRIC, mode=MODE, time_attr=TIME_ATTR, max_t=settings.max_epochs,
-        grace_period=grace, reduction_factor=settings.reduction_factor) for pair in searchers})
+        metric=METRIC, mode=MODE, time_attr=TIME_ATTR, max_t=search.max_epochs,
+        grace_period=grace, reduction_factor=search.reduction_factor) for pair in searchers})
     return PairSearcher(searchers, budgets, constants), scheduler
 
 
-def trial_constants(model: str, feature: str, settings: SearchSettings) -> dict[str, Any]:
-    """The keys every trial of a pair carries beside its hyperparameters (trainable.TRIAL_KEYS)."""
-    return {"pair": pair_name(model, feature), "model": model, "feature": feature,
-            "max_epochs": settings.max_epochs, "seed": settings.seed,
-            "checkpoint_epochs": checkpoint_epochs(settings)}
-
-
-def checkpoint_epochs(settings: SearchSettings) -> list[int]:
+def checkpoint_epochs(search: Search) -> list[int]:
     """The epochs a trial may checkpoint at (trainable.BestSaver): ASHA's rungs, grace x
     reduction_factor^k below max_epochs, where it may be stopped, and the last epoch."""
-    grace = min(settings.grace_period, settings.max_epochs)
-    rungs = itertools.takewhile(lambda epoch: epoch < settings.max_epochs,
-                                (grace * settings.reduction_factor ** k for k in itertools.count()))
-    return [*rungs, settings.max_epochs]
+    grace = min(search.grace_period, search.max_epochs)
+    rungs = itertools.takewhile(lambda epoch: epoch < search.max_epochs,
+                                (grace * search.reduction_factor ** k for k in itertools.count()))
+    return [*rungs, search.max_epochs]
 
 
 def _trial_name(trial) -> str:
@@ -275,19 +257,20 @@ def optuna_storage(run_dir: Path) -> optuna.storages.BaseStorage:
 
 
 def fit(feature_refs: dict[str, Any], searcher: PairSearcher, scheduler: PairScheduler,
-        **kwargs: Any):
+        settings: Config, **kwargs: Any):
     """Run every pair's trials in one Tuner (`make_tuner`'s); returns Tune's ResultGrid."""
-    return make_tuner(feature_refs, searcher, scheduler, **kwargs).fit()
+    return make_tuner(feature_refs, searcher, scheduler, settings, **kwargs).fit()
 
 
-def make_tuner(feature_refs: dict[str, Any], searcher: PairSearcher, scheduler: PairScheduler, *,
-               storage_path: str, name: str, num_trials: int, cpus_per_trial: float,
+def make_tuner(feature_refs: dict[str, Any], searcher: PairSearcher, scheduler: PairScheduler,
+               settings: Config, *, storage_path: str, name: str, num_trials: int, cpus_per_trial: float,
                gpus_per_trial: float, max_concurrent: int, memory_per_trial: int = 0,
                callbacks: list | None = None, stop: Any = None, verbose: int = 1, trainable=None,
                keep_checkpoints: int | None = KEEP_CHECKPOINTS):
-    """One Tuner over every pair's trials. `stop`: Tune's RunConfig(stop=...), e.g. a
+    """One Tuner over every pair's trials, each given the run's `settings` (the trainable's
+    `settings`: what its hyperparameters go into). `stop`: Tune's RunConfig(stop=...), e.g. a
     Stopper that ends the run at a budget. `trainable`: a function trainable taking
-    `(config, feature_refs)` in place of `trainable.train_pair` (benches).
+    `(config, feature_refs, settings)` in place of `trainable.train_pair` (benches).
 
     The feature sets reach trials through `tune.with_parameters` as object refs put
     once per run; each trial fetches only its own feature. Checkpoints are bounded to
@@ -317,7 +300,8 @@ def make_tuner(feature_refs: dict[str, Any], searcher: PairSearcher, scheduler: 
     # Process-wide, as Tune reads it at fit time; a user's own setting is kept.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     return tune.Tuner(
-        _trainable(feature_refs, cpus_per_trial, gpus_per_trial, memory_per_trial, trainable),
+        _trainable(feature_refs, settings, cpus_per_trial, gpus_per_trial, memory_per_trial,
+                   trainable),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
                                     num_samples=num_trials, max_concurrent_trials=max_concurrent,
                                     reuse_actors=True,  # no process start per trial
@@ -331,22 +315,23 @@ def make_tuner(feature_refs: dict[str, Any], searcher: PairSearcher, scheduler: 
             failure_config=tune.FailureConfig(max_failures=MAX_FAILURES)))
 
 
-def restore_tuner(path: str, feature_refs: dict[str, Any], cpus_per_trial: float,
-                  gpus_per_trial: float, memory_per_trial: int = 0):
+def restore_tuner(path: str, feature_refs: dict[str, Any], settings: Config,
+                  cpus_per_trial: float, gpus_per_trial: float, memory_per_trial: int = 0):
     """The Tuner of an interrupted run at `path` (Tune's experiment folder): finished
     trials are kept, unfinished ones continue from their checkpoints, errored ones stay
     errored. Searcher (each pair's Optuna study, trial counts), scheduler and callbacks
-    come from the saved state; the feature sets are this Ray's `feature_refs`."""
+    come from the saved state; the feature sets are this Ray's `feature_refs`, and
+    `settings` the run's saved configuration."""
     from ray import tune
 
     memory_kills_fail_trials()
-    return tune.Tuner.restore(path, _trainable(feature_refs, cpus_per_trial, gpus_per_trial,
-                                               memory_per_trial),
+    return tune.Tuner.restore(path, _trainable(feature_refs, settings, cpus_per_trial,
+                                               gpus_per_trial, memory_per_trial),
                               resume_unfinished=True, resume_errored=False)
 
 
-def _trainable(feature_refs: dict[str, Any], cpus_per_trial: float, gpus_per_trial: float,
-               memory_per_trial: int = 0, trainable=None):
+def _trainable(feature_refs: dict[str, Any], settings: Config, cpus_per_trial: float,
+               gpus_per_trial: float, memory_per_trial: int = 0, trainable=None):
     """The trainable with its resources: `memory_per_trial` bytes are reserved on the node
     (capacity.py), so Ray places no more trials on a node than its memory holds."""
     from ray import tune
@@ -354,7 +339,8 @@ def _trainable(feature_refs: dict[str, Any], cpus_per_trial: float, gpus_per_tri
     if trainable is None:
         from genre_ray.trainable import train_pair as trainable
 
-    return tune.with_resources(tune.with_parameters(trainable, feature_refs=feature_refs),
+    return tune.with_resources(tune.with_parameters(trainable, feature_refs=feature_refs,
+                                                    settings=settings),
                                {"cpu": cpus_per_trial, "gpu": gpus_per_trial,
                                 "memory": memory_per_trial})
 

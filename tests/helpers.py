@@ -1,6 +1,7 @@
 """Test helpers: tiny real audio trees written with soundfile, and running commands."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -9,8 +10,35 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from genre_ray import config
+
 REPO = Path(__file__).resolve().parents[1]
 GENRES = ["blues", "classical", "jazz"]
+
+
+def trial_config(model: str, **hyper) -> config.Config:
+    """defaults.yaml with `model`'s first search point, then `hyper`, in place: what a trial
+    of it trains with (`.training` for the Trainer, `.model` for build_model)."""
+    from genre_ray.search_space import first_point
+
+    return config.tuned(config.load(), {**first_point(model), **hyper})
+
+
+def arch(model: str, **keys) -> dict:
+    """The architecture keys `model` is built with at its first point, `keys` in place."""
+    return dataclasses.asdict(trial_config(model, **keys).model)
+
+
+def exported(fs, model: str, state_dict: dict, metrics: dict | None = None):
+    """The export tune_main.py would make of weights `state_dict` (`model` at its first
+    point, built with `arch(model)`) trained on the feature set `fs`."""
+    from genre_ray import export
+    from genre_ray.search_space import first_point
+
+    hyper = first_point(model)
+    best = export.Best("t0", {"model": model, **hyper},
+                       metrics or {"val_loss": 1.0, "val_acc": 0.5, "epoch": 1}, state_dict)
+    return export.Exported.of(best, fs, arch(model), hyper)
 
 
 def write_tone(path: Path, freq: float, seconds: float, rate: int = 22050, channels: int = 1,

@@ -26,11 +26,11 @@ import pytest
 import soundfile as sf
 import torch
 
-from genre_ray import export
+from genre_ray import config
 from genre_ray.features import FEATURES, build_features
 from genre_ray.models import build_model
-from genre_ray.search_space import SPACES_DIR, first_point
-from tests.helpers import REPO, make_tree, write_tone
+from genre_ray.search_space import SPACES_DIR
+from tests.helpers import REPO, arch, exported, make_tree, write_tone
 
 RATE = 22050
 TIMEOUT_S = 60  # a command that fails early takes seconds; a hang must not stall the suite
@@ -192,7 +192,7 @@ def with_silent_and_clipped(w: World) -> list[str]:
 
 def features_are_finite(w: World) -> None:
     for feature in FEATURES:
-        fs = build_features(w.root / "data", feature, cache=w.cache)
+        fs = build_features(w.root / "data", feature, config.load(), cache=w.cache)
         for name, part in fs.splits.items():
             assert torch.isfinite(part.x).all(), f"{feature} {name} holds NaN or inf"
 
@@ -389,7 +389,7 @@ def unicode_clip(w: World) -> list[str]:
 
 PREDICT = [
     Case("predict: foreign .pth", foreign_pth,
-         says=r"\S+foreign\.pth is not a genre-ray model \(no genre-ray-model/1 metadata\); pass a "
+         says=r"\S+foreign\.pth is not a genre-ray model \(no genre-ray-model/2 metadata\); pass a "
               r"file exported by tune_main\.py"),
     Case("predict: truncated .pth", truncated_pth,
          says=r"\S+truncated\.pth is not a genre-ray model \(\w+\); pass a file exported by "
@@ -413,13 +413,10 @@ def export_bytes(tmp_path_factory) -> bytes:
     """A real (untrained) genre-ray export: MLP on the log-mels of a tiny dataset."""
     root = tmp_path_factory.mktemp("export")
     fs = build_features(make_tree(root / "data", tracks=3, seconds=5.0), "spectrogram",
-                        cache=root / "cache")
-    config = first_point("MLP")
-    model = build_model("MLP", fs.input_shape, len(fs.classes), config)
-    best = export.Best("t0", {"model": "MLP", **config},
-                       {"val_loss": 1.0, "val_acc": 0.5, "epoch": 1}, model.state_dict())
+                        config.load(), cache=root / "cache")
+    model = build_model("MLP", fs.input_shape, len(fs.classes), arch("MLP"))
     path = root / "export.pth"
-    export.save(export.payload(best, fs, config), [path])
+    exported(fs, "MLP", model.state_dict()).save([path])
     return path.read_bytes()
 
 

@@ -1,30 +1,38 @@
 """tune_main.py's flags as a user types them: list flags in either form, help for every
-flag with its default shown once, and a flag for every `tune` default."""
+flag with its default shown once, a flag for every run and search default, and --config."""
 from __future__ import annotations
 
-import dataclasses
 import re
 
 import pytest
+import yaml
 
 import tune_main
-from genre_ray.config import defaults
+from genre_ray import config, experiment, runs
 from genre_ray.errors import UserError
 
 
+def spec(argv: list[str]) -> dict:
+    """The configuration a command line gives, as its run would save it."""
+    return config.as_json(experiment.resolved(tune_main.parse(argv)[0]))
+
+
 def test_list_flags_take_words_commas_or_both():
-    spaced = tune_main.parse(["--models", "CEL", "MLP2", "--features", "spectrogram"])
-    assert tune_main.parse(["--models", "CEL,MLP2", "--features", "spectrogram,"]) == spaced
-    assert tune_main.parse(["--models", "CEL,", "MLP2"]).models == spaced.models == ["CEL", "MLP2"]
+    spaced = spec(["--models", "CEL", "MLP2", "--features", "spectrogram"])
+    assert spec(["--models", "CEL,MLP2", "--features", "spectrogram,"]) == spaced
+    assert tune_main.parse(["--models", "CEL,", "MLP2"])[0].run.models == ("CEL", "MLP2")
 
 
-def test_every_tune_default_has_its_flag():
-    opts = dataclasses.asdict(tune_main.parse([]))
-    for key, value in defaults("tune").items():
-        if key != "env_file":  # a file read for WANDB_API_KEY, not a setting of the run
-            assert key in opts and str(opts[key]) == str(value), key
-    changed = tune_main.parse(["--grace-period", "3", "--reduction-factor", "4", "--n-startup-trials", "5"])
-    assert (changed.grace_period, changed.reduction_factor, changed.n_startup_trials) == (3, 4, 5)
+def test_every_flag_sets_its_field_and_every_search_default_has_a_flag():
+    defaults = yaml.safe_load(config.DEFAULTS_FILE.read_text())
+    flagged = set(config.FLAGS.values())
+    for section in ("search", "resources", "tracking"):
+        assert {f"{section}.{key}" for key in defaults[section]} <= flagged, section
+    assert {f"run.{key}" for key in defaults["run"]} - flagged == {"run.env_file"}  # a file, said why
+    cfg, _ = tune_main.parse(["--grace-period", "3", "--reduction-factor", "4",
+                              "--n-startup-trials", "5", "--split", "fault-filtered", "--seed", "7"])
+    assert (cfg.search.grace_period, cfg.search.reduction_factor, cfg.search.n_startup_trials) == (3, 4, 5)
+    assert (cfg.split.kind, cfg.run.seed) == ("fault-filtered", 7)
 
 
 def test_every_flag_has_help_and_its_default_at_most_once(capsys):
@@ -39,7 +47,7 @@ def test_every_flag_has_help_and_its_default_at_most_once(capsys):
         assert help_text, f"{flag} has no help"
         assert len(re.findall(r"default", option)) <= 1, option
         assert "(default: None)" not in option and "(default: False)" not in option, option
-    assert "(default: 0)" in next(o for o in options if o.startswith("--gpus-per-trial"))
+    assert "(default: 0.0)" in next(o for o in options if o.startswith("--gpus-per-trial"))
 
 
 @pytest.mark.parametrize("args,says", [
@@ -58,26 +66,29 @@ def test_a_bad_flag_is_one_error_line_and_exit_2_before_anything_is_written(tmp_
     assert not list(tmp_path.iterdir())
 
 
-def test_config_replays_a_runs_settings_and_flags_beside_it_win(tmp_path):
-    """A finished run's run.json given to --config gives the same spec; a YAML of fields too."""
-    from genre_ray import experiment, runs
-
-    first = tune_main.parse(["--models", "CEL,MLP2", "--features", "spectrogram", "--num-samples", "5",
-                             "--grace-period", "3", "--seed", "7", "--output-dir", str(tmp_path / "best")])
-    run = runs.Run("r", tmp_path / "r", experiment._spec(first), resume=False)
-    runs.write_record(run, "finished")
+def test_config_replays_a_runs_configuration_and_flags_beside_it_win(tmp_path):
+    """A finished run's run.json given to --config gives the same spec; a YAML of sections too."""
+    argv = ["--models", "CEL,MLP2", "--features", "spectrogram", "--num-samples", "5",
+            "--grace-period", "3", "--seed", "7", "--output-dir", str(tmp_path / "best")]
+    (tmp_path / "c.yaml").write_text("training: {weight_decay: 0.01}\n")
+    first = spec([*argv, "--config", str(tmp_path / "c.yaml")])
+    runs.write_record(runs.Run("r", tmp_path / "r", first, resume=False), "finished")
     record = tmp_path / "r" / runs.RECORD
-    assert experiment._spec(tune_main.parse(["--config", str(record)])) == experiment._spec(first)
-    assert tune_main.parse(["--config", str(record), "--num-samples", "2"]).num_samples == 2
-    (tmp_path / "c.yaml").write_text("models: CEL3\nmax_epochs: 4\n")
-    opts = tune_main.parse(["--config", str(tmp_path / "c.yaml")])
-    assert (opts.models, opts.max_epochs, opts.num_samples) == (["CEL3"], 4, defaults("tune")["num_samples"])
+    assert spec(["--config", str(record)]) == first
+    assert spec(["--config", str(record), "--num-samples", "2"])["search"]["num_samples"] == 2
+    (tmp_path / "c.yaml").write_text("run: {models: [CEL3]}\nsearch: {max_epochs: 4}\n")
+    cfg, _ = tune_main.parse(["--config", str(tmp_path / "c.yaml")])
+    assert (cfg.run.models, cfg.search.max_epochs, cfg.search.num_samples) == \
+        (("CEL3",), 4, config.load().search.num_samples)
 
 
 @pytest.mark.parametrize("text,says", [
-    ("num_sample: 3\n", r"unknown setting\(s\) num_sample; settings: .*num_samples"),
-    ("- CEL\n", r"is not a mapping of settings"),
-    ("models: [CEL\n", r"cannot be read as YAML"),
+    ("search: {num_sample: 3}\n", r"search\.num_sample: unknown setting"),
+    ("serch: {num_samples: 3}\n", r"unknown section\(s\) serch; sections: run, data"),
+    ("search: {num_samples: 0}\n", r"--num-samples must be >= 1, got 0"),
+    ("training: {learning_rate: fast}\n", r"training\.learning_rate: input should be a valid number"),
+    ("- CEL\n", r"is not a mapping of sections"),
+    ("search: [CEL\n", r"cannot be read as YAML"),
 ])
 def test_a_bad_config_file_is_one_clear_error(tmp_path, text, says):
     (tmp_path / "c.yaml").write_text(text)

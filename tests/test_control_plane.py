@@ -13,19 +13,20 @@ import ray
 from optuna.trial import TrialState
 
 from bench.control_plane import landscape, synthetic_trial
-from genre_ray import tuning
+from genre_ray import config, tuning
 from genre_ray.search_space import load_space
-from genre_ray.tuning import SearchSettings, build_search
+from genre_ray.tuning import build_search
 
 PAIR = ("MLP", "spectrogram")
 
 
 def search(tmp_path: Path, num_samples: int, max_epochs: int = 4):
-    settings = SearchSettings(run_name="cp", storage=tuning.optuna_storage(tmp_path),
-                              num_samples=num_samples, max_epochs=max_epochs, grace_period=1,
-                              reduction_factor=2, n_startup_trials=2, seed=0)
-    searcher, scheduler = build_search([PAIR], {"MLP": load_space("MLP")}, settings)
-    return searcher, scheduler, settings
+    """A searcher and scheduler of PAIR; the run's Config; its Optuna storage."""
+    cfg = config.load(values={"search.num_samples": num_samples, "search.max_epochs": max_epochs,
+                              "search.grace_period": 1, "search.n_startup_trials": 2})
+    storage = tuning.optuna_storage(tmp_path)
+    searcher, scheduler = build_search([PAIR], {"MLP": load_space("MLP")}, cfg, "cp", storage)
+    return searcher, scheduler, cfg, storage
 
 
 def finish(searcher, trial_id: str, last: int, max_epochs: int = 4) -> None:
@@ -36,7 +37,7 @@ def finish(searcher, trial_id: str, last: int, max_epochs: int = 4) -> None:
 
 
 def test_the_saved_search_holds_the_running_trials_not_the_finished_ones(tmp_path):
-    searcher, _, settings = search(tmp_path, num_samples=40)
+    searcher, _, _, storage = search(tmp_path, num_samples=40)
     sizes = []
     for i in range(40):
         searcher.suggest(f"t{i}")
@@ -48,7 +49,7 @@ def test_the_saved_search_holds_the_running_trials_not_the_finished_ones(tmp_pat
     # what still grows per finished trial: its id and the journal's line offsets (~50 B);
     # each trial's Optuna handle made it ~400 B
     assert (sizes[-1] - sizes[10]) / 29 < 150
-    study = optuna.load_study(study_name="cp/MLP_spectrogram", storage=settings.storage)
+    study = optuna.load_study(study_name="cp/MLP_spectrogram", storage=storage)
     states = [t.state for t in study.trials]
     assert states[-2:] == [TrialState.RUNNING, TrialState.RUNNING]
     assert states[:-2] == [TrialState.COMPLETE if (1 + i % 4) == 4 else TrialState.PRUNED
@@ -56,18 +57,18 @@ def test_the_saved_search_holds_the_running_trials_not_the_finished_ones(tmp_pat
 
 
 def test_a_late_result_or_completion_of_a_finished_trial_changes_nothing(tmp_path):
-    searcher, _, settings = search(tmp_path, num_samples=2)
+    searcher, _, _, storage = search(tmp_path, num_samples=2)
     searcher.suggest("a")
     finish(searcher, "a", last=2)
     searcher.on_trial_result("a", {tuning.METRIC: 0.1, tuning.TIME_ATTR: 3})
     searcher.on_trial_complete("a", {tuning.METRIC: 0.1, tuning.TIME_ATTR: 3})
-    study = optuna.load_study(study_name="cp/MLP_spectrogram", storage=settings.storage)
+    study = optuna.load_study(study_name="cp/MLP_spectrogram", storage=storage)
     (trial,) = study.trials
     assert trial.state == TrialState.PRUNED and trial.intermediate_values == {1: 2.0, 2: 0.5}
 
 
 def test_a_restored_search_still_finishes_its_running_trials_and_fails_the_orphans(tmp_path):
-    searcher, _, settings = search(tmp_path, num_samples=4)
+    searcher, _, _, storage = search(tmp_path, num_samples=4)
     as_built = pickle.dumps(searcher)
     searcher.suggest("done")
     finish(searcher, "done", last=4)
@@ -77,7 +78,7 @@ def test_a_restored_search_still_finishes_its_running_trials_and_fails_the_orpha
     restored = pickle.loads(as_built)
     restored.restore(str(tmp_path / "searcher.pkl"))
     finish(restored, "running", last=2)
-    study = optuna.load_study(study_name="cp/MLP_spectrogram", storage=settings.storage)
+    study = optuna.load_study(study_name="cp/MLP_spectrogram", storage=storage)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.PRUNED,
                                                TrialState.FAIL]
 
@@ -93,8 +94,8 @@ def local_ray():
 def test_the_tuner_writes_csv_and_json_results_and_no_tensorboard(tmp_path, local_ray, monkeypatch):
     monkeypatch.setenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "")  # undone after the test
     monkeypatch.delenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS")  # make_tuner's own choice
-    searcher, scheduler, _ = search(tmp_path / "optuna", num_samples=2, max_epochs=2)
-    grid = tuning.fit(landscape([PAIR], epoch_s=0.0), searcher, scheduler,
+    searcher, scheduler, cfg, _ = search(tmp_path / "optuna", num_samples=2, max_epochs=2)
+    grid = tuning.fit(landscape([PAIR], epoch_s=0.0), searcher, scheduler, cfg,
                       storage_path=str(tmp_path), name="cp", num_trials=2, cpus_per_trial=1,
                       gpus_per_trial=0, max_concurrent=2, verbose=0, trainable=synthetic_trial)
     assert len(grid) == 2 and not grid.errors

@@ -10,18 +10,24 @@ import soundfile as sf
 import torch
 from torchaudio.datasets import gtzan
 
-from genre_ray import data
+from genre_ray import config, data
 from genre_ray.errors import UserError
 from tests.helpers import GENRES, make_tree, run_module, write_tone
 
 SEG = 110250  # 5 s at 22050 Hz
 
 
+def _load(data_dir: Path, seed: int = 0) -> data.SegmentSet:
+    """data.load_segments with defaults.yaml's data section and a random split seeded `seed`."""
+    cfg = config.load(values={"split.kind": "random", "run.seed": seed})
+    return data.load_segments(data_dir, cfg.data, cfg.split, cfg.run.seed)
+
+
 @pytest.mark.parametrize("layout,ext", [("genres", ".au"), ("genres_original", ".wav"),
                                         (".", ".wav"), ("genres", ".wav")])
 def test_reads_every_gtzan_layout(tmp_path, layout, ext):
     make_tree(tmp_path, layout=layout, ext=ext, tracks=3, seconds=11.0)
-    segs = data.load_segments(tmp_path, "random", seed=0)
+    segs = _load(tmp_path)
     assert segs.classes == sorted(GENRES)
     total = sum(len(s.labels) for s in segs.splits.values())
     assert total == 3 * 3 * 2  # 11 s: two full segments, a 1 s tail dropped
@@ -52,7 +58,7 @@ def test_broken_file_is_skipped_and_reported(tmp_path):
     broken = tmp_path / "genres_original" / "jazz" / "jazz.00054.wav"
     broken.write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot really audio")
     (tmp_path / "genres_original" / "jazz" / ".DS_Store").write_bytes(b"\x00")
-    segs = data.load_segments(tmp_path, "random", seed=0)
+    segs = _load(tmp_path)
     assert [p.name for p, _ in segs.skipped] == ["jazz.00054.wav"]
     assert "does not decode" in segs.skipped[0][1]
     assert [p.name for p in segs.ignored] == [".DS_Store"]
@@ -68,7 +74,7 @@ def test_short_nan_and_hidden_files_and_folders_without_audio_are_reported(tmp_p
     sf.write(str(blues / "blues.00005.wav"), nan, 22050, subtype="FLOAT")
     (blues / "._blues.00000.wav").write_bytes(b"\x00\x05\x16\x07")  # a macOS copy's shadow file
     (tmp_path / "genres_original" / "disco").mkdir()  # no audio: not a genre
-    segs = data.load_segments(tmp_path, "random", seed=0)
+    segs = _load(tmp_path)
     assert [(p.name, note) for p, note in segs.padded] == \
         [("blues.00003.wav", "3.0 s, zero-padded to one 5 s segment")]
     assert {p.name: why.split(";")[0] for p, why in segs.skipped} == {
@@ -180,7 +186,7 @@ def test_genre_folder_without_usable_audio_is_a_clear_error(tmp_path):
     for path in (tmp_path / "genres_original" / "jazz").iterdir():
         path.write_bytes(b"not audio at all")
     with pytest.raises(UserError, match="genre folder 'jazz' has no usable audio.*3 file"):
-        data.load_segments(tmp_path, "random", seed=0)
+        _load(tmp_path)
 
 
 def test_cli_reports_tracks_segments_and_skips(tmp_path):

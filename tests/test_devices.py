@@ -12,12 +12,11 @@ import torch
 import torch.serialization
 from ray import tune
 
-from genre_ray import export, trainable
+from genre_ray import config, export, trainable
 from genre_ray.features import build_features
 from genre_ray.models import build_model
-from genre_ray.search_space import first_point
 from genre_ray.training import Trainer
-from tests.helpers import make_tree
+from tests.helpers import arch, exported, make_tree, trial_config
 
 
 @contextlib.contextmanager
@@ -34,14 +33,13 @@ def saved_as_cuda():
 @pytest.fixture(scope="module")
 def fs(tmp_path_factory):
     root = make_tree(tmp_path_factory.mktemp("data"), tracks=3, seconds=6.0)
-    return build_features(root, "spectrogram", cache=tmp_path_factory.mktemp("cache"))
+    return build_features(root, "spectrogram", config.load(), cache=tmp_path_factory.mktemp("cache"))
 
 
 def test_a_gpu_trials_checkpoint_exports_to_a_file_a_cpu_machine_loads(fs, tmp_path):
-    config = first_point("CEL")
-    model = build_model("CEL", fs.input_shape, len(fs.classes), config)
+    model = build_model("CEL", fs.input_shape, len(fs.classes), arch("CEL"))
     trainer = Trainer(model, (fs.splits["train"].x, fs.splits["train"].labels),
-                      (fs.splits["val"].x, fs.splits["val"].labels), config,
+                      (fs.splits["val"].x, fs.splits["val"].labels), trial_config("CEL").training,
                       n_classes=len(fs.classes), epochs=1)
     folder = tmp_path / "checkpoint"
     folder.mkdir()
@@ -55,11 +53,9 @@ def test_a_gpu_trials_checkpoint_exports_to_a_file_a_cpu_machine_loads(fs, tmp_p
     tensors = [t for t in state["trainer"]["model"].values()]
     assert tensors and all(t.device.type == "cpu" for t in tensors)
 
-    best = export.Best("t1", {"model": "CEL"}, {"val_loss": 1.0, "val_acc": 0.5, "epoch": 1},
-                       state["trainer"]["model"])
     path = tmp_path / export.export_name("CEL", "spectrogram")
-    export.save(export.payload(best, fs, config), [path])
+    exported(fs, "CEL", state["trainer"]["model"]).save([path])
     loaded = torch.load(path, weights_only=True)  # README's load, on a machine without CUDA
     assert all(t.device.type == "cpu" for t in loaded["state_dict"].values())
-    rebuilt = export.rebuild(loaded)
+    rebuilt = export.Exported.load(path).rebuild()
     assert math.isfinite(rebuilt(fs.splits["test"].x[:2]).sum().item())

@@ -9,13 +9,14 @@ import soundfile as sf
 import torch
 
 from genre_ray import cache as cache_entry
-from genre_ray import features
+from genre_ray import config, features
 from genre_ray.errors import UserError
 from genre_ray.features import LogMel, build_features
 from genre_ray.files import atomic_path
 from tests.helpers import make_tree
 
 RATE, SEG = 22050, 110250
+CFG = config.load()  # defaults.yaml: run.seed 0, a random split
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def tree(tmp_path_factory):
 def built(tree, tmp_path_factory):
     """Both features of `tree`, computed once for the module's read-only tests."""
     cache = tmp_path_factory.mktemp("module-cache")
-    return {f: build_features(tree, f, cache=cache) for f in features.FEATURES}
+    return {f: build_features(tree, f, CFG, cache=cache) for f in features.FEATURES}
 
 
 def _peak_hz(wave: torch.Tensor) -> float:
@@ -67,9 +68,9 @@ def test_silent_training_split_normalises_to_finite_values(tmp_path):
     tree = make_tree(tmp_path / "silent", tracks=3, seconds=5.0)
     for path in tree.rglob("*.wav"):
         sf.write(str(path), np.zeros(5 * RATE), RATE, subtype="PCM_16")
-    spec = build_features(tree, "spectrogram", cache=tmp_path / "cache")
+    spec = build_features(tree, "spectrogram", CFG, cache=tmp_path / "cache")
     assert torch.equal(spec.stats["std"], torch.zeros(64))  # the case the guard is for
-    for fs in (spec, build_features(tree, "waveform", cache=tmp_path / "cache")):
+    for fs in (spec, build_features(tree, "waveform", CFG, cache=tmp_path / "cache")):
         for part in fs.splits.values():
             assert torch.isfinite(part.x).all(), fs.feature
 
@@ -94,9 +95,9 @@ def test_logmel_batch_equals_per_item():
 
 
 def test_cache_hit_recomputes_nothing(tree, isolated_cache):
-    first = build_features(tree, "spectrogram")
+    first = build_features(tree, "spectrogram", CFG)
     entries = {p: p.stat().st_mtime_ns for p in (isolated_cache / "features").iterdir()}
-    again = build_features(tree, "spectogram")  # the seed's spelling hits the same entry
+    again = build_features(tree, "spectogram", CFG)  # the seed's spelling hits the same entry
     assert not first.from_cache and again.from_cache
     assert {p: p.stat().st_mtime_ns for p in (isolated_cache / "features").iterdir()} == entries
     for name, part in first.splits.items():
@@ -105,12 +106,13 @@ def test_cache_hit_recomputes_nothing(tree, isolated_cache):
 
 def test_changed_input_file_or_parameter_misses_the_cache(tree, tmp_path):
     cache = tmp_path / "cache"
-    build_features(tree, "waveform", cache=cache)
-    assert not build_features(tree, "waveform", seed=1, cache=cache).from_cache
-    assert build_features(tree, "waveform", cache=cache).from_cache
+    build_features(tree, "waveform", CFG, cache=cache)
+    reseeded = config.replaced(CFG, {"run.seed": 1})
+    assert not build_features(tree, "waveform", reseeded, cache=cache).from_cache
+    assert build_features(tree, "waveform", CFG, cache=cache).from_cache
     target = next((tree / "genres_original" / "jazz").iterdir())
     target.write_bytes(target.read_bytes())  # same content, new mtime
-    assert not build_features(tree, "waveform", cache=cache).from_cache
+    assert not build_features(tree, "waveform", CFG, cache=cache).from_cache
 
 
 @pytest.mark.parametrize("target,damage", [
@@ -121,24 +123,24 @@ def test_changed_input_file_or_parameter_misses_the_cache(tree, tmp_path):
 ])
 def test_corrupt_entry_is_detected_and_rebuilt(tree, tmp_path, caplog, target, damage):
     cache = tmp_path / "cache"
-    clean = {k: v.clone() for k, v in vars(build_features(tree, "spectrogram", cache=cache)
+    clean = {k: v.clone() for k, v in vars(build_features(tree, "spectrogram", CFG, cache=cache)
                                           .splits["train"]).items() if k != "track_ids"}
     entry = next((cache / "features").glob("spectrogram-*"))
     (entry / target).write_bytes(damage((entry / target).read_bytes()))
     with caplog.at_level(logging.WARNING):
-        rebuilt = build_features(tree, "spectrogram", cache=cache)
+        rebuilt = build_features(tree, "spectrogram", CFG, cache=cache)
     assert not rebuilt.from_cache and "corrupt" in caplog.text and entry.name in caplog.text
     assert torch.equal(rebuilt.splits["train"].x, clean["x"])
-    assert build_features(tree, "spectrogram", cache=cache).from_cache
+    assert build_features(tree, "spectrogram", CFG, cache=cache).from_cache
 
 
 def test_cached_features_are_memory_maps_that_writes_never_reach(tree, tmp_path):
     cache = tmp_path / "cache"
-    fs = build_features(tree, "waveform", cache=cache)
+    fs = build_features(tree, "waveform", CFG, cache=cache)
     x = fs.splits["train"].x
     assert _mapped_file(x.data_ptr()).endswith("/train.x.npy")  # the file itself, not a copy
     x[0] = 7.0  # copy-on-write: this process's page only
-    again = build_features(tree, "waveform", cache=cache)
+    again = build_features(tree, "waveform", CFG, cache=cache)
     assert again.from_cache and not torch.equal(again.splits["train"].x[0], x[0])
 
 
@@ -181,16 +183,16 @@ def test_interrupted_entry_leaves_nothing_and_a_committed_one_reads_back(tmp_pat
 
 def test_unknown_feature_is_a_clear_error(tree):
     with pytest.raises(UserError, match="unknown feature 'mfcc'.*waveform, spectrogram"):
-        build_features(tree, "mfcc")
+        build_features(tree, "mfcc", CFG)
 
 
 def test_batch_augmentations_keep_shape_and_mask_each_item_differently():
     torch.manual_seed(0)
-    spec = features.batch_augmentation("spectrogram")
+    spec = features.batch_augmentation("spectrogram", CFG.batch_augment.of("spectrogram"))
     x = torch.ones(8, 64, 216)
     masked = spec(x)
     assert masked.shape == x.shape and (masked == 0).any()
     zero_cols = [(m == 0).all(dim=0).nonzero().flatten().tolist() for m in masked]
     assert len({tuple(c) for c in zero_cols}) > 1  # masks are drawn per item
-    noisy = features.batch_augmentation("waveform")(torch.zeros(4, 1000))
+    noisy = features.batch_augmentation("waveform", CFG.batch_augment.of("waveform"))(torch.zeros(4, 1000))
     assert 0.005 < noisy.std().item() < 0.02

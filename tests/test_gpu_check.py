@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from bench import gpu_check
+from genre_ray import config
 from genre_ray.features import build_features
 from tests.helpers import REPO, make_tree
 
@@ -76,7 +77,8 @@ def test_trials_pass_the_gpu_check_only_if_their_checkpoints_say_cuda(tmp_path, 
 
 
 def test_a_resume_that_loses_the_rng_state_fails(tmp_path, monkeypatch):
-    fs = build_features(make_tree(tmp_path / "data", tracks=3, seconds=6.0), "spectrogram")
+    fs = build_features(make_tree(tmp_path / "data", tracks=3, seconds=6.0), "spectrogram",
+                        config.load())
     monkeypatch.setattr(torch, "set_rng_state", lambda state: None)  # dropout's RNG not restored
     status, check, detail = gpu_check.resume_on(fs, torch.device("cpu"), tmp_path)
     assert (status, check) == ("FAIL", "resume on cpu") and "differ by" in detail

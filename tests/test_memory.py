@@ -15,7 +15,7 @@ import pytest
 import ray
 import torch
 
-from genre_ray import capacity, export
+from genre_ray import capacity, config, export
 from genre_ray.errors import UserError
 from genre_ray.features import FeatureSet, FeatureSplit, estimated_bytes
 from genre_ray.search_space import SPACES_DIR
@@ -24,6 +24,12 @@ from tests.helpers import REPO, make_tree
 
 MB = 1 << 20
 GB = capacity.GB
+MEMORY = config.load().memory
+
+
+def _need(data: dict[str, int], trial: int, cpus: float, gpus: float) -> capacity.Need:
+    """A Need whose object store holds `data` with defaults.yaml's headroom, as need() sizes it."""
+    return capacity.Need(data, trial, cpus, gpus, int(sum(data.values()) * MEMORY.store_headroom))
 
 
 def _rss_anon() -> int:
@@ -105,7 +111,7 @@ def _node(**resources: float) -> dict:
     ([_node(CPU=64, GPU=0), _node(GPU=8, CPU=8), _node(GPU=8, CPU=8)], 2, 0.5, 1, 8),  # GPU nodes' CPUs bound
 ])
 def test_slots_are_counted_node_by_node(nodes, cpus, gpus, trial_gb, expected):
-    need = capacity.Need({"spectrogram": 1 * GB}, int(trial_gb * GB), cpus, gpus)
+    need = _need({"spectrogram": 1 * GB}, int(trial_gb * GB), cpus, gpus)
     assert capacity.slots(need, nodes) == expected
 
 
@@ -118,26 +124,42 @@ def test_a_trial_no_single_node_can_hold_is_refused(nodes, cpus, gpus, flag):
     """CPUs of one node and GPUs of another do not make a trial: Tune would wait forever."""
     with pytest.raises(UserError, match=rf"^{flag}: no node .* {cpus:g} CPU\(s\) and {gpus:g} GPU\(s\) "
                                         rf"together.*lower {flag}"):
-        capacity.slots(capacity.Need({"spectrogram": GB}, GB, cpus, gpus), nodes)
+        capacity.slots(_need({"spectrogram": GB}, GB, cpus, gpus), nodes)
 
 
 def test_a_node_whose_object_store_cannot_hold_the_data_is_refused():
-    need = capacity.Need({"waveform": 20 * GB, "spectrogram": 1 * GB}, 2 * GB, 1, 0)
+    need = _need({"waveform": 20 * GB, "spectrogram": 1 * GB}, 2 * GB, 1, 0)
     with pytest.raises(UserError, match=r"need 27\.3 GB of shared memory.*waveform 20\.0 GB.*"
                                         r"--features spectrogram.*--object-store-memory"):
         capacity.slots(need, [NODE])
     with pytest.raises(UserError, match="no node of the Ray cluster has 40.0 GB"):
-        capacity.slots(capacity.Need({"spectrogram": GB}, 40 * GB, 1, 0), [NODE])
+        capacity.slots(_need({"spectrogram": GB}, 40 * GB, 1, 0), [NODE])
 
 
 def test_sizes_are_estimated_from_headers_and_match_what_is_built(tmp_path):
     from genre_ray.features import build_features
 
     tree = make_tree(tmp_path / "data", tracks=3, seconds=11.0)
-    sizes = estimated_bytes(tree, ["waveform", "spectrogram"])
+    cfg = config.load()
+    sizes = estimated_bytes(tree, ["waveform", "spectrogram"], cfg)
     for feature, estimate in sizes.items():
-        fs = build_features(tree, feature, cache=tmp_path / "cache")
+        fs = build_features(tree, feature, cfg, cache=tmp_path / "cache")
         assert estimate == {name: part.x.nbytes for name, part in fs.splits.items()}, feature
+
+
+def test_a_runs_need_is_its_train_and_val_bytes_with_the_memory_sections_headroom():
+    sizes = {"waveform": {"train": 6 * GB, "val": 2 * GB, "test": 2 * GB},
+             "spectrogram": {"train": 3 * GB, "val": GB, "test": GB}}
+    memory = config.replaced(config.load(), {
+        "memory.store_headroom": 1.5, "memory.trial_gb": {"waveform": 3.0, "spectrogram": 1.0},
+        "memory.store_extra_gb": 0.5, "memory.store_min_gb": 1.0, "memory.driver_gb": 0.0}).memory
+    want = capacity.need(sizes, 2, 0.5, memory)
+    assert want == capacity.Need({"waveform": 8 * GB, "spectrogram": 4 * GB}, 3 * GB, 2, 0.5, 18 * GB)
+    assert capacity.need({"spectrogram": sizes["spectrogram"]}, 1, 0, memory).trial == GB
+    # a new local Ray's store: the data's plus the extra, or the minimum when that is more
+    assert capacity.local_store_bytes(_need({"spectrogram": 0}, 0, 1, 0), memory) == GB
+    small = capacity.need({"spectrogram": {"train": GB // 4, "val": GB // 4, "test": 0}}, 1, 0, memory)
+    assert small.store == 3 * GB // 4 and capacity.local_store_bytes(small, memory) == 5 * GB // 4
 
 
 def _sparse_wav(path: Path, seconds: float, rate: int = 22050) -> None:
@@ -206,9 +228,9 @@ def test_a_trial_the_memory_monitor_kills_fails_alone_and_the_run_exports(tmp_pa
     error = (trials[HOG] / "error.txt").read_text()
     assert "killed by Ray's memory monitor" in error and error.count("Failure # ") == 3
     assert not (trials[32] / "error.txt").exists()
-    exported = torch.load(tmp_path / "best" / export.export_name("MLP2", "spectrogram"),
-                          weights_only=True)
-    assert exported["config"]["nodes"] == 32 and "1 trial(s) failed" in out.stdout
+    exported = export.Exported.load(tmp_path / "best" / export.export_name("MLP2", "spectrogram"))
+    assert exported.hyper["nodes"] == exported.arch["nodes"] == 32
+    assert "1 trial(s) failed" in out.stdout
 
 
 def test_the_report_names_the_clusters_gpus_not_the_drivers():

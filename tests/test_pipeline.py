@@ -2,15 +2,16 @@
 features -> model -> training, through the same loader as real GTZAN."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from torchaudio.datasets.gtzan import gtzan_genres
 
-from genre_ray import data, synthetic
+from genre_ray import config, data, synthetic
 from genre_ray.features import batch_augmentation, build_features
 from genre_ray.models import build_model
-from genre_ray.search_space import first_point
 from genre_ray.training import Trainer, seed_everything
-from tests.helpers import run_module
+from tests.helpers import run_module, trial_config
 
 pytestmark = pytest.mark.slow  # trains a CNN on the embedded dataset
 
@@ -27,7 +28,8 @@ def test_embedded_dataset_goes_through_the_gtzan_loader(small):
     found = data.scan(small)
     assert found.root.name == "genres_original" and found.genres == list(gtzan_genres)
     assert len(found.tracks) == 10 * TRACKS and not found.ignored
-    segs = data.load_segments(small, "random", seed=0)
+    cfg = config.load(values={"split.kind": "random", "run.seed": 0})
+    segs = data.load_segments(small, cfg.data, cfg.split, cfg.run.seed)
     assert not segs.skipped
     assert [len(segs.splits[n].track_ids) for n in data.SPLITS] == [60, 20, 20]
     assert [len(segs.splits[n].labels) for n in data.SPLITS] == [120, 40, 40]
@@ -38,13 +40,14 @@ def test_a_short_cnn_run_beats_chance_by_a_wide_margin(small):
     so count at worst 20 independent guesses: 0.35 needs 7 right, and
     P(Binomial(20, 0.1) >= 7) = 0.24 %, 2.4 % even after looking at 10 epochs. Measured
     here: 0.45-0.52 by epoch 10 (bench/baseline.py shows the full-size run)."""
-    fs = build_features(small, "spectrogram")
-    config = first_point("CEL")
+    cfg = trial_config("CEL")  # defaults.yaml with CEL's first point: the seed's configuration
+    fs = build_features(small, "spectrogram", cfg)
     seed_everything(0)
-    model = build_model("CEL", fs.input_shape, len(fs.classes), config)
+    model = build_model("CEL", fs.input_shape, len(fs.classes), dataclasses.asdict(cfg.model))
     split = {n: (s.x, s.labels) for n, s in fs.splits.items()}
-    trainer = Trainer(model, split["train"], split["val"], config, n_classes=10, epochs=10,
-                      transform=batch_augmentation("spectrogram"))
+    trainer = Trainer(model, split["train"], split["val"], cfg.training, n_classes=10, epochs=10,
+                      seed=cfg.run.seed,
+                      transform=batch_augmentation("spectrogram", cfg.batch_augment.of("spectrogram")))
     history = trainer.fit(10)
     assert max(m["val_acc"] for m in history) >= 0.35, history
 

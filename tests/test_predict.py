@@ -5,6 +5,7 @@ exported; every test runs `python -m genre_ray.predict` as a user would.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -14,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from genre_ray import data, export
+from genre_ray import config, data, export
+from genre_ray.export import Exported
 from genre_ray.features import build_features, compute_feature
 from genre_ray.models import build_model
-from genre_ray.search_space import first_point
 from genre_ray.training import Trainer, seed_everything
-from tests.helpers import GENRES, REPO, make_tree, run_module, write_tone
+from tests.helpers import GENRES, REPO, arch, exported, make_tree, run_module, trial_config, write_tone
 
 RATE = 22050
 
@@ -29,18 +30,16 @@ def trained(tmp_path_factory) -> dict:
     """A tone dataset, its spectrogram features, and an MLP exported from them."""
     root = tmp_path_factory.mktemp("predict")
     tree = make_tree(root / "data", tracks=3, seconds=11.0)
-    fs = build_features(tree, "spectrogram", cache=root / "cache")
-    config = first_point("MLP")
+    fs = build_features(tree, "spectrogram", config.load(), cache=root / "cache")
     seed_everything(0)
-    model = build_model("MLP", fs.input_shape, len(fs.classes), config)
+    model = build_model("MLP", fs.input_shape, len(fs.classes), arch("MLP"))
     split = {name: (s.x, s.labels) for name, s in fs.splits.items()}
-    trainer = Trainer(model, split["train"], split["val"], config, n_classes=len(fs.classes),
-                      epochs=60, device=torch.device("cpu"))
+    trainer = Trainer(model, split["train"], split["val"], trial_config("MLP").training,
+                      n_classes=len(fs.classes), epochs=60, device=torch.device("cpu"))
     history = trainer.fit(60, lambda m, _: m["val_acc"] == 1.0 and m["train_loss"] < 0.05)
     assert history[-1]["val_acc"] == 1.0  # the tones are learned
-    best = export.Best("t0", {"model": "MLP", **config}, history[-1], model.state_dict())
     path = root / "models" / export.export_name("MLP", "spectrogram")
-    export.save(export.payload(best, fs, config), [path])
+    exported(fs, "MLP", model.state_dict(), history[-1]).save([path])
     clips = {genre: write_tone(root / "clips" / f"{genre}.wav", 220.0 * (g + 1), 7.0)
              for g, genre in enumerate(GENRES)}
     short = write_tone(root / "clips" / "short.wav", 440.0, 2.0)
@@ -64,8 +63,8 @@ def _refused(proc, *words: str) -> str:
     return lines[0]
 
 
-def _with(payload: dict, path: Path, **changes) -> Path:
-    export.save({**payload, **changes}, [path])
+def _with(model: Exported, path: Path, **changes) -> Path:
+    dataclasses.replace(model, **changes).save([path])
     return path
 
 
@@ -118,7 +117,7 @@ def test_plain_top_2_is_sorted_and_says_a_clip_was_padded(trained):
 # ---- choosing a model from a folder ----------------------------------------------------
 
 def test_models_dir_picks_the_best_test_track_accuracy(trained, tmp_path):
-    payload = torch.load(trained["model"], weights_only=True)
+    payload = Exported.load(trained["model"])
     val = {"val_loss": 0.1, "epoch": 3}
     _with(payload, tmp_path / "a.pth", val={**val, "val_acc": 1.0},
           test={"accuracy": 0.9, "track_accuracy": 0.5, "macro_f1": 0.5})
@@ -133,7 +132,7 @@ def test_models_dir_picks_the_best_test_track_accuracy(trained, tmp_path):
 
 
 def test_default_folder_falls_back_to_validation_accuracy(trained, tmp_path):
-    payload = torch.load(trained["model"], weights_only=True)
+    payload = Exported.load(trained["model"])
     folder = tmp_path / "best_models"  # the default --models-dir, relative to where it runs
     chosen = _with(payload, folder / "a.pth", val={"val_loss": 0.3, "val_acc": 0.9, "epoch": 2})
     _with(payload, folder / "b.pth", val={"val_loss": 0.1, "val_acc": 0.3, "epoch": 2})

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,14 +17,13 @@ from pathlib import Path
 
 import optuna
 import pytest
-import torch
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from ray.tune import ExperimentAnalysis
 from ray.tune.experiment import Trial
 
-from genre_ray import export, runs
+from genre_ray import config, export, runs
 from genre_ray.errors import UserError
 from genre_ray.search_space import load_space
 from tests.helpers import REPO, make_tree, read_run
@@ -30,8 +31,18 @@ from tests.helpers import REPO, make_tree, read_run
 MODELS, SAMPLES = ["MLP", "CEL"], 6
 
 
+def project_copy(base: Path) -> Path:
+    """The project's code and files in `base/project`, so a test can edit its defaults.yaml
+    and search spaces as a user would edit theirs, leaving the repository's alone."""
+    project = base / "project"
+    for name in ("genre_ray", "search_spaces"):
+        shutil.copytree(REPO / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "tune_main.py", project)
+    return project
+
+
 def command(base, *extra: str) -> list[str]:
-    return [sys.executable, str(REPO / "tune_main.py"), "--data-dir", str(base / "data"),
+    return [sys.executable, str(base / "project" / "tune_main.py"), "--data-dir", str(base / "data"),
             "--models", *MODELS, "--features", "spectrogram", "--num-samples", str(SAMPLES),
             "--max-epochs", "5", "--storage-path", str(base / "runs"), "--name", "r",
             "--output-dir", str(base / "best"), "--wandb", "offline", *extra]
@@ -66,8 +77,9 @@ def interrupted(tmp_path_factory):
     """A run sent SIGINT once two trials have finished; what it left, and how it exited."""
     base = tmp_path_factory.mktemp("resume")
     make_tree(base / "data", tracks=3, seconds=11.0)
+    project_copy(base)
     log = open(base / "first.log", "w")
-    proc = subprocess.Popen(command(base), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(command(base), cwd=base, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     deadline = time.monotonic() + 300
     while len(done_trials(base / "runs" / "r")) < 2:
@@ -80,13 +92,64 @@ def interrupted(tmp_path_factory):
     return base, code, seconds, finished_trials(base / "runs" / "r")
 
 
+def edited(path: Path, old: str, new: str) -> str:
+    """Replace `old` by `new` in the file at `path`; returns its former text."""
+    text = path.read_text()
+    assert old in text, old
+    path.write_text(text.replace(old, new))
+    return text
+
+
 @pytest.fixture(scope="module")
-def resumed(interrupted):
+def changed(interrupted):
+    """The same command after defaults.yaml, then a search-space file, was edited: how
+    each ended, and whether the run's files stayed as they were. Both files are restored."""
+    base, project = interrupted[0], interrupted[0] / "project"
+    before = tree_hash(base / "runs" / "r")
+    ends = {}
+    for file, old, new in [(project / "genre_ray" / "defaults.yaml", "weight_decay: 0.0", "weight_decay: 0.5"),
+                           (project / "search_spaces" / "CEL.yaml", "[0.0, 0.5]", "[0.1, 0.5]")]:
+        text = edited(file, old, new)
+        ends[file.name] = subprocess.run(command(base), cwd=base, capture_output=True, text=True,
+                                         timeout=300)
+        file.write_text(text)
+    return ends, before == tree_hash(base / "runs" / "r")
+
+
+@pytest.fixture(scope="module")
+def resumed(interrupted, changed):
+    """The run continued with --resume after defaults.yaml changed: with its saved configuration."""
     base = interrupted[0]
     wandb_before = sorted((base / "runs" / "r" / "wandb").glob("offline-run-*"))
-    out = subprocess.run(command(base), cwd=REPO, capture_output=True, text=True, timeout=600)
+    defaults = base / "project" / "genre_ray" / "defaults.yaml"
+    text = edited(defaults, "weight_decay: 0.0", "weight_decay: 0.5")
+    try:
+        out = subprocess.run(command(base, "--resume"), cwd=base, capture_output=True, text=True,
+                             timeout=600)
+    finally:
+        defaults.write_text(text)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     return base, out, wandb_before
+
+
+@pytest.mark.slow
+def test_a_changed_defaults_yaml_or_search_space_stops_the_same_command_naming_the_change(changed):
+    ends, untouched = changed
+    for file, says in [("defaults.yaml", r"training\.weight_decay 0\.0 \(now 0\.5\)"),
+                       ("CEL.yaml", r"search space CEL")]:
+        out = ends[file]
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+        assert re.fullmatch(rf"error: run 'r' was interrupted with another configuration .*{says}"
+                            r".*--resume.*\n", out.stderr), out.stderr
+    assert untouched
+
+
+@pytest.mark.slow
+def test_resume_continues_with_the_configuration_the_run_was_started_with(resumed):
+    base, out, _ = resumed
+    record = runs.read_record(base / "runs" / "r")
+    assert record["config"]["training"]["weight_decay"] == 0.0  # not the edited 0.5
+    assert record["config_hash"] == config.digest(record["config"])
 
 
 @pytest.mark.slow
@@ -147,16 +210,14 @@ def test_each_optuna_study_holds_every_trial_once_and_its_seed_point_once(resume
 def test_the_continued_run_exports_every_pair(resumed):
     base, _, _ = resumed
     for model in MODELS:
-        payload = torch.load(base / "best" / export.export_name(model, "spectrogram"),
-                             weights_only=True)
-        assert payload["model"] == model
+        assert export.Exported.load(base / "best" / export.export_name(model, "spectrogram")).model == model
 
 
 @pytest.mark.slow
 def test_a_finished_run_rerun_says_where_its_results_are(resumed):
     base, _, _ = resumed
     before = tree_hash(base / "runs" / "r"), tree_hash(base / "best")
-    out = subprocess.run(command(base), cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(command(base), cwd=base, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "is finished" in out.stderr and str(base / "runs" / "r" / "leaderboard.md") in out.stderr
     assert "--name" in out.stderr
@@ -187,7 +248,13 @@ def test_ctrl_c_while_every_trial_is_running_is_still_an_interruption(tmp_path):
 
 # Which run a command picks: records and locks written by the module itself.
 
-SPEC = {"models": ["MLP"], "max_epochs": 3, "output_dir": "/x"}
+def doc(**values) -> dict:
+    """A configuration as a run saves it: defaults.yaml with `values` ({"search.max_epochs": 3})."""
+    return config.as_json(config.load(values={"run.models": ["MLP"], "run.output_dir": "/x",
+                                              "search.max_epochs": 3, **values}))
+
+
+SPEC = doc()
 
 
 def make_run(store: runs.Storage, name: str, status: str, spec: dict, age: float) -> runs.Run:
@@ -203,13 +270,13 @@ def test_without_a_name_the_newest_interrupted_run_with_these_settings_continues
     store = runs.storage(str(tmp_path))
     make_run(store, "old", "interrupted", SPEC, age=300)
     make_run(store, "newer", "interrupted", SPEC, age=200)
-    make_run(store, "other", "interrupted", {**SPEC, "max_epochs": 9}, age=100)
+    make_run(store, "other", "interrupted", doc(**{"search.max_epochs": 9}), age=100)
     make_run(store, "done", "finished", SPEC, age=0)
     chosen = runs.choose(store, None, SPEC, resume=False)
     assert (chosen.name, chosen.resume) == ("newer", True)
     chosen = runs.choose(store, None, SPEC, resume=True)  # --resume: any settings
-    assert (chosen.name, chosen.spec["max_epochs"]) == ("other", 9)
-    fresh = runs.choose(store, None, {**SPEC, "max_epochs": 4}, resume=False)
+    assert (chosen.name, chosen.config["search"]["max_epochs"]) == ("other", 9)
+    fresh = runs.choose(store, None, doc(**{"search.max_epochs": 4}), resume=False)
     assert fresh.name is None and not fresh.resume
     with runs.claimed(store, fresh) as run:
         assert run.name.startswith("tune-") and (run.dir / runs.LOCK).is_file()
@@ -236,9 +303,10 @@ def test_a_run_held_by_another_process_is_neither_chosen_nor_claimed(tmp_path):
 def test_a_named_run_with_other_settings_is_refused_with_the_difference(tmp_path):
     store = runs.storage(str(tmp_path))
     make_run(store, "r", "interrupted", SPEC, age=0)
-    with pytest.raises(UserError, match="--max-epochs 3.*--resume"):
-        runs.choose(store, "r", {**SPEC, "max_epochs": 5}, resume=False)
-    assert runs.choose(store, "r", {**SPEC, "max_epochs": 5}, resume=True).spec == SPEC
+    five = doc(**{"search.max_epochs": 5})
+    with pytest.raises(UserError, match=r"--max-epochs 3 \(now 5\).*--resume"):
+        runs.choose(store, "r", five, resume=False)
+    assert runs.choose(store, "r", five, resume=True).config == SPEC
     with pytest.raises(UserError, match="no run 'x'.*drop --resume"):
         runs.choose(store, "x", SPEC, resume=True)
 

@@ -7,7 +7,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 
 from genre_ray.errors import UserError
 from genre_ray.models import MODELS, build_model
-from genre_ray.search_space import SPACES_DIR, SearchSpace, first_point, load_space
+from genre_ray.search_space import SPACES_DIR, SearchSpace, first_point, load_space, parse_space
+from tests.helpers import arch
 
 # The seed notebook's hand-picked configurations, as the issue states them: the spec.
 _CEL = {"learning_rate": 0.001, "batch_size": 32, "nodes": 64, "hidden_layers": 3,
@@ -63,7 +64,7 @@ def test_distribution_kinds(model):
 @pytest.mark.parametrize("feature", SHAPES)
 @pytest.mark.parametrize("model", MODELS)
 def test_models_build_and_run_at_the_first_point(model, feature):
-    net = build_model(model, SHAPES[feature], 10, first_point(model))
+    net = build_model(model, SHAPES[feature], 10, arch(model))  # defaults, first point in place
     assert net.eval()(torch.randn(2, *SHAPES[feature])).shape == (2, 10)
 
 
@@ -75,7 +76,7 @@ def test_models_build_at_every_corner_of_the_space(model):
         ends = (distribution.choices if isinstance(distribution, CategoricalDistribution)
                 else (distribution.low, distribution.high))
         for value in ends:
-            build_model(model, SHAPES["spectrogram"], 10, {**space.first_point, key: value})
+            build_model(model, SHAPES["spectrogram"], 10, arch(model, **{key: value}))
 
 
 def test_relative_directory_and_scientific_notation(tmp_path, monkeypatch):
@@ -126,8 +127,12 @@ BAD = {
                                     "dropout_prob"),
     "key nobody takes": ("CEL", "params:\n  dropout_p: {uniform: [0.0, 0.5]}\n"
                          "first_point: {dropout_p: 0.3}\n", "dropout_p"),
-    "key not searchable": ("MLP", "params:\n  epochs: {int: [1, 10]}\nfirst_point: {epochs: 5}\n",
-                           "epochs"),
+    "key not searchable": ("MLP", "params:\n  eval_batch_size: {choice: [64, 256]}\n"
+                           "first_point: {eval_batch_size: 256}\n", "eval_batch_size"),
+    # the run's budget and seed (search.max_epochs, run.seed) are no training keys
+    "epochs": ("MLP", "params:\n  epochs: {int: [1, 10]}\nfirst_point: {epochs: 5}\n",
+               "epochs"),
+    "seed": ("MLP", "params:\n  seed: {int: [0, 10]}\nfirst_point: {seed: 5}\n", "seed"),
     "range the model rejects": ("CEL", "params:\n  dropout_prob: {uniform: [0.0, 1.0]}\n"
                                 "first_point: {dropout_prob: 0.3}\n", "dropout_prob"),
     "float range for an integer key": ("MLP", "params:\n  nodes: {uniform: [16, 128]}\n"
@@ -158,6 +163,15 @@ def test_bad_file_is_one_clear_error(tmp_path, case):
     message = str(info.value)
     assert f"{model}.yaml" in message and named in message, message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_a_space_parses_again_from_the_mapping_it_keeps(model):
+    """A run keeps each space's mapping (`doc`, extends applied); it reads back the same."""
+    space = load_space(model)
+    assert "extends" not in space.doc and set(space.doc["first_point"]) == set(space.first_point)
+    again = parse_space(model, space.doc, space.path)
+    assert again.distributions == space.distributions and again.first_point == space.first_point
 
 
 def test_missing_file_names_the_model_and_the_folder(tmp_path):

@@ -13,13 +13,13 @@ import pytest
 import ray
 from ray import tune
 
-from genre_ray import tuning
+from genre_ray import config, tuning
 from genre_ray.errors import UserError
 from genre_ray.export import CHECKPOINT_METRIC
 from genre_ray.features import build_features
 from genre_ray.search_space import load_space
 from genre_ray.tracking import resolve_mode, sync_hint, wandb_callback
-from genre_ray.tuning import SearchSettings, build_search
+from genre_ray.tuning import build_search
 from genre_ray.trainable import load_trial_state, share
 from tests.helpers import make_tree, read_runs
 
@@ -99,13 +99,12 @@ def runs(tmp_path_factory):
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         session = Path(ray._private.worker._global_node.get_session_dir_path())
-        fs = build_features(root, "spectrogram", cache=tmp_path_factory.mktemp("cache"))
-        settings = SearchSettings(run_name="tuned", storage=tuning.optuna_storage(run_dir),
-                                  num_samples=2, max_epochs=3, grace_period=1,
-                                  reduction_factor=2, n_startup_trials=2, seed=0)
+        cfg = config.load(values={"search.num_samples": 2, "search.max_epochs": 3,
+                                  "search.grace_period": 1, "search.n_startup_trials": 2})
+        fs = build_features(root, "spectrogram", cfg, cache=tmp_path_factory.mktemp("cache"))
         searcher, scheduler = build_search([("MLP", "spectrogram")], {"MLP": load_space("MLP")},
-                                           settings)
-        grid = tuning.fit({"spectrogram": share(fs)}, searcher, scheduler,
+                                           cfg, "tuned", tuning.optuna_storage(run_dir))
+        grid = tuning.fit({"spectrogram": share(fs)}, searcher, scheduler, cfg,
                           storage_path=str(base), name="tuned", num_trials=2, cpus_per_trial=1,
                           gpus_per_trial=0, max_concurrent=2, verbose=0,
                           callbacks=wandb_callback("offline", project="test", run_dir=run_dir,

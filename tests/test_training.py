@@ -1,15 +1,17 @@
 """Stage training: the plain loop, by property (no Ray)."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from genre_ray import training
+from genre_ray import config, training
 from genre_ray.errors import UserError
 from genre_ray.features import batch_augmentation, build_features
 from genre_ray.models import build_model
 from genre_ray.training import Diverged, Trainer, evaluate
-from tests.helpers import make_tree, run_module
+from tests.helpers import make_tree, run_module, trial_config
 
 CONFIG = {"learning_rate": 0.001, "batch_size": 8, "nodes": 16, "hidden_layers": 2,
           "dropout_prob": 0.1, "dense_layers": 1}
@@ -19,16 +21,17 @@ CONFIG = {"learning_rate": 0.001, "batch_size": 8, "nodes": 16, "hidden_layers":
 def tones(tmp_path_factory):
     """Spectrograms of three genres of distinct tones: an easy, learnable task."""
     root = make_tree(tmp_path_factory.mktemp("tones"), tracks=3, seconds=11.0)
-    return build_features(root, "spectrogram", cache=tmp_path_factory.mktemp("cache"))
+    return build_features(root, "spectrogram", config.load(), cache=tmp_path_factory.mktemp("cache"))
 
 
-def _trainer(fs, model="CEL", epochs=4, seed=0, **config) -> Trainer:
+def _trainer(fs, model="CEL", epochs=4, seed=0, **hyper) -> Trainer:
     training.seed_everything(seed)
-    cfg = {**CONFIG, **config}
-    net = build_model(model, fs.input_shape, len(fs.classes), cfg)
+    cfg = trial_config(model, **{**CONFIG, **hyper})
+    net = build_model(model, fs.input_shape, len(fs.classes), dataclasses.asdict(cfg.model))
     split = {n: (s.x, s.labels) for n, s in fs.splits.items()}
-    return Trainer(net, split["train"], split["val"], cfg, n_classes=len(fs.classes),
-                   epochs=epochs, seed=seed, transform=batch_augmentation(fs.feature))
+    return Trainer(net, split["train"], split["val"], cfg.training, n_classes=len(fs.classes),
+                   epochs=epochs, seed=seed,
+                   transform=batch_augmentation(fs.feature, cfg.batch_augment.of(fs.feature)))
 
 
 def test_batches_cover_every_index_once():
@@ -72,9 +75,13 @@ def test_precision_sets_the_forward_dtype_and_bf16_still_learns(tones, precision
     assert trainer.evaluate().probs.dtype == torch.float32
 
 
-def test_unknown_precision_is_a_user_error(tones):
-    with pytest.raises(UserError, match="precision must be one of fp32, bf16, got 'fp16'"):
-        _trainer(tones, precision="fp16")
+@pytest.mark.parametrize("key, value, says", [
+    ("precision", "fp16", "'fp32' or 'bf16'"), ("optimizer", "rmsprop", "'adam' or 'sgd'"),
+    ("scheduler", "step", "'none', 'plateau' or 'cosine'")])
+def test_unknown_precision_optimizer_or_scheduler_is_a_user_error(tones, key, value, says):
+    """The training section's types refuse them, before any Trainer is built."""
+    with pytest.raises(UserError, match=rf"^training\.{key}: input should be {says}, got '{value}'$"):
+        _trainer(tones, **{key: value})
 
 
 def test_same_seed_same_run_and_resume_continues_exactly(tones):

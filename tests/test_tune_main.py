@@ -16,7 +16,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from genre_ray import export, report
+from genre_ray import config, export, report
 from genre_ray.features import build_features
 from genre_ray.search_space import load_space
 from genre_ray.training import evaluate, track_accuracy
@@ -47,15 +47,15 @@ def job(tmp_path_factory):
 
 def test_exports_load_safely_and_reproduce_the_reported_val_accuracy(job):
     base, data, _ = job
-    fs = build_features(data, "spectrogram")
+    fs = build_features(data, "spectrogram", config.load())
     for model, feature in PAIRS:
         path = base / "best" / export.export_name(model, feature)
-        payload = torch.load(path, weights_only=True)
-        assert payload["model"] == model and payload["classes"] == fs.classes
-        net = export.rebuild(payload)
-        result = evaluate(net, fs.splits["val"].x, fs.splits["val"].labels, len(fs.classes))
-        assert result.accuracy == pytest.approx(payload["val"]["val_acc"], abs=1e-6)
-        assert result.loss == pytest.approx(payload["val"]["val_loss"], rel=1e-4)
+        assert torch.load(path, weights_only=True)["model"] == model  # plain data, no code
+        saved = export.Exported.load(path)
+        assert saved.model == model and saved.classes == fs.classes
+        result = evaluate(saved.rebuild(), fs.splits["val"].x, fs.splits["val"].labels, len(fs.classes))
+        assert result.accuracy == pytest.approx(saved.val["val_acc"], abs=1e-6)
+        assert result.loss == pytest.approx(saved.val["val_loss"], rel=1e-4)
         assert (base / "runs" / "job" / "best_models" / path.name).is_file()  # the run's copy
 
 
@@ -92,17 +92,17 @@ def test_summary_reports_slot_utilisation_from_the_trials_own_times(job):
 
 def test_exports_carry_scores_on_a_test_split_no_trial_saw(job):
     base, data, _ = job
-    fs = build_features(data, "spectrogram")
+    fs = build_features(data, "spectrogram", config.load())
     ids = {name: set(part.track_ids) for name, part in fs.splits.items()}
     assert ids["test"] and not ids["test"] & (ids["train"] | ids["val"])
     test = fs.splits["test"]
     for model, feature in PAIRS:
-        payload = torch.load(base / "best" / export.export_name(model, feature), weights_only=True)
-        result = evaluate(export.rebuild(payload), test.x, test.labels, len(fs.classes))
-        assert payload["test"]["accuracy"] == pytest.approx(result.accuracy)
-        assert payload["test"]["track_accuracy"] == pytest.approx(
+        saved = export.Exported.load(base / "best" / export.export_name(model, feature))
+        result = evaluate(saved.rebuild(), test.x, test.labels, len(fs.classes))
+        assert saved.test["accuracy"] == pytest.approx(result.accuracy)
+        assert saved.test["track_accuracy"] == pytest.approx(
             track_accuracy(result.probs, test.track, test.labels))
-        assert 0 <= payload["test"]["macro_f1"] <= 1
+        assert 0 <= saved.test["macro_f1"] <= 1
 
 
 def test_leaderboard_has_a_row_per_pair_ranked_by_test_track_accuracy(job):
@@ -115,9 +115,9 @@ def test_leaderboard_has_a_row_per_pair_ranked_by_test_track_accuracy(job):
     track = [float(r["test_track_acc"]) for r in rows]
     assert track == sorted(track, reverse=True)
     for r in rows:
-        payload = torch.load(base / "best" / f"{r['pair']}_best_model.pth", weights_only=True)
-        assert float(r["test_track_acc"]) == pytest.approx(payload["test"]["track_accuracy"])
-        assert json.loads(r["config"]) == payload["config"] and int(r["params"]) > 0
+        saved = export.Exported.load(base / "best" / f"{r['pair']}_best_model.pth")
+        assert float(r["test_track_acc"]) == pytest.approx(saved.test["track_accuracy"])
+        assert json.loads(r["config"]) == saved.hyper and int(r["params"]) > 0
         assert int(r["finished"]) + int(r["pruned"]) == 3
     md = (run / "leaderboard.md").read_text()
     for key in ("dataset", "split", "seed", "hardware", "libraries", "wall time"):

@@ -9,13 +9,18 @@ import ray
 import torch
 from optuna.trial import TrialState
 
-from genre_ray import tuning
+from genre_ray import config, tuning
 from genre_ray.errors import UserError
 from genre_ray.features import build_features
 from genre_ray.search_space import load_space
 from genre_ray.export import CHECKPOINT_METRIC
 from genre_ray.trainable import load_trial_state, share
-from genre_ray.tuning import SearchSettings, build_search
+from genre_ray.tuning import build_search
+
+
+def settings(**search) -> config.Config:
+    """defaults.yaml with these `search` keys (num_samples=4, ...)."""
+    return config.load(values={f"search.{key}": value for key, value in search.items()})
 from tests.helpers import make_tree
 
 PAIRS = [("MLP", "spectrogram"), ("MLP2", "waveform")]
@@ -30,14 +35,12 @@ def run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "test-run"
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        refs = {f: share(build_features(root, f, cache=cache)) for f in ("spectrogram", "waveform")}
+        cfg = settings(num_samples=4, max_epochs=MAX_EPOCHS, grace_period=1, n_startup_trials=2)
+        refs = {f: share(build_features(root, f, cfg, cache=cache)) for f in ("spectrogram", "waveform")}
         storage = tuning.optuna_storage(run_dir)
-        settings = SearchSettings(run_name="test-run", storage=storage, num_samples=4,
-                                  max_epochs=MAX_EPOCHS, grace_period=1, reduction_factor=2,
-                                  n_startup_trials=2, seed=0)
         spaces = {m: load_space(m) for m, _ in PAIRS}
-        searcher, scheduler = build_search(PAIRS, spaces, settings)
-        grid = tuning.fit(refs, searcher, scheduler, storage_path=str(run_dir.parent),
+        searcher, scheduler = build_search(PAIRS, spaces, cfg, "test-run", storage)
+        grid = tuning.fit(refs, searcher, scheduler, cfg, storage_path=str(run_dir.parent),
                           name=run_dir.name, num_trials=8, cpus_per_trial=1, gpus_per_trial=0,
                           max_concurrent=2, verbose=0)
     finally:
@@ -82,7 +85,8 @@ def test_every_trial_reports_every_epoch_and_keeps_its_checkpoints_bounded(run):
 def test_trials_checkpoint_their_best_state_only_at_asha_rungs_and_the_last_epoch(run):
     grid, _, _ = run
     allowed = {1, 2, 4, MAX_EPOCHS}
-    assert tuning.checkpoint_epochs(SearchSettings("r", None, 1, MAX_EPOCHS, 1, 2, 1, 0)) == sorted(allowed)
+    search = settings(max_epochs=MAX_EPOCHS, grace_period=1).search
+    assert tuning.checkpoint_epochs(search) == sorted(allowed)
     for result in grid:
         history = result.metrics_dataframe.set_index("epoch")
         saved_at = set(history.index[history["checkpoint_dir_name"].notna()])
@@ -98,28 +102,26 @@ def test_trials_checkpoint_their_best_state_only_at_asha_rungs_and_the_last_epoc
 
 
 def test_max_epochs_below_the_grace_period_still_builds_its_schedulers(tmp_path):
-    settings = SearchSettings(run_name="short", storage=tuning.optuna_storage(tmp_path),
-                              num_samples=1, max_epochs=1, grace_period=2, reduction_factor=2,
-                              n_startup_trials=1, seed=0)
-    _, scheduler = build_search([("MLP", "spectrogram")], {"MLP": load_space("MLP")}, settings)
+    cfg = settings(num_samples=1, max_epochs=1, grace_period=2, n_startup_trials=1)
+    _, scheduler = build_search([("MLP", "spectrogram")], {"MLP": load_space("MLP")}, cfg, "short",
+                                tuning.optuna_storage(tmp_path))
     assert "MLP_spectrogram" in scheduler.debug_string()
 
 
 def test_a_restored_search_fails_the_trials_asked_after_its_last_save(tmp_path):
     """A driver killed between asking Optuna for a trial and saving its searcher leaves
     that trial RUNNING in the study; the restored searcher tells it FAIL, keeps its own."""
-    settings = SearchSettings(run_name="killed", storage=tuning.optuna_storage(tmp_path),
-                              num_samples=3, max_epochs=2, grace_period=1, reduction_factor=2,
-                              n_startup_trials=1, seed=0)
-    pairs, spaces = [("MLP", "spectrogram")], {"MLP": load_space("MLP")}
-    searcher, _ = build_search(pairs, spaces, settings)
+    cfg = settings(num_samples=3, max_epochs=2, grace_period=1, n_startup_trials=1)
+    pairs, spaces, storage = [("MLP", "spectrogram")], {"MLP": load_space("MLP")}, \
+        tuning.optuna_storage(tmp_path)
+    searcher, _ = build_search(pairs, spaces, cfg, "killed", storage)
     as_built = pickle.dumps(searcher)  # what Tune keeps in tuner.pkl
     searcher.suggest("kept")
     searcher.save(str(tmp_path / "searcher.pkl"))
     searcher.suggest("orphan")  # asked, then the driver dies before the next save
     restored = pickle.loads(as_built)  # Tuner.restore: tuner.pkl, then the saved state
     restored.restore(str(tmp_path / "searcher.pkl"))
-    study = optuna.load_study(study_name="killed/MLP_spectrogram", storage=settings.storage)
+    study = optuna.load_study(study_name="killed/MLP_spectrogram", storage=storage)
     assert [t.state for t in study.trials] == [TrialState.RUNNING, TrialState.FAIL]
 
 
