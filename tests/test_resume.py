@@ -133,6 +133,21 @@ def resumed(interrupted, changed):
 
 
 @pytest.mark.slow
+def test_ctrl_c_stops_the_run_within_30_s_with_its_state_saved(interrupted):
+    base, code, seconds, finished = interrupted
+    log = (base / "first.log").read_text()
+    assert code == 130 and seconds < 30, log[-3000:]
+    assert "interrupted" in log and "--resume --name r" in log
+    run_dir = base / "runs" / "r"
+    assert runs.read_record(run_dir)["status"] == "interrupted"
+    assert runs.tune_state_exists(runs.storage(str(base / "runs")), "r")
+    assert 0 < len(finished) < len(MODELS) * SAMPLES  # stopped before its end, after some ended
+    assert not (base / "best").exists() or not any((base / "best").iterdir())
+    for folder in (run_dir / "wandb").glob("offline-run-*"):
+        assert read_run(folder)["exit"] is not None, folder  # every W&B run closed
+
+
+@pytest.mark.slow
 def test_a_changed_defaults_yaml_or_search_space_stops_the_same_command_naming_the_change(changed):
     ends, untouched = changed
     for file, says in [("defaults.yaml", r"training\.weight_decay 0\.0 \(now 0\.5\)"),
@@ -153,22 +168,7 @@ def test_resume_continues_with_the_configuration_the_run_was_started_with(resume
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_the_run_within_30_s_with_its_state_saved(interrupted):
-    base, code, seconds, finished = interrupted
-    log = (base / "first.log").read_text()
-    assert code == 130 and seconds < 30, log[-3000:]
-    assert "interrupted" in log and "--resume --name r" in log
-    run_dir = base / "runs" / "r"
-    assert runs.read_record(run_dir)["status"] == "interrupted"
-    assert runs.tune_state_exists(runs.storage(str(base / "runs")), "r")
-    assert 0 < len(finished) < len(MODELS) * SAMPLES  # stopped before its end, after some ended
-    assert not (base / "best").exists() or not any((base / "best").iterdir())
-    for folder in (run_dir / "wandb").glob("offline-run-*"):
-        assert read_run(folder)["exit"] is not None, folder  # every W&B run closed
-
-
-@pytest.mark.slow
-def test_the_same_command_continues_without_rerunning_finished_trials(interrupted, resumed):
+def test_the_continued_run_does_not_rerun_finished_trials(interrupted, resumed):
     _, _, _, finished = interrupted
     base, out, wandb_before = resumed
     run_dir = base / "runs" / "r"
