@@ -6,7 +6,8 @@ one after the other on this machine: per-pair results side by side, and the wall
 
 The baseline is `git archive`d into a temporary folder and run from there with this
 interpreter; both sides use W&B off, their own storage and output folders, and the
-feature cache as it is (a side whose cache key changed builds its features and says so).
+feature cache as it is: warm both sides' caches first (run each once) when a change
+alters the embedded dataset's or the features' cache key, or the ratio counts a build.
 Extra tune_main.py flags go after `--`.
 """
 from __future__ import annotations

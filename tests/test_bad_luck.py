@@ -14,7 +14,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-import torch
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
@@ -75,7 +74,7 @@ def test_the_run_finishes_and_exports_both_pairs(run):
     assert len(trials) == 2 * SAMPLES
     for model in SPACES:
         path = base / "best" / export.export_name(model, "spectrogram")
-        assert not bad(f"{model}_", torch.load(path, weights_only=True)["config"])
+        assert not bad(f"{model}_", export.Exported.load(path).hyper)
 
 
 def test_a_diverging_trial_ends_itself_once_and_is_not_retried(run):
