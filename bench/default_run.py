@@ -5,15 +5,17 @@ one after the other on this machine: per-pair results side by side, and the wall
     python -m bench.default_run --baseline HEAD --against HEAD   # the run's own noise
 
 The baseline is `git archive`d into a temporary folder and run from there with this
-interpreter; both sides use W&B off, their own storage and output folders, and the
-feature cache as it is: warm both sides' caches first (run each once) when a change
-alters the embedded dataset's or the features' cache key, or the ratio counts a build.
-Extra tune_main.py flags go after `--`.
+interpreter; both sides use W&B off, their own storage and output folders, and one new
+cache folder ($GENRE_RAY_CACHE), so neither reuses features an older version computed.
+Each side first runs a one-trial warm-up (untimed) that generates the embedded dataset
+and builds the features; the timed run then finds them cached, as a user's second run
+does. Extra tune_main.py flags go after `--`.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import os
 import subprocess
 import sys
 import tempfile
@@ -26,18 +28,25 @@ ROOT = Path(__file__).resolve().parents[1]
 SHOWN = ("val_loss", "val_acc", "test_acc", "test_track_acc", "epochs", "finished", "pruned")
 
 
-def run_side(tree: Path, work: Path, extra: list[str]) -> tuple[float, dict[str, dict], str]:
-    """Run tune_main.py in `tree`: (wall seconds, leaderboard rows by pair, its output)."""
+def tune_main(tree: Path, work: Path, cache: Path, *flags: str) -> tuple[float, str]:
+    """Run tune_main.py in `tree` with `flags`, its files under `work`: (wall seconds, output)."""
     cmd = [sys.executable, "tune_main.py", "--wandb", "off", "--name", "bench",
-           "--storage-path", str(work / "runs"), "--output-dir", str(work / "best_models"), *extra]
+           "--storage-path", str(work / "runs"), "--output-dir", str(work / "best_models"), *flags]
     start = time.perf_counter()
-    done = subprocess.run(cmd, cwd=tree, capture_output=True, text=True)
-    wall = time.perf_counter() - start
+    done = subprocess.run(cmd, cwd=tree, capture_output=True, text=True,
+                          env={**os.environ, "GENRE_RAY_CACHE": str(cache)})
     if done.returncode:
         sys.exit(f"{tree}: tune_main.py exited {done.returncode}\n{done.stderr[-3000:]}")
+    return time.perf_counter() - start, done.stdout + done.stderr
+
+
+def run_side(tree: Path, work: Path, cache: Path, extra: list[str]) -> tuple[float, dict[str, dict], str]:
+    """The warm-up, then the timed run: (wall seconds, leaderboard rows by pair, its output)."""
+    tune_main(tree, work / "warm-up", cache, "--num-samples", "1", "--max-epochs", "1", *extra)
+    wall, out = tune_main(tree, work, cache, *extra)
     with open(work / "runs" / "bench" / "leaderboard.csv") as f:
         rows = {row["pair"]: row for row in csv.DictReader(f)}
-    return wall, rows, done.stdout + done.stderr
+    return wall, rows, out
 
 
 def checkout(revision: str, into: Path) -> Path:
@@ -76,9 +85,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="default-run-") as tmp:
         tmp = Path(tmp)
         tree = checkout(args.baseline, tmp / "baseline-tree")
-        base_s, base, base_out = run_side(tree, tmp / "baseline", extra)
+        base_s, base, base_out = run_side(tree, tmp / "baseline", tmp / "cache", extra)
         current = checkout(args.against, tmp / "current-tree") if args.against else ROOT
-        now_s, now, now_out = run_side(current, tmp / "current", extra)
+        now_s, now, now_out = run_side(current, tmp / "current", tmp / "cache", extra)
     print(f"columns: baseline {args.baseline} | {args.against or 'working tree'}")
     worst = differences(base, now)
     for side, out in (("baseline", base_out), ("current", now_out)):

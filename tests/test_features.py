@@ -1,6 +1,7 @@
 """Stage features: shapes, normalisation, augmentation, and the disk cache."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 
 from genre_ray import cache as cache_entry
 from genre_ray import config, features
+from genre_ray.augment import augment
 from genre_ray.errors import UserError
 from genre_ray.features import LogMel, build_features
 from genre_ray.files import atomic_path
@@ -196,3 +198,30 @@ def test_batch_augmentations_keep_shape_and_mask_each_item_differently():
     assert len({tuple(c) for c in zero_cols}) > 1  # masks are drawn per item
     noisy = features.batch_augmentation("waveform", CFG.batch_augment.of("waveform"))(torch.zeros(4, 1000))
     assert 0.005 < noisy.std().item() < 0.02
+
+
+# Per CACHE_VERSION, what the cached computation gives on fixed tones: each output row's
+# mean |value| (augmented copies, then both features before normalisation). A change to
+# the computation changes these: bump features.CACHE_VERSION and record the new values.
+FINGERPRINTS = {4: [0.381972, 0.381972, 0.381974, 0.331976, 0.324952, 0.343752, 0.076777, 0.116862,
+                    0.248703, 0.814363, 0.814362, 0.814366, 0.759473, 0.751306, 0.772767, 0.800535,
+                    0.810695, 0.81438, 25.641304, 24.412317, 25.592627, 25.370211, 24.192629,
+                    25.800503, 31.53174, 30.707621, 28.260172]}
+
+
+def computation_fingerprint() -> list[float]:
+    t = torch.arange(110250) / 22050
+    tones = torch.stack([torch.sin(2 * torch.pi * f * t) * (0.6 + 0.4 * torch.sin(2 * torch.pi * t))
+                         for f in (110.0, 330.0, 1250.0)])
+    cfg = config.load()
+    waves = torch.cat([tones, augment(tones, 22050, dataclasses.asdict(cfg.augment),
+                                      torch.Generator().manual_seed(0))])
+    rows = [features._unnormalised(waves, f, 22050, cfg.features.of(f)) for f in features.FEATURES]
+    return [round(v, 6) for x in (waves, *rows) for v in x.abs().flatten(1).mean(dim=1).tolist()]
+
+
+def test_the_cache_version_names_the_computation():
+    found = computation_fingerprint()
+    assert features.CACHE_VERSION in FINGERPRINTS, f"record {features.CACHE_VERSION}: {found}"
+    assert found == pytest.approx(FINGERPRINTS[features.CACHE_VERSION], rel=1e-4), \
+        f"the computation changed: bump features.CACHE_VERSION and record {found}"
