@@ -10,6 +10,7 @@ field each flag sets).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -114,15 +115,24 @@ def parse(argv: list[str] | None = None) -> tuple[config.Config, experiment.Sess
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
+    """Exit 0; 2 for a user's mistake; 130 after Ctrl-C and 143 after SIGTERM (128 + the
+    signal, the shell's codes), the run saved for the same command to continue."""
     start = time.perf_counter()
+    stopped_by = [signal.SIGINT]
+
+    def terminate(signum: int, _frame) -> None:  # kill, schedulers, container stops
+        stopped_by[0] = signum
+        signal.raise_signal(signal.SIGINT)  # stop as Ctrl-C does: Tune saves, then Interrupted
+
+    signal.signal(signal.SIGTERM, terminate)
     try:
         summary = experiment.run(*parse(argv))
     except experiment.Interrupted as stop:
         print(stop, file=sys.stderr)
-        return 130  # the shell's code for a Ctrl-C
-    except KeyboardInterrupt:  # Ctrl-C outside tuning: what Tune saved is kept
+        return 128 + stopped_by[0]
+    except KeyboardInterrupt:  # a stop outside tuning: what Tune saved is kept
         print("interrupted; run the same command again to continue", file=sys.stderr)
-        return 130
+        return 128 + stopped_by[0]
     print(experiment.summary_table(summary))
     print(f"wall time {time.perf_counter() - start:.0f} s")
     return 0

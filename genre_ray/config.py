@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal, Mapping
 
 import pydantic
 import yaml
-from pydantic import Field
+from pydantic import Field, StringConstraints
 
 DEFAULTS_FILE = Path(__file__).with_name("defaults.yaml")
 CACHE_DIR = "~/.cache/genre-ray"  # where datasets and feature caches live; $GENRE_RAY_CACHE wins
@@ -41,6 +41,8 @@ FLAGS: dict[str, str] = {
 
 Count = Annotated[int, Field(ge=0, strict=True)]  # strict: True is not 1, 2.0 is not 2
 Positive = Annotated[int, Field(ge=1, strict=True)]
+Text = Annotated[str, StringConstraints(pattern=r"\S")]  # not empty, not only blanks
+Seed = Annotated[int, Field(ge=0, lt=2**31, strict=True)]  # numpy's and Optuna's range, per pair
 Share = Annotated[float, Field(ge=0, strict=True)]  # strict: an int is a float, True is not
 Rate = Annotated[float, Field(gt=0, strict=True)]
 # a misspelt key is an error, not ignored; so is a NaN or infinite number
@@ -52,14 +54,14 @@ class Run:
     """What the run tunes, where its data comes from and where its results go."""
 
     __pydantic_config__ = _STRICT
-    models: tuple[str, ...]
-    features: tuple[str, ...]
-    data_dir: str | None  # None: the embedded dataset
-    output_dir: str
-    storage_path: str
-    search_spaces: str | None  # None: the project's search_spaces/
-    seed: Annotated[int, Field(strict=True)]  # the split, the augmentation, TPE and every trial
-    env_file: str  # read for WANDB_API_KEY
+    models: Annotated[tuple[Text, ...], Field(min_length=1)]
+    features: Annotated[tuple[Text, ...], Field(min_length=1)]
+    data_dir: Text | None  # None: the embedded dataset
+    output_dir: Text
+    storage_path: Text
+    search_spaces: Text | None  # None: the project's search_spaces/
+    seed: Seed  # the split, the augmentation, TPE and every trial
+    env_file: Text  # read for WANDB_API_KEY
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ class Data:
 @dataclass(frozen=True)
 class Split:
     __pydantic_config__ = _STRICT
-    kind: str  # random | fault-filtered | path to a JSON split file
+    kind: Text  # random | fault-filtered | path to a JSON split file
     fractions: dict[Literal["train", "val", "test"], Rate]
 
 
@@ -185,7 +187,7 @@ class Resources:
 class Tracking:
     __pydantic_config__ = _STRICT
     wandb: Literal["auto", "online", "offline", "off"]
-    wandb_project: str
+    wandb_project: Text
 
 
 @dataclass(frozen=True)
@@ -395,6 +397,10 @@ def _describe(error: Mapping[str, Any]) -> str:
         return f"{where} must be {_BOUNDS[bound[0]]} {bound[1]}, got {error['input']}"
     if error["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
         return f"{where}: unknown setting; see {DEFAULTS_FILE} for the settings of each section"
+    if error["type"] == "string_pattern_mismatch":
+        return f"{where} is empty; give it a value"
+    if error["type"] == "too_short":
+        return f"{where} needs at least one value"
     if error["type"] == "missing":
         return f"{where}: missing; every key of {DEFAULTS_FILE} needs a value"
     return f"{where}: {error['msg'].lower()}, got {error.get('input')!r}"

@@ -98,7 +98,8 @@ def find_root(data_dir: Path) -> Path:
     """The folder whose subfolders are genres, for any of the supported layouts."""
     data_dir = Path(data_dir).expanduser()
     if not data_dir.is_dir():
-        raise UserError(f"data directory {data_dir} does not exist; pass the folder that "
+        what = "is a file, not a folder" if data_dir.exists() else "does not exist"
+        raise UserError(f"data directory {data_dir} {what}; pass the folder that "
                         "holds GTZAN (with genres/ or genres_original/ inside)")
     for name in LAYOUT_ROOTS:
         root = (data_dir / name).resolve()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import signal
 import socket
 import tempfile
 import time
@@ -101,14 +102,16 @@ def run(cfg: Config, session: Session = Session()) -> RunSummary:
 
 
 def resolved(cfg: Config, resume: bool = False) -> Config:
-    """`cfg` as a run keeps it: paths absolute, feature names canonical, and each model's
-    search space read (a --resume takes the run's saved ones: none are read)."""
+    """`cfg` as a run keeps it: paths absolute, feature names canonical, lists without
+    repeats, and each model's search space read (a --resume takes the run's saved ones:
+    none are read)."""
     def absolute(path: str | None) -> str | None:
         return path and (path if "://" in path else str(Path(path).expanduser().resolve()))
 
     run_ = cfg.run
-    cfg = config.replaced(cfg, {
-        "run.features": [canonical_feature(f) for f in run_.features],
+    cfg = config.replaced(cfg, {  # a list given twice (or an alias beside its name): once
+        "run.models": list(dict.fromkeys(run_.models)),
+        "run.features": list(dict.fromkeys(canonical_feature(f) for f in run_.features)),
         **{f"run.{key}": absolute(getattr(run_, key))
            for key in ("data_dir", "output_dir", "storage_path", "search_spaces")}})
     spaces = {} if resume else {m: load_space(m, cfg.run.search_spaces).doc for m in cfg.run.models}
@@ -149,12 +152,14 @@ def _ray(cfg: Config, session: Session, store: runs.Storage, need: capacity.Need
     _require_reachable(session.address)
     sized = {} if session.address else \
         {"object_store_memory": capacity.local_store_bytes(need, cfg.memory)}
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     try:  # absent --address: a new local Ray, never a cluster an earlier `ray start` left running
         ray.init(address=session.address or "local", include_dashboard=False,
                  configure_logging=False, **sized)
     except ConnectionError as err:  # --address auto, and no cluster runs here
         raise UserError(f"--address {session.address}: {str(err).rstrip('.')}; start one with "
                         "`ray start --head`, or drop --address to run on a new local Ray") from None
+    signal.signal(signal.SIGTERM, on_sigterm)  # ray.init's exits at once (sys.exit): the command's
     try:
         _require_shared_storage(session, store)
         yield _slots(need)

@@ -61,7 +61,8 @@ class Choice:
 def load_model(path: Path, reason: str = "given with --model") -> Choice:
     """The export at `path`; UserError when it is missing or not a genre-ray model."""
     if not path.is_file():
-        raise UserError(f"model file {path} does not exist; pass a .pth from best_models/ "
+        what = "is a folder (pass it as --models-dir)" if path.is_dir() else "does not exist"
+        raise UserError(f"model file {path} {what}; pass a .pth from best_models/ "
                         "(run tune_main.py first to export models)")
     return Choice(path, Exported.load(path), reason)
 
@@ -125,7 +126,8 @@ def read_segments(path: Path, exported: Exported) -> tuple[torch.Tensor, float, 
 
 def _decode(path: Path, rate: int) -> torch.Tensor:
     if not path.is_file():
-        raise UserError(f"audio file {path} does not exist; pass the path of an audio file")
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise UserError(f"audio file {path} {what}; pass the path of an audio file")
     try:
         wave = data.decode(path, rate)
     except data.Unusable as err:

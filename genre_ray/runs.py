@@ -125,8 +125,16 @@ def choose(store: Storage, name: str | None, cfg: dict[str, Any], resume: bool) 
     given when claimed). UserError when the named run is finished, or when the run to
     continue was saved with another configuration (unless `resume`: it keeps its own)."""
     if name is not None:
-        return _named(store, name, cfg, resume)
+        return _named(store, _checked_name(name), cfg, resume)
     return _latest(store, cfg, resume) or Run(None, None, cfg, resume=False)
+
+
+def _checked_name(name: str) -> str:
+    """`name` if it is one folder name inside the storage path; UserError otherwise."""
+    if not name.strip() or name in (".", "..") or "/" in name or os.sep in name or "\0" in name:
+        raise UserError(f"--name {name!r} is not a folder name: give one name, without '/', "
+                        "not '.' or '..' and not empty, e.g. --name my-run")
+    return name
 
 
 @contextlib.contextmanager

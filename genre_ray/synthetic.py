@@ -11,6 +11,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import multiprocessing
 import os
 import shutil
@@ -357,6 +358,13 @@ def generate(out_dir: Path, tracks_per_genre: int, seed: int, seconds: float = 3
              sample_rate: int = 22050, workers: int | None = None) -> Path:
     """Write a synthetic GTZAN-shaped dataset into a new or empty `out_dir` over `workers` processes (all cores)."""
     out_dir = Path(out_dir).expanduser().absolute()
+    for name, value, ok in [("tracks per genre", tracks_per_genre, tracks_per_genre >= 1),
+                            ("seed", seed, 0 <= seed < 2**32),
+                            ("seconds", seconds, math.isfinite(seconds) and 0 < seconds <= 3600),
+                            ("workers", workers, workers is None or workers >= 1)]:
+        if not ok:
+            raise UserError(f"{name} {value} is out of range; tracks per genre and workers are "
+                            "at least 1, the seed in [0, 2**32), seconds in (0, 3600]")
     if (out_dir.exists() and not out_dir.is_dir()) or _non_empty(out_dir):
         raise UserError(f"{out_dir} already exists and is not an empty directory; "
                         "choose a new output directory or remove that one")

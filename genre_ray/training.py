@@ -272,13 +272,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="{}", help='JSON hyperparameters over the search space\'s '
                                                        'first point, e.g. \'{"learning_rate": 3e-4}\'')
     args = parser.parse_args(argv)
+    if args.epochs < 1:
+        raise UserError(f"--epochs must be >= 1, got {args.epochs}")
+    try:
+        hyper = json.loads(args.config)
+    except ValueError as err:
+        raise UserError(f"--config is not JSON ({err}); write e.g. '{{\"learning_rate\": 3e-4}}'") from None
+    if not isinstance(hyper, dict):
+        raise UserError(f"--config must be a JSON object of hyperparameters, got {args.config}")
+    run = config.replaced(run, {"run.seed": args.seed})
+    cfg = config.tuned(run, {**first_point(args.model, run.run.search_spaces), **hyper})
     if args.data_dir is None:
         from genre_ray.synthetic import embedded_dataset
 
         args.data_dir = embedded_dataset()
-    run = config.replaced(run, {"run.seed": args.seed})
     fs = build_features(args.data_dir, args.feature, run)
-    cfg = config.tuned(run, {**first_point(args.model, run.run.search_spaces), **json.loads(args.config)})
     seed_everything(args.seed)
     model = build_model(args.model, fs.input_shape, len(fs.classes), dataclasses.asdict(cfg.model))
     print(f"{args.model} on {fs.feature} {fs.input_shape}: {count_parameters(model):,} parameters")

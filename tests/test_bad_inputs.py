@@ -337,6 +337,8 @@ TUNE_MISTAKES = [
          says=r"--reduction-factor must be >= 2, got 1"),
     Case("tune: missing data dir", missing_data_dir,
          says=r"data directory \S+nope does not exist"),
+    Case("tune: data dir is a file", lambda w: tune(w, data=write_tone(w.root / "song.wav", 330.0, 1.0)),
+         says=r"data directory \S+song\.wav is a file, not a folder; pass the folder"),
     Case("tune: --output-dir is a file", output_dir_is_a_file,
          says=names(r"--output-dir", r"/MLP_spectrogram_best_model\.pth", r"is a file, not a folder")),
     Case("tune: read-only --output-dir", read_only_output_dir,
@@ -394,6 +396,9 @@ PREDICT = [
     Case("predict: truncated .pth", truncated_pth,
          says=r"\S+truncated\.pth is not a genre-ray model \(\w+\); pass a file exported by "
               r"tune_main\.py"),
+    Case("predict: --model given a folder", lambda w: predict_cli(write_tone(w.root / "clip.wav", 330.0, 6.0),
+                                                                  "--model", w.best),
+         says=r"model file \S+best_models is a folder \(pass it as --models-dir\)"),
     Case("predict: models folder without exports", no_exports,
          says=r"models folder \S+models holds no genre-ray export \(\*\.pth\); run tune_main\.py"),
     Case("predict: clip with infinite samples", nan_clip,
@@ -403,7 +408,31 @@ PREDICT = [
                       r"padded: 3\.0 s clip < 5 s segment"),
 ]
 
-CASES = MESSY + DATA_MISTAKES + TUNE_MISTAKES + PREDICT
+# ---- the other commands: what issue 15's battery found ----------------------------------
+
+def training_cli(*args: str) -> Callable[[World], list[str]]:
+    return lambda w: ["-m", "genre_ray.training", "--data-dir", str(w.tree()), *args]
+
+
+def synthetic_cli(*args: str) -> Callable[[World], list[str]]:
+    return lambda w: ["-m", "genre_ray.synthetic", str(w.root / "out"), "--tracks-per-genre", "1", *args]
+
+
+MODULES = [
+    Case("training: --config not JSON", training_cli("--config", "{bad"),
+         says=r"--config is not JSON \(.*\); write e\.g\."),
+    Case("training: negative learning rate", training_cli("--config", '{"learning_rate": -1}'),
+         says=r"training\.learning_rate: input should be greater than 0, got -1"),
+    Case("training: unknown optimizer", training_cli("--config", '{"optimizer": "adamw"}'),
+         says=r"training\.optimizer: input should be 'adam' or 'sgd', got 'adamw'"),
+    Case("training: batch size 0", training_cli("--config", '{"batch_size": 0}'),
+         says=r"training\.batch_size: input should be greater than or equal to 1, got 0"),
+    Case("training: --epochs -1", training_cli("--epochs", "-1"), says=r"--epochs must be >= 1, got -1"),
+    Case("synthetic: --seed -1", synthetic_cli("--seed", "-1"), says=r"seed -1 is out of range"),
+    Case("synthetic: --seconds nan", synthetic_cli("--seconds", "nan"), says=r"seconds nan is out of range"),
+]
+
+CASES = MESSY + DATA_MISTAKES + TUNE_MISTAKES + PREDICT + MODULES
 
 
 # ---- running a case ------------------------------------------------------------------

@@ -17,9 +17,10 @@ def spec(argv: list[str]) -> dict:
     return config.as_json(experiment.resolved(tune_main.parse(argv)[0]))
 
 
-def test_list_flags_take_words_commas_or_both():
+def test_list_flags_take_words_commas_or_both_and_a_repeat_counts_once():
     spaced = spec(["--models", "CEL", "MLP2", "--features", "spectrogram"])
     assert spec(["--models", "CEL,MLP2", "--features", "spectrogram,"]) == spaced
+    assert spec(["--models", "CEL", "MLP2", "CEL", "--features", "spectogram", "spectrogram"]) == spaced
     assert tune_main.parse(["--models", "CEL,", "MLP2"])[0].run.models == ("CEL", "MLP2")
 
 
@@ -51,6 +52,15 @@ def test_every_flag_has_help_and_its_default_at_most_once(capsys):
 
 
 @pytest.mark.parametrize("args,says", [
+    (["--seed", "-1"], r"--seed must be >= 0, got -1"),
+    (["--seed", "99999999999999999999999"], r"--seed must be < 2147483648"),
+    (["--cpus-per-trial", "nan"], r"--cpus-per-trial: input should be a finite number"),
+    (["--gpus-per-trial", "nan"], r"--gpus-per-trial: input should be a finite number"),
+    (["--cpus-per-trial", "0.00001"], r"--cpus-per-trial must be >= 0\.0001, got 1e-05"),
+    (["--name", "../escaped"], r"--name '\.\./escaped' is not a folder name"),
+    (["--name", ""], r"--name '' is not a folder name"),
+    (["--storage-path", ""], r"--storage-path is empty"),
+    (["--wandb-project", " "], r"--wandb-project is empty"),
     (["--num-samples", "0"], r"--num-samples must be >= 1, got 0"),
     (["--reduction-factor", "1"], r"--reduction-factor must be >= 2, got 1"),
     (["--models", "CEL,NOPE"], r"unknown model 'NOPE'"),
@@ -61,6 +71,7 @@ def test_a_bad_flag_is_one_error_line_and_exit_2_before_anything_is_written(tmp_
     with pytest.raises(SystemExit) as stop:
         tune_main.main(["--storage-path", str(tmp_path / "runs"), "--output-dir", str(tmp_path / "best"),
                         "--wandb", "off", *args])
+    assert not (tmp_path.parent / "escaped").exists()
     err = capsys.readouterr().err
     assert stop.value.code == 2 and re.fullmatch(rf"error: .*{says}.*\n", err), err
     assert not list(tmp_path.iterdir())

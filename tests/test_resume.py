@@ -246,6 +246,28 @@ def test_ctrl_c_while_every_trial_is_running_is_still_an_interruption(tmp_path):
     assert not (tmp_path / "best").exists()
 
 
+@pytest.mark.slow
+def test_sigterm_stops_the_run_as_ctrl_c_does_with_one_line_and_exit_143(tmp_path):
+    """What `kill`, a scheduler or a container stop sends: the run is saved, resumable."""
+    make_tree(tmp_path / "data", tracks=3, seconds=6.0)
+    argv = [sys.executable, str(REPO / "tune_main.py"), "--data-dir", str(tmp_path / "data"),
+            "--models", "MLP", "--features", "spectrogram", "--num-samples", "2",
+            "--max-epochs", "50", "--storage-path", str(tmp_path / "runs"), "--name", "term",
+            "--output-dir", str(tmp_path / "best"), "--wandb", "off"]
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "runs" / "term").glob("*/checkpoint_*")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # the driver alone, as `kill PID` does
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("run 'term' was interrupted"), err[-3000:]
+    assert runs.read_record(tmp_path / "runs" / "term")["status"] == "interrupted"
+    assert runs.tune_state_exists(runs.storage(str(tmp_path / "runs")), "term")
+
+
 # Which run a command picks: records and locks written by the module itself.
 
 def doc(**values) -> dict:
