@@ -20,6 +20,7 @@ import yaml
 
 from genre_ray import config, experiment
 from genre_ray.errors import UserError, exit_on_user_error
+from genre_ray.files import read_text
 from genre_ray.tracking import MODES
 
 # Help of each flag that sets a configuration field (config.FLAGS), and its argparse
@@ -66,7 +67,7 @@ def from_file(path: Path) -> dict[str, Any]:
     """The sections a --config file gives: a YAML of defaults.yaml's sections, or a run's
     run.json (its saved configuration, replayed)."""
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = yaml.safe_load(read_text(path))
     except (OSError, yaml.YAMLError) as err:
         raise UserError(f"--config {path} cannot be read as YAML ({err}); pass a YAML file of "
                         "settings or a run's run.json") from None

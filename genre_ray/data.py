@@ -33,6 +33,7 @@ import torchaudio.functional as AF
 
 from genre_ray import config
 from genre_ray.errors import UserError, exit_on_user_error
+from genre_ray.files import read_text
 
 SPLITS = ("train", "val", "test")
 LAYOUT_ROOTS = ("genres_original", "genres", ".")
@@ -353,7 +354,7 @@ def _fault_filtered_lists() -> dict[str, list[str]]:
 
 def _read_split_file(path: Path) -> dict[str, list[str]]:
     try:
-        lists = json.loads(path.read_text())
+        lists = json.loads(read_text(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"split file {path} is not valid JSON ({err}); write "
                         "{\"train\": [...], \"val\": [...], \"test\": [...]} of track ids") from None

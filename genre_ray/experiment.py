@@ -93,9 +93,15 @@ def run(cfg: Config, session: Session = Session()) -> RunSummary:
         sets = _feature_sets(cfg, checked.data_dir)
         with runs.claimed(store, chosen) as run_:
             if run_.resume:
-                print(f"continuing interrupted run {run_.name!r} ({run_.dir}); pass --name NEW "
+                ended = "failed" if run_.seen["status"] == "failed" else "interrupted"
+                print(f"continuing {ended} run {run_.name!r} ({run_.dir}); pass --name NEW "
                       "to start a new run instead")
-            summary = _run(cfg, checked, sets, slots, store, run_, start)
+            try:
+                summary = _run(cfg, checked, sets, slots, store, run_, start)
+            except Exception as err:  # not Ctrl-C (its record says interrupted): say why it ended
+                if not isinstance(err, Interrupted):
+                    runs.write_record(run_, "failed", f"{type(err).__name__}: {err}".splitlines()[0])
+                raise
         runs.write_record(run_, "finished")
         summary.copied_to = runs.publish(store, run_)
     return summary

@@ -297,7 +297,7 @@ def _fingerprint(data_dir: Path, split: str) -> list[Any]:
     files = sorted(p for p in root.rglob("*") if p.is_file())
     listing = [[str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
     if split not in ("random", "fault-filtered"):
-        listing.append(["split", data.split_file(split).read_text()])
+        listing.append(["split", data.split_file(split).read_bytes().hex()])
     return [str(root), listing, torch.__version__, torchaudio.__version__, CACHE_VERSION]
 
 

@@ -1,11 +1,22 @@
-"""Files written for the user appear whole or not at all: temp name, then rename."""
+"""Files written for the user appear whole or not at all (temp name, then rename), and a
+user's text files are read in the encodings people's editors and shells write."""
 from __future__ import annotations
 
+import codecs
 import contextlib
+import fcntl
+import glob
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
+
+from genre_ray.errors import UserError
+
+# A byte-order mark and the encoding it announces; without one, text is UTF-8.
+BOMS = ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+STALE_S = 60  # a temporary file unlocked for this long was left by a writer that died
 
 
 def _read_umask() -> int:
@@ -24,12 +35,15 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is fsynced and renamed onto `path`.
 
     On an exception the temporary file is removed and `path` is left as it was, so an
-    interrupted or concurrent writer never leaves a half-written file.
+    interrupted or concurrent writer never leaves a half-written file. The temporary file
+    is locked (flock) while it is written: one an earlier writer left, killed before it
+    could remove it, is unlocked, and is removed here.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    fcntl.flock(fd, fcntl.LOCK_EX)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
     try:
         yield Path(tmp)
@@ -39,3 +53,30 @@ def atomic_path(path: Path) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        os.close(fd)
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove the temporary files of `path` that no live writer holds (atomic_path's)."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(OSError):  # gone meanwhile, or not ours to remove
+            if time.time() - tmp.stat().st_mtime < STALE_S:
+                continue  # may be a writer between mkstemp and flock
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: held
+                tmp.unlink()
+            finally:
+                os.close(fd)
+
+
+def read_text(path: Path) -> str:
+    """A user's text file: UTF-8 with or without a byte-order mark, or UTF-16 with one.
+    UserError naming the file and the encoding to use for anything else."""
+    raw = Path(path).read_bytes()
+    encoding = next((name for bom, name in BOMS if raw.startswith(bom)), "utf-8")
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not {encoding.upper()} text (byte {err.start}: "
+                        f"{raw[err.start:err.start + 1]!r}); save it as UTF-8") from None

@@ -7,7 +7,7 @@ defaults.yaml, the flags, the search spaces as read) with its hash, and whether 
 finished; and `.lock`, held by the process running it. So:
 
 - a run whose record is not `finished` and whose lock is free was interrupted (Ctrl-C,
-  a crash, a killed driver): the same command continues it if the configuration is
+  SIGTERM, a killed driver) or `failed` (an error after it started, its `reason` kept): the same command continues it if the configuration is
   still the same; if defaults.yaml, a search-space file or a --config file changed
   since, it stops naming the change; `--resume` continues it as it was saved;
 - a finished run is not run again: its name says where its results are;
@@ -111,10 +111,12 @@ def read_record(run_dir: Path) -> dict[str, Any] | None:
                         "another --storage-path") from None
 
 
-def write_record(run: Run, status: str) -> None:
+def write_record(run: Run, status: str, reason: str | None = None) -> None:
+    """Write the run's record: `status` running | interrupted | failed (`reason`) | finished."""
     record = {"name": run.name, "status": status, "format": FORMAT, "config": run.config,
               "config_hash": config.digest(run.config),
-              "updated": datetime.datetime.now().isoformat(timespec="seconds")}
+              "updated": datetime.datetime.now().isoformat(timespec="seconds"),
+              **({"reason": reason} if reason else {})}
     with atomic_path(run.dir / RECORD) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
 

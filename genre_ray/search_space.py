@@ -30,6 +30,7 @@ from optuna.distributions import (
 
 from genre_ray import config, models
 from genre_ray.errors import UserError
+from genre_ray.files import read_text
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 # Training keys a search must not vary: they do not change the result.
@@ -216,8 +217,7 @@ def _extended(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 def _read_yaml(path: Path) -> Any:
     try:
-        with path.open() as f:
-            return yaml.load(f, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+        return yaml.load(read_text(path), Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

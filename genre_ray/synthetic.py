@@ -11,7 +11,6 @@ import ctypes
 import functools
 import hashlib
 import logging
-import math
 import multiprocessing
 import os
 import shutil
@@ -334,9 +333,11 @@ def _generate_atomic(out_dir: Path, tracks_per_genre: int, seed: int, seconds: f
                      workers: int | None = None) -> Path:
     """Generate into a temporary sibling and rename it into place; a dataset already there wins."""
     workers = (os.cpu_count() or 1) if workers is None else workers
-    if tracks_per_genre < 1 or seconds <= 0 or sample_rate < 1:
+    if tracks_per_genre < 1 or not 0 < seconds <= 3600 or sample_rate < 1:  # NaN fails too
         raise UserError(f"cannot generate {tracks_per_genre} tracks per genre of {seconds} s at {sample_rate} Hz; "
-                        "pass at least 1 track, a positive duration and a positive sample rate")
+                        "pass at least 1 track, a duration in (0, 3600] s and a positive sample rate")
+    if not 0 <= seed < 2**32:
+        raise UserError(f"cannot generate with seed {seed}; pass a seed in [0, 2**32)")
     if workers < 1:
         raise UserError(f"cannot generate with {workers} worker processes; pass at least 1")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -358,13 +359,6 @@ def generate(out_dir: Path, tracks_per_genre: int, seed: int, seconds: float = 3
              sample_rate: int = 22050, workers: int | None = None) -> Path:
     """Write a synthetic GTZAN-shaped dataset into a new or empty `out_dir` over `workers` processes (all cores)."""
     out_dir = Path(out_dir).expanduser().absolute()
-    for name, value, ok in [("tracks per genre", tracks_per_genre, tracks_per_genre >= 1),
-                            ("seed", seed, 0 <= seed < 2**32),
-                            ("seconds", seconds, math.isfinite(seconds) and 0 < seconds <= 3600),
-                            ("workers", workers, workers is None or workers >= 1)]:
-        if not ok:
-            raise UserError(f"{name} {value} is out of range; tracks per genre and workers are "
-                            "at least 1, the seed in [0, 2**32), seconds in (0, 3600]")
     if (out_dir.exists() and not out_dir.is_dir()) or _non_empty(out_dir):
         raise UserError(f"{out_dir} already exists and is not an empty directory; "
                         "choose a new output directory or remove that one")

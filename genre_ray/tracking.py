@@ -18,8 +18,10 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import socket
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 from queue import Queue
 from typing import Any
@@ -28,6 +30,7 @@ from ray.air.integrations.wandb import WandbLoggerCallback, _QueueItem, _WandbLo
 
 from genre_ray.errors import UserError
 from genre_ray.export import CHECKPOINT_METRIC
+from genre_ray.files import read_text
 
 MODES = ("auto", "online", "offline", "off")
 KEY = "WANDB_API_KEY"
@@ -35,6 +38,7 @@ KEY = "WANDB_API_KEY"
 EXCLUDES = ["time_this_iter_s", "time_since_restore", "iterations_since_restore", "timestamp",
             "checkpoint_dir_name", CHECKPOINT_METRIC]
 log = logging.getLogger(__name__)
+CONNECT_TIMEOUT_S = 5  # to the W&B server, before a run logs online
 UPLOAD_TIMEOUT = {"offline": 30, "online": 120}  # Ray's default, 1800 s, stalls a Ctrl-C
 
 
@@ -43,7 +47,9 @@ def resolve_mode(requested: str, env_file: Path) -> str | None:
 
     auto: online iff WANDB_API_KEY is in the environment or in `env_file` (a `.env` of
     KEY=VALUE lines); a key found only in the file is put into os.environ, from where the
-    callback hands it to its logging actors. online without a key is a UserError.
+    callback hands it to its logging actors. online without a key is a UserError. Online,
+    but the W&B server does not answer within CONNECT_TIMEOUT_S (no network, a firewall):
+    offline, said in one line, rather than a run whose every W&B call waits and fails.
     """
     if requested not in MODES:
         raise UserError(f"unknown --wandb mode {requested!r}: use one of {', '.join(MODES)}")
@@ -52,17 +58,30 @@ def resolve_mode(requested: str, env_file: Path) -> str | None:
     if not os.environ.get(KEY) and (key := read_env_file(env_file).get(KEY)):
         os.environ[KEY] = key
     if os.environ.get(KEY):
-        return "online"
+        return _online_or_offline()
     if requested == "online":
         raise UserError(f"--wandb online needs {KEY}: set it in the environment or in {env_file}, "
                         "or use --wandb offline")
     return "offline"
 
 
+def _online_or_offline() -> str:
+    """online if the W&B server ($WANDB_BASE_URL, else api.wandb.ai) accepts a connection."""
+    url = urllib.parse.urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    try:
+        port = url.port or (443 if url.scheme == "https" else 80)
+        socket.create_connection((url.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
+    except (OSError, ValueError) as err:
+        print(f"W&B: cannot reach {url.geturl()} ({err}); logging offline instead: "
+              "`wandb sync` uploads the runs later", flush=True)
+        return "offline"
+    return "online"
+
+
 def read_env_file(path: Path) -> dict[str, str]:
     """KEY=VALUE lines of a .env file ('#' comments, optional `export` and quotes); {} if absent."""
     values = {}
-    for line in path.read_text().splitlines() if path.is_file() else []:
+    for line in read_text(path).splitlines() if path.is_file() else []:
         key, sep, value = line.strip().removeprefix("export ").partition("=")
         if sep and not key.startswith("#"):
             value = value.strip()

@@ -268,6 +268,34 @@ def test_sigterm_stops_the_run_as_ctrl_c_does_with_one_line_and_exit_143(tmp_pat
     assert runs.tune_state_exists(runs.storage(str(tmp_path / "runs")), "term")
 
 
+@pytest.mark.slow
+def test_a_run_that_fails_after_it_started_says_why_and_the_same_command_continues_it(
+        tmp_path, monkeypatch, capsys):
+    """A disk that fills as the leaderboard is written (an error no check could foresee)."""
+    import tune_main
+    from genre_ray import report
+
+    make_tree(tmp_path / "data", tracks=3, seconds=6.0)
+    argv = ["--data-dir", str(tmp_path / "data"), "--models", "MLP", "--features", "spectrogram",
+            "--num-samples", "1", "--max-epochs", "1", "--storage-path", str(tmp_path / "runs"),
+            "--name", "full", "--output-dir", str(tmp_path / "best"), "--wandb", "off"]
+    write_leaderboard = report.write_leaderboard
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "write_leaderboard", disk_full)
+    with pytest.raises(OSError):
+        tune_main.main(argv)
+    record = runs.read_record(tmp_path / "runs" / "full")
+    assert (record["status"], record["reason"]) == ("failed", "OSError: [Errno 28] No space left on device")
+    monkeypatch.setattr(report, "write_leaderboard", write_leaderboard)
+    with pytest.raises(SystemExit) as done:
+        tune_main.main(argv)
+    assert done.value.code == 0 and "continuing failed run 'full'" in capsys.readouterr().out
+    assert runs.read_record(tmp_path / "runs" / "full")["status"] == "finished"
+
+
 # Which run a command picks: records and locks written by the module itself.
 
 def doc(**values) -> dict:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,17 +33,30 @@ def no_key(monkeypatch):
     monkeypatch.delenv(KEY, raising=False)
 
 
+@pytest.fixture
+def server(monkeypatch):
+    """A local socket standing in for the W&B server ($WANDB_BASE_URL): it accepts connections."""
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{listening.getsockname()[1]}")
+        yield
+
+
+def closed_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        return listening.getsockname()[1]  # closed on return: nothing answers there
+
+
 @pytest.mark.parametrize("line", ["WANDB_API_KEY=abc123", 'WANDB_API_KEY="abc123"',
                                   "export WANDB_API_KEY='abc123'  ",
                                   "WANDB_API_KEY=abc123  # mine"])
-def test_auto_is_online_with_a_key_in_the_env_file_and_exports_it(no_key, tmp_path, line):
+def test_auto_is_online_with_a_key_in_the_env_file_and_exports_it(no_key, server, tmp_path, line):
     env = tmp_path / ".env"
     env.write_text(f"# secrets\nOTHER=1\n{line}\n")
     assert resolve_mode("auto", env) == "online"
     assert os.environ[KEY] == "abc123"
 
 
-def test_auto_is_online_with_a_key_in_the_environment(monkeypatch, tmp_path):
+def test_auto_is_online_with_a_key_in_the_environment(monkeypatch, server, tmp_path):
     monkeypatch.setenv(KEY, "from-env")
     (tmp_path / ".env").write_text("WANDB_API_KEY=from-file\n")
     assert resolve_mode("auto", tmp_path / ".env") == "online"
@@ -53,6 +68,27 @@ def test_auto_without_a_key_is_offline(no_key, tmp_path):
     assert resolve_mode("auto", tmp_path / ".env") == "offline"
     assert resolve_mode("auto", tmp_path / "missing.env") == "offline"
     assert KEY not in os.environ
+
+
+@pytest.mark.parametrize("requested", ["online", "auto"])
+def test_a_server_that_does_not_answer_means_offline_said_in_one_line(monkeypatch, capsys, tmp_path,
+                                                                       requested):
+    monkeypatch.setenv(KEY, "abc123")
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed_port()}")
+    assert resolve_mode(requested, tmp_path / ".env") == "offline"
+    out = capsys.readouterr().out
+    assert re.fullmatch(r"W&B: cannot reach http://127\.0\.0\.1:\d+ \(.*\); logging offline instead: "
+                        r"`wandb sync` uploads the runs later\n", out), out
+
+
+def test_an_env_file_in_utf16_or_with_a_bom_is_read_and_latin1_is_refused(no_key, server, tmp_path):
+    env = tmp_path / ".env"
+    for encoding in ("utf-16", "utf-8-sig"):  # PowerShell's `echo > .env`; Notepad's UTF-8
+        env.write_bytes("WANDB_API_KEY=abc123\n".encode(encoding))
+        assert resolve_mode("auto", env) == "online" and os.environ.pop(KEY) == "abc123"
+    env.write_bytes("# clé\nWANDB_API_KEY=abc123\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"\.env is not UTF-8 text \(byte \d+: b'\\xe9'\); save it as UTF-8"):
+        resolve_mode("auto", env)
 
 
 def test_online_without_a_key_names_the_fix(no_key, tmp_path):
