@@ -23,6 +23,7 @@ import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -38,6 +39,7 @@ from genre_ray.files import read_text
 SPLITS = ("train", "val", "test")
 LAYOUT_ROOTS = ("genres_original", "genres", ".")
 CHUNK = 64  # segments decoded and handed on at a time: bounds peak memory
+MAX_DENOMINATOR = 1000  # of a resampling ratio (`resampled`): bounds its kernel's memory
 AUDIO_SUFFIXES = frozenset("." + fmt.lower() for fmt in sf.available_formats()) | {".aif", ".aiff"}
 
 
@@ -142,9 +144,18 @@ def decode(path: Path, sample_rate: int) -> torch.Tensor:
     if not np.isfinite(audio).all():
         raise Unusable("holds NaN or infinite samples; re-export it as 16-bit PCM")
     wave = torch.from_numpy(audio).mean(dim=1)
-    if rate != sample_rate:
-        wave = AF.resample(wave, rate, sample_rate)
-    return wave
+    return resampled(wave, rate, sample_rate) if rate != sample_rate else wave
+
+
+def resampled(wave: torch.Tensor, rate: int, sample_rate: int) -> torch.Tensor:
+    """(samples,) at `rate` -> (about samples * sample_rate / rate,) at `sample_rate`.
+
+    torchaudio sizes its kernel by the reduced ratio (a row per phase, new / gcd): 44,101
+    -> 22,050 Hz would take 3.9 GB. The ratio is the nearest fraction with a denominator
+    up to MAX_DENOMINATOR, so 44,101 Hz is taken as 44,100 (0.002 % slower, inaudible);
+    the usual rates (44,100, 48,000, 16,000, 8,000 Hz) reduce exactly, as before."""
+    ratio = Fraction(sample_rate, rate).limit_denominator(MAX_DENOMINATOR)
+    return AF.resample(wave, ratio.denominator, ratio.numerator)
 
 
 def _read_problem(path: Path, err: Exception) -> str:

@@ -2,17 +2,21 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import torchaudio.functional as AF
 from torchaudio.datasets import gtzan
 
 from genre_ray import config, data
 from genre_ray.errors import UserError
-from tests.helpers import GENRES, make_tree, run_module, write_tone
+from tests.helpers import GENRES, REPO, make_tree, run_module, write_tone
 
 SEG = 110250  # 5 s at 22050 Hz
 
@@ -213,3 +217,30 @@ def test_cli_user_errors_exit_2_without_traceback(tmp_path, args, message):
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr
     assert out.stderr.count("\n") == 1
+
+
+CAPPED = """
+import resource, sys
+import torch
+cap = 1 << 30  # bytes of data memory: the former kernel for 44,101 Hz alone took 3.9 GB
+resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
+from genre_ray import data
+wave = data.decode(sys.argv[1], 22050)
+spectrum = torch.fft.rfft(wave).abs()
+print(wave.numel(), int(spectrum.argmax()) * 22050 / wave.numel())
+"""
+
+
+def test_an_odd_sample_rate_resamples_in_bounded_memory_keeping_the_pitch(tmp_path):
+    path = write_tone(tmp_path / "odd.wav", 440.0, 6.0, rate=44101)
+    out = subprocess.run([sys.executable, "-c", CAPPED, str(path)], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    samples, peak_hz = map(float, out.stdout.split())
+    assert abs(samples - 6 * 22050) <= 6 * 22050 * 1e-4 and abs(peak_hz - 440.0) < 1.0
+
+
+@pytest.mark.parametrize("rate", [44100, 48000, 16000, 8000])
+def test_the_usual_rates_resample_exactly_as_torchaudio_does(rate):
+    wave = torch.randn(rate)
+    assert torch.equal(data.resampled(wave, rate, 22050), AF.resample(wave, rate, 22050))
