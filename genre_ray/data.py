@@ -277,11 +277,17 @@ class Chunk:
 
 def plan(data_dir: Path, params: config.Data, split: config.Split, seed: int) -> Plan:
     """Scan `data_dir` and split its tracks as `split` says (random splits drawn with
-    `seed`); decodes nothing."""
+    `seed`); decodes only what its header shows unusable. A random split deals out the
+    tracks whose headers promise a segment: a file that cannot give one (an unreadable
+    header, a clip too short) is skipped and reported, never dealt to a split it would
+    leave without that genre."""
     found = scan(data_dir)
-    assigned = split_tracks(found.tracks, split.kind, seed=seed, fractions=split.fractions)
     rate = params.sample_rate
     cutter = _Cutter(rate, round(params.segment_seconds * rate), round(params.min_tail_seconds * rate))
+    tracks = found.tracks
+    if split.kind == "random":
+        tracks = [t for t in tracks if cutter.expected(t.path) or len(cutter.cut(t.path))]
+    assigned = split_tracks(tracks, split.kind, seed=seed, fractions=split.fractions)
     return Plan(found, assigned, split.kind, cutter)
 
 

@@ -244,3 +244,16 @@ def test_an_odd_sample_rate_resamples_in_bounded_memory_keeping_the_pitch(tmp_pa
 def test_the_usual_rates_resample_exactly_as_torchaudio_does(rate):
     wave = torch.randn(rate)
     assert torch.equal(data.resampled(wave, rate, 22050), AF.resample(wave, rate, 22050))
+
+
+def test_a_broken_file_is_never_dealt_to_a_split_it_would_leave_without_its_genre(tmp_path):
+    make_tree(tmp_path, tracks=5, seconds=6.0)
+    broken = tmp_path / "genres_original" / "blues" / "blues.00005.wav"
+    broken.write_bytes(b"RIFF" + bytes(40))  # a header libsndfile refuses
+    for seed in range(10):
+        cfg = config.load(values={"run.seed": seed})
+        plan = data.plan(tmp_path, cfg.data, cfg.split, seed)
+        for name, tracks in plan.assigned.items():
+            assert {t.genre for t in tracks} == set(GENRES), (seed, name)
+            assert broken not in {t.path for t in tracks}
+        assert [path for path, _ in plan.cutter.skipped] == [broken]
