@@ -76,9 +76,11 @@ class Case:
 
     @property
     def slow(self) -> bool:
-        """Starts Ray, or tune_main.py, whose imports alone take ~4 s on 2 cores: the slow
-        tier (tests/test_cli.py checks flag errors in-process in the fast one)."""
-        return self.ray or self.id.startswith("tune:")
+        """Starts Ray, or tune_main.py, whose imports alone take ~4 s on 2 cores, or is one
+        of the other module CLIs' number checks: the slow tier, which keeps the fast one
+        under 2 minutes (tests/test_cli.py and tests/test_training.py check such errors
+        in-process or once in the fast one)."""
+        return self.ray or self.id.startswith(("tune:", "training:", "synthetic:"))
 
 
 # ---- the commands -------------------------------------------------------------------
