@@ -105,7 +105,12 @@ class Exported:
     def rebuild(self) -> nn.Module:
         """The exported model, weights loaded, in eval mode: (batch, *input_shape) -> logits."""
         model = build_model(self.model, tuple(self.input_shape), len(self.classes), self.arch)
-        model.load_state_dict(self.state_dict)
+        try:
+            model.load_state_dict(self.state_dict)
+        except RuntimeError as err:  # missing, unexpected or differently shaped tensors
+            why = str(err).splitlines()[-1].strip()
+            raise UserError(f"the export's weights do not fit its {self.model} ({why}); the file "
+                            "is damaged or was edited: export it again with tune_main.py") from None
         return model.eval()
 
     def save(self, paths: list[Path]) -> None:
@@ -137,7 +142,13 @@ class Exported:
         if found != FORMAT or not required <= set(contents):
             raise UserError(f"{path} is not a genre-ray model (no {FORMAT} metadata); pass a file "
                             "exported by tune_main.py into best_models/")
-        return cls(**{k: v for k, v in contents.items() if k in fields})
+        exported = cls(**{k: v for k, v in contents.items() if k in fields})
+        if exported.feature == "spectrogram" and not all(
+                isinstance(exported.stats.get(k), torch.Tensor) and exported.stats[k].numel()
+                for k in ("mean", "std")):
+            raise UserError(f"{path} lacks the normalisation statistics of its log-mels (stats "
+                            "mean and std); the file is damaged: export it again with tune_main.py")
+        return exported
 
 
 def export_name(model: str, feature: str) -> str:

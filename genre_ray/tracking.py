@@ -39,6 +39,7 @@ EXCLUDES = ["time_this_iter_s", "time_since_restore", "iterations_since_restore"
             "checkpoint_dir_name", CHECKPOINT_METRIC]
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 5  # to the W&B server, before a run logs online
+SUMMARY_TIMEOUT_S = 60  # for the summary run to start (wandb's default: 90 s)
 UPLOAD_TIMEOUT = {"offline": 30, "online": 120}  # Ray's default, 1800 s, stalls a Ctrl-C
 
 
@@ -114,16 +115,22 @@ def sync_hint(run_dir: Path) -> str:
 def log_summary(mode: str, *, project: str, run_dir: Path, name: str, columns: list[str],
                 rows: list[dict[str, Any]], files: list[Path]) -> None:
     """One W&B run for the whole experiment (`<name>-summary`, group `summary`): the
-    leaderboard as a table and every plot (`files`' PNGs) as an image."""
+    leaderboard as a table and every plot (`files`' PNGs) as an image. If W&B fails (the
+    network went away during the run), one line says so: the run's results are on disk."""
     import wandb
 
-    run = wandb.init(project=project, name=f"{name}-summary", group="summary",
-                     job_type="summary", dir=str(Path(run_dir).resolve()), mode=mode,
-                     settings={"silent": True}, reinit="create_new")
-    table = wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])
-    images = {f"plots/{p.stem}": wandb.Image(str(p)) for p in files if p.suffix == ".png"}
-    run.log({"leaderboard": table, **images})
-    run.finish()
+    try:
+        run = wandb.init(project=project, name=f"{name}-summary", group="summary",
+                         job_type="summary", dir=str(Path(run_dir).resolve()), mode=mode,
+                         settings={"silent": True, "init_timeout": SUMMARY_TIMEOUT_S},
+                         reinit="create_new")
+        table = wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])
+        images = {f"plots/{p.stem}": wandb.Image(str(p)) for p in files if p.suffix == ".png"}
+        run.log({"leaderboard": table, **images})
+        run.finish()
+    except wandb.errors.Error as err:
+        print(f"W&B: the summary run was not logged ({str(err).splitlines()[0]}); the "
+              f"leaderboard and plots are in {run_dir}", flush=True)
 
 
 def confusion_chart(confusion: list[list[float]], classes: list[str]) -> Any:

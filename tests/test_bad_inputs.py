@@ -364,6 +364,17 @@ def foreign_pth(w: World) -> list[str]:
     return predict_cli(clip, "--model", path)
 
 
+def edited_pth(**changes) -> Callable[[World], list[str]]:
+    """predict with our export, its contents edited: keys right, values wrong."""
+    def argv(w: World) -> list[str]:
+        contents = torch.load(w.best / "MLP_spectrogram_best_model.pth", weights_only=True)
+        for key, edit in changes.items():
+            contents[key] = edit(contents[key])
+        torch.save(contents, w.root / "edited.pth")
+        return predict_cli(write_tone(w.root / "clip.wav", 330.0, 6.0), "--model", w.root / "edited.pth")
+    return argv
+
+
 def truncated_pth(w: World) -> list[str]:
     raw = (w.best / "MLP_spectrogram_best_model.pth").read_bytes()
     path = w.root / "truncated.pth"
@@ -395,6 +406,11 @@ PREDICT = [
     Case("predict: foreign .pth", foreign_pth,
          says=r"\S+foreign\.pth is not a genre-ray model \(no genre-ray-model/2 metadata\); pass a "
               r"file exported by tune_main\.py"),
+    Case("predict: export with wrongly shaped weights",
+         edited_pth(state_dict=lambda sd: {k: v[..., :1] for k, v in sd.items()}),
+         says=r"the export's weights do not fit its MLP \(.*size mismatch.*\); the file is damaged"),
+    Case("predict: export with empty normalisation stats", edited_pth(stats=lambda stats: {}),
+         says=r"\S+edited\.pth lacks the normalisation statistics of its log-mels"),
     Case("predict: truncated .pth", truncated_pth,
          says=r"\S+truncated\.pth is not a genre-ray model \(\w+\); pass a file exported by "
               r"tune_main\.py"),

@@ -91,6 +91,20 @@ def test_an_env_file_in_utf16_or_with_a_bom_is_read_and_latin1_is_refused(no_key
         resolve_mode("auto", env)
 
 
+@pytest.mark.slow
+def test_a_summary_run_w_and_b_cannot_take_is_one_line_not_a_traceback(monkeypatch, capsys, tmp_path):
+    from genre_ray import tracking
+
+    monkeypatch.setenv(KEY, "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed_port()}")  # the network went away
+    monkeypatch.setattr(tracking, "SUMMARY_TIMEOUT_S", 5)
+    tracking.log_summary("online", project="p", run_dir=tmp_path, name="r", columns=["pair"],
+                         rows=[{"pair": "MLP_waveform"}], files=[])
+    out = capsys.readouterr().out
+    assert re.fullmatch(rf"W&B: the summary run was not logged \(.+\); the leaderboard and plots "
+                        rf"are in {re.escape(str(tmp_path))}\n", out), out
+
+
 def test_online_without_a_key_names_the_fix(no_key, tmp_path):
     with pytest.raises(UserError, match="WANDB_API_KEY.*--wandb offline"):
         resolve_mode("online", tmp_path / ".env")
