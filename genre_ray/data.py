@@ -113,14 +113,14 @@ def find_root(data_dir: Path) -> Path:
 
 
 def scan(data_dir: Path) -> Scan:
-    """List the tracks of every genre folder; non-audio and hidden files, and folders
-    without audio, are ignored and reported."""
+    """List the tracks of every genre folder, its sub-folders included; non-audio and
+    hidden files, and folders without audio, are ignored and reported."""
     root = find_root(data_dir)
     genres, tracks, ignored, not_genres = [], [], [], []
     for genre_dir in _subdirs(root):
-        files = sorted(p for p in genre_dir.iterdir() if p.is_file())
-        audio = [p for p in files if _is_audio(p)]
-        ignored += [p for p in files if not _is_audio(p)]
+        listed = files(genre_dir)
+        audio = [p for p in listed if _is_audio(p)]
+        ignored += [p for p in listed if not _is_audio(p)]
         if not audio:
             not_genres.append(genre_dir)
             continue
@@ -320,7 +320,22 @@ def _subdirs(folder: Path) -> list[Path]:
 
 
 def _audio_files(folder: Path) -> list[Path]:
-    return [p for p in folder.iterdir() if p.is_file() and _is_audio(p)]
+    return [p for p in files(folder) if _is_audio(p)]
+
+
+def files(folder: Path) -> list[Path]:
+    """Every file under `folder`, in sub-folders too (a genre's disc1/, disc2/), through
+    symbolic links (each folder once), not in hidden folders; sorted."""
+    found, seen = [], set()
+    for parent, folders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(parent)
+        if real in seen:  # a link back up, or a second link to one folder
+            folders[:] = []
+            continue
+        seen.add(real)
+        folders[:] = [f for f in folders if not f.startswith(".")]
+        found += [Path(parent, name) for name in names]
+    return sorted(p for p in found if p.is_file())
 
 
 def _is_audio(path: Path) -> bool:
@@ -335,8 +350,10 @@ def _unique_ids(tracks: list[Track]) -> list[Track]:
               for t in tracks]
     repeated = [tid for tid, n in Counter(t.track_id for t in tracks).items() if n > 1]
     if repeated:
+        paths = [str(t.path) for t in tracks if t.track_id == repeated[0]]
         raise UserError(f"two files share the track id {repeated[0]!r} in one genre folder "
-                        "(same name, different extension?); keep one of them")
+                        f"({' and '.join(paths)}: one name, in two sub-folders or with two "
+                        "extensions); rename or remove one of them")
     return tracks
 
 

@@ -14,7 +14,7 @@ import torch
 import torchaudio.functional as AF
 from torchaudio.datasets import gtzan
 
-from genre_ray import config, data
+from genre_ray import config, data, features
 from genre_ray.errors import UserError
 from tests.helpers import GENRES, REPO, make_tree, run_module, write_tone
 
@@ -257,3 +257,29 @@ def test_a_broken_file_is_never_dealt_to_a_split_it_would_leave_without_its_genr
             assert {t.genre for t in tracks} == set(GENRES), (seed, name)
             assert broken not in {t.path for t in tracks}
         assert [path for path, _ in plan.cutter.skipped] == [broken]
+
+
+def test_audio_in_a_genres_sub_folders_is_used_and_a_repeated_name_is_refused(tmp_path):
+    make_tree(tmp_path, tracks=3, seconds=6.0)
+    blues = tmp_path / "genres_original" / "blues"
+    write_tone(blues / "disc2" / "blues.00007.wav", 250.0, 6.0)
+    write_tone(blues / ".trash" / "blues.00008.wav", 250.0, 6.0)  # hidden folder: not audio of ours
+    ids = {t.track_id for t in data.scan(tmp_path).tracks}
+    assert "blues.00007" in ids and "blues.00008" not in ids
+    write_tone(blues / "disc3" / "blues.00007.wav", 260.0, 6.0)
+    with pytest.raises(UserError, match=r"two files share the track id '(blues/)?blues\.00007' .*disc2/blues\.00007"
+                                        r"\.wav and .*disc3/blues\.00007\.wav.*rename or remove one"):
+        data.scan(tmp_path)
+
+
+def test_a_file_added_behind_a_linked_genre_folder_changes_the_cache_key(tmp_path):
+    make_tree(tmp_path / "elsewhere", tracks=3, seconds=6.0)
+    root = tmp_path / "data" / "genres_original"
+    root.mkdir(parents=True)
+    for genre in GENRES:
+        (root / genre).symlink_to(tmp_path / "elsewhere" / "genres_original" / genre)
+    cfg = config.load()
+    before = features._entries(tmp_path / "data", ["waveform"], cfg, tmp_path / "cache")
+    write_tone(tmp_path / "elsewhere" / "genres_original" / "jazz" / "jazz.00003.wav", 700.0, 6.0)
+    assert features._entries(tmp_path / "data", ["waveform"], cfg, tmp_path / "cache") != before
+    assert "jazz.00003" in {t.track_id for t in data.scan(tmp_path / "data").tracks}
