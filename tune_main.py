@@ -102,6 +102,9 @@ def parse(argv: list[str] | None = None) -> tuple[config.Config, experiment.Sess
                         "needed to run on more than one node with a path rather than a bucket")
     p.add_argument("--name", help="run name (absent: the newest interrupted run of this command, "
                                   "if any, else tune-<date>-<time>)")
+    p.add_argument("--check", action="store_true",
+                   help="check the flags, files, data and memory as a run would, say what it "
+                        "would run, and exit (no Ray, nothing written)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run --name names, or the newest interrupted run under "
                         "--storage-path, with the configuration it was started with")
@@ -111,7 +114,7 @@ def parse(argv: list[str] | None = None) -> tuple[config.Config, experiment.Sess
         values[field] = listed(values[field])
     cfg = config.load(file, values, source=f"--config {known.config}")
     return cfg, experiment.Session(args["name"], args["resume"], args["address"],
-                                   args["shared_storage"])
+                                   args["shared_storage"], args["check"])
 
 
 @exit_on_user_error
@@ -127,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, terminate)
     try:
-        summary = experiment.run(*parse(argv))
+        cfg, session = parse(argv)
+        if session.check:
+            print(experiment.check(cfg, session))
+            return 0
+        summary = experiment.run(cfg, session)
     except experiment.Interrupted as stop:
         print(stop, file=sys.stderr)
         return 128 + stopped_by[0]

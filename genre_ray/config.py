@@ -39,6 +39,7 @@ FLAGS: dict[str, str] = {
     "--wandb": "tracking.wandb", "--wandb-project": "tracking.wandb_project",
 }
 
+MAX_EPOCHS = 10_000  # of a trial: beyond, a typo (an extra zero) would run for days
 Count = Annotated[int, Field(ge=0, strict=True)]  # strict: True is not 1, 2.0 is not 2
 Positive = Annotated[int, Field(ge=1, strict=True)]
 Text = Annotated[str, StringConstraints(pattern=r"\S")]  # not empty, not only blanks
@@ -170,7 +171,7 @@ class Training:
 class Search:
     __pydantic_config__ = _STRICT
     num_samples: Positive
-    max_epochs: Positive
+    max_epochs: Annotated[int, Field(ge=1, le=MAX_EPOCHS, strict=True)]
     grace_period: Positive
     reduction_factor: Annotated[int, Field(ge=2, strict=True)]
     n_startup_trials: Count

@@ -1,6 +1,7 @@
 """The one exception family for errors a user can cause, and how commands report them."""
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from typing import Callable, NoReturn
@@ -13,7 +14,9 @@ class UserError(Exception):
 def exit_on_user_error(main: Callable[..., int | None]) -> Callable[..., NoReturn]:
     """Wrap a command's `main`: a UserError becomes one line on stderr and exit code 2.
 
-    Anything else is a bug and keeps its traceback.
+    So is a path the system refuses for its length (ENAMETOOLONG), whichever flag gave it:
+    every place that looks at a path would otherwise need its own guard. Anything else is
+    a bug and keeps its traceback.
     """
 
     @functools.wraps(main)
@@ -22,6 +25,13 @@ def exit_on_user_error(main: Callable[..., int | None]) -> Callable[..., NoRetur
             code = main(*args, **kwargs)
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+        except OSError as err:
+            if err.errno != errno.ENAMETOOLONG:
+                raise
+            name = str(err.filename or "")
+            print(f"error: a path given is too long for this system ({name[:60]}...); "
+                  "pass a shorter one", file=sys.stderr)
             sys.exit(2)
         sys.exit(code or 0)
 

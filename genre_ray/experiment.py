@@ -38,6 +38,7 @@ class Session:
     resume: bool = False  # continue a run with its saved configuration
     address: str | None = None  # a Ray cluster to join; None: a new local Ray
     shared_storage: bool = False  # the storage path is mounted on every node
+    check: bool = False  # check what a run would check, and stop there (tune_main --check)
 
 
 class Interrupted(Exception):
@@ -80,15 +81,7 @@ def run(cfg: Config, session: Session = Session()) -> RunSummary:
     Order: which run (read-only), flags, files, data and the cluster are checked before
     the run's folder is claimed, so a mistake leaves no trace of a run."""
     start = time.perf_counter()
-    store = runs.storage(cfg.run.storage_path)
-    chosen = runs.choose(store, session.name, config.as_json(resolved(cfg, session.resume)),
-                         session.resume)
-    cfg = config.from_json(chosen.config)
-    if store.remote:
-        runs.require_writable(store)
-    else:
-        _writable(store.local, "--storage-path")
-    checked = _check(cfg)
+    store, chosen, cfg, checked = _prepared(cfg, session)
     with _ray(cfg, session, store, checked.need) as slots:
         sets = _feature_sets(cfg, checked.data_dir)
         with runs.claimed(store, chosen) as run_:
@@ -105,6 +98,34 @@ def run(cfg: Config, session: Session = Session()) -> RunSummary:
         runs.write_record(run_, "finished")
         summary.copied_to = runs.publish(store, run_)
     return summary
+
+
+def check(cfg: Config, session: Session = Session()) -> str:
+    """What `run` checks before it starts Ray, and nothing else: which run, the flags and
+    files, the data and the memory the features need. A line saying what would run; UserError
+    for the first problem. Writes nothing."""
+    store, chosen, cfg, checked = _prepared(cfg, session)
+    pairs = len(cfg.run.models) * len(cfg.run.features)
+    what = (f"continue run {chosen.name!r}" if chosen.resume else
+            f"start run {chosen.name!r}" if chosen.name else "start a new run")
+    data_gb, trial_gb = sum(checked.need.data.values()) / capacity.GB, checked.need.trial / capacity.GB
+    return (f"ok: would {what} under {store.uri}: {pairs} pair(s) x {cfg.search.num_samples} "
+            f"trial(s) of up to {cfg.search.max_epochs} epochs on {checked.data_dir}; features "
+            f"{data_gb:.2f} GB (train + val), {trial_gb:.1f} GB per trial")
+
+
+def _prepared(cfg: Config, session: Session) -> tuple[runs.Storage, runs.Run, Config, Checked]:
+    """The run this command works on, its configuration (saved, when it continues one) and
+    what it needs, every input checked; nothing written."""
+    store = runs.storage(cfg.run.storage_path)
+    chosen = runs.choose(store, session.name, config.as_json(resolved(cfg, session.resume)),
+                         session.resume)
+    cfg = config.from_json(chosen.config)
+    if store.remote:
+        runs.require_writable(store)
+    else:
+        _writable(store.local, "--storage-path")
+    return store, chosen, cfg, _check(cfg)
 
 
 def resolved(cfg: Config, resume: bool = False) -> Config:

@@ -333,13 +333,13 @@ def _generate_atomic(out_dir: Path, tracks_per_genre: int, seed: int, seconds: f
                      workers: int | None = None) -> Path:
     """Generate into a temporary sibling and rename it into place; a dataset already there wins."""
     workers = (os.cpu_count() or 1) if workers is None else workers
-    if tracks_per_genre < 1 or not 0 < seconds <= 3600 or sample_rate < 1:  # NaN fails too
+    if not 1 <= tracks_per_genre <= 1000 or not 0 < seconds <= 3600 or sample_rate < 1:  # NaN fails too
         raise UserError(f"cannot generate {tracks_per_genre} tracks per genre of {seconds} s at {sample_rate} Hz; "
-                        "pass at least 1 track, a duration in (0, 3600] s and a positive sample rate")
+                        "pass 1 to 1000 tracks, a duration in (0, 3600] s and a positive sample rate")
     if not 0 <= seed < 2**32:
         raise UserError(f"cannot generate with seed {seed}; pass a seed in [0, 2**32)")
-    if workers < 1:
-        raise UserError(f"cannot generate with {workers} worker processes; pass at least 1")
+    if not 1 <= workers <= 1024:
+        raise UserError(f"cannot generate with {workers} worker processes; pass 1 to 1024")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:

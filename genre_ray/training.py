@@ -272,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="{}", help='JSON hyperparameters over the search space\'s '
                                                        'first point, e.g. \'{"learning_rate": 3e-4}\'')
     args = parser.parse_args(argv)
-    if args.epochs < 1:
-        raise UserError(f"--epochs must be >= 1, got {args.epochs}")
+    if not 1 <= args.epochs <= config.MAX_EPOCHS:
+        raise UserError(f"--epochs must be in [1, {config.MAX_EPOCHS}], got {args.epochs}")
     try:
         hyper = json.loads(args.config)
     except ValueError as err:

@@ -106,10 +106,10 @@ def test_refuses_a_non_empty_out_dir(tmp_path):
 
 
 def test_refuses_bad_sizes(tmp_path):
-    with pytest.raises(UserError, match="at least 1 track"):
+    with pytest.raises(UserError, match="pass 1 to 1000 tracks"):
         generate(tmp_path / "out", tracks_per_genre=0, seed=0)
     assert not (tmp_path / "out").exists()
-    with pytest.raises(UserError, match="at least 1"):
+    with pytest.raises(UserError, match="pass 1 to 1024"):
         generate(tmp_path / "out", tracks_per_genre=1, seed=0, workers=0)
     assert list(tmp_path.iterdir()) == []
 
