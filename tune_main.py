@@ -104,7 +104,7 @@ def parse(argv: list[str] | None = None) -> tuple[config.Config, experiment.Sess
                                   "if any, else tune-<date>-<time>)")
     p.add_argument("--check", action="store_true",
                    help="check the flags, files, data and memory as a run would, say what it "
-                        "would run, and exit (no Ray, nothing written)")
+                        "would run, and exit (no Ray; nothing of a run is written)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run --name names, or the newest interrupted run under "
                         "--storage-path, with the configuration it was started with")

@@ -137,8 +137,9 @@ def decode(path: Path, sample_rate: int) -> torch.Tensor:
 
     Unusable when the file cannot be read, does not decode, or holds NaN or infinite
     samples (a float file can; they would make every feature of its segments NaN)."""
-    try:
-        audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    try:  # through Python's open: a name that is not valid UTF-8 reaches libsndfile as bytes
+        with open(path, "rb") as f:
+            audio, rate = sf.read(f, dtype="float32", always_2d=True)
     except (RuntimeError, OSError, ValueError) as err:  # sf.LibsndfileError is a RuntimeError
         raise Unusable(_read_problem(Path(path), err)) from None
     if not np.isfinite(audio).all():
@@ -460,7 +461,8 @@ class _Cutter:
     def expected(self, path: Path) -> int:
         """Segments `cut` will give `path`, from its header; 0 if the header is unreadable."""
         try:
-            info = sf.info(str(path))
+            with open(path, "rb") as f:
+                info = sf.info(f)
         except (RuntimeError, OSError, ValueError):
             return 0
         samples = math.ceil(info.frames * self.rate / info.samplerate)

@@ -14,13 +14,17 @@ class UserError(Exception):
 def exit_on_user_error(main: Callable[..., int | None]) -> Callable[..., NoReturn]:
     """Wrap a command's `main`: a UserError becomes one line on stderr and exit code 2.
 
-    So is a path the system refuses for its length (ENAMETOOLONG), whichever flag gave it:
-    every place that looks at a path would otherwise need its own guard. Anything else is
-    a bug and keeps its traceback.
+    So is a path the system refuses for its length (ENAMETOOLONG), whichever flag gave
+    it: every place that looks at a path would otherwise need its own guard. Output never
+    fails on a file name that is not valid UTF-8 (printed escaped, as \\udce9). Anything
+    else is a bug and keeps its traceback.
     """
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> NoReturn:
+        for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 prints escaped
+            if hasattr(stream, "reconfigure"):
+                stream.reconfigure(errors="backslashreplace")
         try:
             code = main(*args, **kwargs)
         except UserError as err:

@@ -13,7 +13,6 @@ import dataclasses
 import logging
 import signal
 import socket
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from genre_ray.config import Config
 from genre_ray.data import describe_notes
 from genre_ray.errors import UserError
 from genre_ray.features import FeatureSet, build_feature_sets, canonical_feature, estimated_bytes
+from genre_ray.files import writable_folder
 from genre_ray.models import count_parameters
 from genre_ray.search_space import SearchSpace, load_space, parse_space
 from genre_ray.trainable import load_trial_state
@@ -124,7 +124,7 @@ def _prepared(cfg: Config, session: Session) -> tuple[runs.Storage, runs.Run, Co
     if store.remote:
         runs.require_writable(store)
     else:
-        _writable(store.local, "--storage-path")
+        writable_folder(store.local, "--storage-path", "pass a folder you can write to as --storage-path")
     return store, chosen, cfg, _check(cfg)
 
 
@@ -149,7 +149,8 @@ def _check(cfg: Config) -> Checked:
     from genre_ray.tracking import resolve_mode
 
     spaces = {m: parse_space(m, cfg.spaces[m], Path(f"run.json spaces.{m}")) for m in cfg.run.models}
-    output_dir = _writable(Path(cfg.run.output_dir), "--output-dir")
+    output_dir = writable_folder(Path(cfg.run.output_dir), "--output-dir",
+                                 "pass a folder you can write to as --output-dir")
     mode = resolve_mode(cfg.tracking.wandb, Path(cfg.run.env_file))
     data_dir = Path(cfg.run.data_dir) if cfg.run.data_dir else _embedded()
     sizes = estimated_bytes(data_dir, list(cfg.run.features), cfg)
@@ -371,22 +372,6 @@ def _require_reachable(address: str | None) -> None:
         raise UserError(f"cannot reach a Ray cluster at --address {address} ({err}); check the "
                         "address (HOST:PORT of the head, e.g. 10.0.0.5:6379, or auto), start "
                         "the head with `ray start --head`, or drop --address to run locally") from None
-
-
-def _writable(folder: Path, flag: str) -> Path:
-    """`folder`, absolute, once a temporary file could be made in it (or in the nearest
-    folder above it that exists: it is created when first written); UserError naming
-    `flag` otherwise. Creates nothing."""
-    folder = Path(folder).expanduser().resolve()
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    try:
-        if not existing.is_dir():
-            raise NotADirectoryError(0, f"{existing} is a file, not a folder")
-        tempfile.TemporaryFile(dir=existing).close()
-    except OSError as err:
-        raise UserError(f"cannot write to {flag} {folder} ({err.strerror}); pass a folder "
-                        f"you can write to as {flag}") from None
-    return folder
 
 
 def _slots(need: capacity.Need) -> int:

@@ -70,6 +70,21 @@ def _remove_stale(path: Path) -> None:
                 os.close(fd)
 
 
+def writable_folder(folder: Path, name: str, fix: str) -> Path:
+    """`folder`, absolute, once a temporary file could be made in it (or in the nearest
+    folder above it that exists: it is created when first written); UserError naming it
+    as `name`, and `fix`, otherwise. Creates nothing."""
+    folder = Path(folder).expanduser().resolve()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(0, f"{existing} is a file, not a folder")
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as err:
+        raise UserError(f"cannot write to {name} {folder} ({err.strerror}); {fix}") from None
+    return folder
+
+
 def read_text(path: Path) -> str:
     """A user's text file: UTF-8 with or without a byte-order mark, or UTF-16 with one.
     UserError naming the file and the encoding to use for anything else."""

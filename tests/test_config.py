@@ -80,3 +80,14 @@ def test_an_export_of_another_format_is_refused_with_the_fix(tmp_path):
     torch.save({"format": "genre-ray-model/1", "state_dict": {}}, path)
     with pytest.raises(UserError, match=r"another version of genre-ray .*export it again"):
         export.Exported.load(path)
+
+
+def test_a_cache_folder_that_cannot_be_written_is_one_error_before_anything_is_computed(
+        tmp_path, monkeypatch):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("GENRE_RAY_CACHE", str(tmp_path / "a-file" / "cache"))
+    with pytest.raises(UserError, match=r"cannot write to the cache folder \S+a-file/cache \(\S+a-file "
+                                        r"is a file, not a folder\); set GENRE_RAY_CACHE to a folder"):
+        config.cache_dir()
+    monkeypatch.setenv("GENRE_RAY_CACHE", str(tmp_path / "new"))
+    assert config.cache_dir() == tmp_path / "new" and not (tmp_path / "new").exists()

@@ -231,6 +231,7 @@ print(wave.numel(), int(spectrum.argmax()) * 22050 / wave.numel())
 """
 
 
+@pytest.mark.slow  # a subprocess under a memory cap
 def test_an_odd_sample_rate_resamples_in_bounded_memory_keeping_the_pitch(tmp_path):
     path = write_tone(tmp_path / "odd.wav", 440.0, 6.0, rate=44101)
     out = subprocess.run([sys.executable, "-c", CAPPED, str(path)], capture_output=True, text=True,
@@ -283,3 +284,16 @@ def test_a_file_added_behind_a_linked_genre_folder_changes_the_cache_key(tmp_pat
     write_tone(tmp_path / "elsewhere" / "genres_original" / "jazz" / "jazz.00003.wav", 700.0, 6.0)
     assert features._entries(tmp_path / "data", ["waveform"], cfg, tmp_path / "cache") != before
     assert "jazz.00003" in {t.track_id for t in data.scan(tmp_path / "data").tracks}
+
+
+@pytest.mark.slow  # a command in a subprocess
+def test_a_file_name_that_is_not_utf8_is_used_and_printed_escaped(tmp_path):
+    make_tree(tmp_path, tracks=3, seconds=6.0)
+    blues = os.fsencode(tmp_path / "genres_original" / "blues")
+    os.rename(write_tone(tmp_path / "tone.wav", 300.0, 6.0), blues + b"/caf\xe9.wav")  # Latin-1 é
+    open(blues + b"/not\xe9s.txt", "w").close()
+    assert data.decode(Path(os.fsdecode(blues + b"/caf\xe9.wav")), 22050).numel() == 6 * 22050
+    out = run_module("genre_ray.data", str(tmp_path), env={**os.environ, "PYTHONPATH": str(REPO),
+                                                           "PYTHONIOENCODING": "utf-8:strict"})
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "not\\udce9s.txt" in out.stdout and "skipped 0 file(s)" in out.stdout
