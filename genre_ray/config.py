@@ -357,15 +357,14 @@ def command(doc: Mapping[str, Any]) -> dict[str, Any]:
 def cache_dir() -> Path:
     """Where generated datasets and feature caches live ($GENRE_RAY_CACHE wins); UserError
     when it cannot be written (a file, a read-only folder), before anything is computed."""
-    return _writable_cache(os.environ.get("GENRE_RAY_CACHE") or CACHE_DIR)
+    return _writable_cache(Path(os.environ.get("GENRE_RAY_CACHE") or CACHE_DIR).expanduser().absolute())
 
 
 @functools.cache
-def _writable_cache(root: str) -> Path:
+def _writable_cache(root: Path) -> Path:
     from genre_ray.files import writable_folder
 
-    return writable_folder(Path(root), "the cache folder",
-                           "set GENRE_RAY_CACHE to a folder you can write to")
+    return writable_folder(root, "the cache folder", "set GENRE_RAY_CACHE to a folder you can write to")
 
 
 def _merged(base: dict[str, Any], over: Mapping[str, Any], source: str) -> dict[str, Any]:

@@ -121,6 +121,7 @@ def _prepared(cfg: Config, session: Session) -> tuple[runs.Storage, runs.Run, Co
     chosen = runs.choose(store, session.name, config.as_json(resolved(cfg, session.resume)),
                          session.resume)
     cfg = config.from_json(chosen.config)
+    config.cache_dir()  # UserError if the cache folder cannot be written
     if store.remote:
         runs.require_writable(store)
     else:

@@ -139,3 +139,48 @@ def test_the_battery_covers_every_argument_of_every_command():
     assert {name for name, _ in covered} == {c.name for c in COMMANDS}
     assert ("tune_main", "search.num_samples") in covered and ("predict", "audio") in covered
     assert len(cases()) >= 200
+
+
+# ---- every text file the project reads, in the encodings people have ------------------
+
+ENCODINGS = {"utf-8": 0, "utf-8-sig": 0, "utf-16": 0, "latin-1": 2}  # -> the exit expected
+TEXT_FILES = {  # a file a user writes -> (its name, its text, the flags that read it)
+    "search space": ("spaces/MLP.yaml", "# largeur (é)\nparams:\n  nodes: {choice: [32, 64]}\n"
+                     "first_point: {nodes: 64}\n", ["--search-spaces", "{dir}/spaces"]),
+    "--config": ("run.yaml", "# réglages\nsearch: {num_samples: 2}\n", ["--config", "{dir}/run.yaml"]),
+    ".env": (".env", "# clé de W&B\nOTHER=1\n", ["--wandb", "auto"]),
+}
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+@pytest.mark.parametrize("kind", TEXT_FILES)
+def test_every_text_file_reads_in_utf8_or_utf16_and_refuses_other_encodings(
+        kind, encoding, world, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GENRE_RAY_CACHE", str(world / "cache"))
+    monkeypatch.chdir(tmp_path)  # .env is read from where the command runs
+    name, text, flags = TEXT_FILES[kind]
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_bytes(text.encode(encoding))
+    argv = command_line(COMMANDS[0], argparse.Action([], "check"), "--check", world, tmp_path)
+    with pytest.raises(SystemExit) as end:
+        tune_main.main([*argv[1:], "--check", *(f.format(dir=tmp_path) for f in flags)])
+    err = capsys.readouterr().err
+    assert end.value.code == ENCODINGS[encoding], err[-2000:]
+    if ENCODINGS[encoding]:
+        assert re.fullmatch(rf"error: \S*{re.escape(name.split('/')[-1])} is not UTF-8 text \(byte \d+: "
+                            r"b'\\x\w\w'\); save it as UTF-8\n", err), err
+
+
+@pytest.mark.parametrize("value", [" ", "a-file", "a-file/below", "x" * 300])  # "": the default's
+@pytest.mark.parametrize("command", [COMMANDS[0], COMMANDS[3]], ids=["tune_main", "training"])
+def test_a_hostile_cache_folder_is_taken_or_refused_in_one_line(command, value, world, tmp_path,
+                                                                 monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # where a relative cache folder lands
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("GENRE_RAY_CACHE", value)
+    argv = [w for words in command.argv(world, tmp_path).values() for w in words]
+    with pytest.raises(SystemExit) as end:
+        command.main(argv)
+    err = capsys.readouterr().err
+    assert end.value.code == (0 if value == " " else 2), err[-2000:]
+    assert end.value.code == 0 or re.fullmatch(r"error: \S.*\n", err), err
