@@ -102,8 +102,9 @@ def run(cfg: Config, session: Session = Session()) -> RunSummary:
 
 def check(cfg: Config, session: Session = Session()) -> str:
     """What `run` checks before it starts Ray, and nothing else: which run, the flags and
-    files, the data and the memory the features need. A line saying what would run; UserError
-    for the first problem. Writes nothing."""
+    files, the data, the memory the features need, and that --address answers. A line
+    saying what would run; UserError for the first problem. Writes nothing."""
+    _require_reachable(session.address)  # first: a moment, where the data may take minutes
     store, chosen, cfg, checked = _prepared(cfg, session)
     pairs = len(cfg.run.models) * len(cfg.run.features)
     what = (f"continue run {chosen.name!r}" if chosen.resume else

@@ -62,6 +62,8 @@ def test_every_flag_has_help_and_its_default_at_most_once(capsys):
     (["--storage-path", ""], r"--storage-path is empty"),
     (["--wandb-project", " "], r"--wandb-project is empty"),
     (["--num-samples", "0"], r"--num-samples must be >= 1, got 0"),
+    (["--check", "--address", ""], r"cannot reach a Ray cluster at --address"),
+    (["--check", "--address", "127.0.0.1:1"], r"cannot reach a Ray cluster at --address 127\.0\.0\.1:1"),
     (["--reduction-factor", "1"], r"--reduction-factor must be >= 2, got 1"),
     (["--models", "CEL,NOPE"], r"unknown model 'NOPE'"),
     (["--features", "mfcc"], r"feature"),
