@@ -119,7 +119,8 @@ def command_line(command: Command, action: argparse.Action, value: str, world: P
 def test_a_hostile_value_is_taken_or_refused_in_one_line(command, action, value, world, tmp_path,
                                                          monkeypatch, capsys):
     monkeypatch.setenv("GENRE_RAY_CACHE", str(world / "cache"))
-    monkeypatch.chdir(tmp_path)  # where relative paths land
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # where relative paths land: ../escaped stays in tmp_path
     argv = command_line(command, action, value, world, tmp_path)
     before = snapshot(world / "data", world / "best", world / "runs")
     with pytest.raises(SystemExit) as end:
