@@ -57,10 +57,9 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def listed(tokens: list[str] | str) -> list[str]:
+def listed(tokens: list[str]) -> list[str]:
     """A list flag's values, given as separate words, commas, or both: CEL,MLP2 MLP."""
-    tokens = [tokens] if isinstance(tokens, str) else tokens
-    return [value for token in tokens for value in str(token).split(",") if value]
+    return [value for token in tokens for value in token.split(",") if value]
 
 
 def from_file(path: Path) -> dict[str, Any]:
@@ -89,7 +88,8 @@ def parse(argv: list[str] | None = None) -> tuple[config.Config, experiment.Sess
     pre.add_argument("--config", type=Path)
     known, _ = pre.parse_known_args(argv)
     file = from_file(known.config) if known.config else None
-    base = config.as_json(config.load(file, source=f"--config {known.config}"))
+    loaded = config.load(file, source=f"--config {known.config}")
+    base = config.as_json(loaded)
     for flag, field in config.FLAGS.items():
         section, key = field.split(".")
         text, options = HELP[flag]
@@ -112,7 +112,7 @@ def parse(argv: list[str] | None = None) -> tuple[config.Config, experiment.Sess
     values = {field: args[field] for field in config.FLAGS.values()}
     for field in ("run.models", "run.features"):
         values[field] = listed(values[field])
-    cfg = config.load(file, values, source=f"--config {known.config}")
+    cfg = config.replaced(loaded, values)
     return cfg, experiment.Session(args["name"], args["resume"], args["address"],
                                    args["shared_storage"], args["check"])
 

@@ -23,6 +23,8 @@ import pydantic
 import yaml
 from pydantic import Field, StringConstraints
 
+from genre_ray.errors import UserError
+
 DEFAULTS_FILE = Path(__file__).with_name("defaults.yaml")
 CACHE_DIR = "~/.cache/genre-ray"  # where datasets and feature caches live; $GENRE_RAY_CACHE wins
 
@@ -306,27 +308,24 @@ def changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
 def tuned(cfg: Config, hyper: Mapping[str, Any]) -> Config:
     """`cfg` with a trial's hyperparameters in place, each in the section that owns it
     (model or training), checked as `load` checks."""
-    from genre_ray.errors import UserError
-
     values = {}
     for key, value in hyper.items():
-        section = next((s for s in ("model", "training") if key in _keys(s)), None)
+        section = next((s for s in ("model", "training") if key in keys(s)), None)
         if section is None:
             raise UserError(f"unknown hyperparameter {key!r}; model and training keys: "
-                            f"{', '.join(sorted(_keys('model') | _keys('training')))}")
+                            f"{', '.join(sorted(keys('model') | keys('training')))}")
         values[f"{section}.{key}"] = value
     return replaced(cfg, values)
 
 
-def _keys(section: str) -> set[str]:
+def keys(section: str) -> set[str]:
+    """The keys of one section (config.Model's, config.Training's, ...)."""
     return {f.name for f in dataclasses.fields(_SECTIONS[section])}
 
 
 def checked(section: str, key: str, value: Any) -> Any:
     """`value` as `section.key` holds it (an int given for a float is a float), checked as
     `load` checks; UserError saying why it cannot be."""
-    from genre_ray.errors import UserError
-
     hints = typing.get_type_hints(_SECTIONS[section], include_extras=True)
     if key not in hints:
         raise UserError(f"{section}.{key}: unknown setting; {section} takes {', '.join(sorted(hints))}")
@@ -338,8 +337,6 @@ def checked(section: str, key: str, value: Any) -> Any:
 
 def problem(section: str, key: str, value: Any) -> str | None:
     """Why `section.key` cannot be `value` (`checked`'s message), or None."""
-    from genre_ray.errors import UserError
-
     try:
         checked(section, key, value)
     except UserError as err:
@@ -368,8 +365,6 @@ def _writable_cache(root: Path) -> Path:
 
 
 def _merged(base: dict[str, Any], over: Mapping[str, Any], source: str) -> dict[str, Any]:
-    from genre_ray.errors import UserError
-
     unknown = sorted(set(over) - set(base))
     if unknown:
         raise UserError(f"{source}: unknown section(s) {', '.join(unknown)}; sections: "
@@ -384,8 +379,6 @@ def _merged(base: dict[str, Any], over: Mapping[str, Any], source: str) -> dict[
 
 
 def _validated(doc: dict[str, Any]) -> Config:
-    from genre_ray.errors import UserError
-
     try:
         return _ADAPTER.validate_python(doc)
     except pydantic.ValidationError as err:

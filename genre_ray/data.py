@@ -530,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         from genre_ray.synthetic import embedded_dataset
 
         args.data_dir = embedded_dataset()
-    cfg = config.load(values={"split.kind": args.split, "run.seed": args.seed})
+    cfg = config.replaced(cfg, {"split.kind": args.split, "run.seed": args.seed})
     data = load_segments(args.data_dir, cfg.data, cfg.split, cfg.run.seed)
     print(f"{find_root(args.data_dir)}: {len(data.classes)} genres, split {args.split}, "
           f"{data.sample_rate} Hz segments of {data.splits['train'].waves.shape[1]} samples")

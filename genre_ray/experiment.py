@@ -91,9 +91,10 @@ def run(cfg: Config, session: Session = Session()) -> RunSummary:
                       "to start a new run instead")
             try:
                 summary = _run(cfg, checked, sets, slots, store, run_, start)
-            except Exception as err:  # not Ctrl-C (its record says interrupted): say why it ended
-                if not isinstance(err, Interrupted):
-                    runs.write_record(run_, "failed", f"{type(err).__name__}: {err}".splitlines()[0])
+            except Interrupted:  # Ctrl-C: its record says interrupted
+                raise
+            except Exception as err:  # say why it ended
+                runs.write_record(run_, "failed", f"{type(err).__name__}: {err}".splitlines()[0])
                 raise
         runs.write_record(run_, "finished")
         summary.copied_to = runs.publish(store, run_)
@@ -126,7 +127,7 @@ def _prepared(cfg: Config, session: Session) -> tuple[runs.Storage, runs.Run, Co
     if store.remote:
         runs.require_writable(store)
     else:
-        writable_folder(store.local, "--storage-path", "pass a folder you can write to as --storage-path")
+        writable_folder(store.local, "--storage-path")
     return store, chosen, cfg, _check(cfg)
 
 
@@ -151,8 +152,7 @@ def _check(cfg: Config) -> Checked:
     from genre_ray.tracking import resolve_mode
 
     spaces = {m: parse_space(m, cfg.spaces[m], Path(f"run.json spaces.{m}")) for m in cfg.run.models}
-    output_dir = writable_folder(Path(cfg.run.output_dir), "--output-dir",
-                                 "pass a folder you can write to as --output-dir")
+    output_dir = writable_folder(Path(cfg.run.output_dir), "--output-dir")
     mode = resolve_mode(cfg.tracking.wandb, Path(cfg.run.env_file))
     data_dir = Path(cfg.run.data_dir) if cfg.run.data_dir else _embedded()
     sizes = estimated_bytes(data_dir, list(cfg.run.features), cfg)

@@ -64,16 +64,29 @@ def _remove_stale(path: Path) -> None:
                 continue  # may be a writer between mkstemp and flock
             fd = os.open(tmp, os.O_RDONLY)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: held
-                tmp.unlink()
+                if try_lock(fd):  # no live writer holds it
+                    tmp.unlink()
             finally:
                 os.close(fd)
 
 
-def writable_folder(folder: Path, name: str, fix: str) -> Path:
+def try_lock(fd: int, tries: int = 1) -> bool:
+    """Take the flock of `fd`, trying `tries` times 50 ms apart; whether it was taken."""
+    for attempt in range(tries):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if attempt + 1 < tries:
+                time.sleep(0.05)
+    return False
+
+
+def writable_folder(folder: Path, name: str, fix: str | None = None) -> Path:
     """`folder`, absolute, once a temporary file could be made in it (or in the nearest
     folder above it that exists: it is created when first written); UserError naming it
-    as `name`, and `fix`, otherwise. Creates nothing."""
+    as `name`, and `fix` (default: pass a folder you can write to as `name`), otherwise.
+    Creates nothing."""
     folder = Path(folder).expanduser().resolve()
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     try:
@@ -81,6 +94,7 @@ def writable_folder(folder: Path, name: str, fix: str) -> Path:
             raise NotADirectoryError(0, f"{existing} is a file, not a folder")
         tempfile.TemporaryFile(dir=existing).close()
     except OSError as err:
+        fix = fix or f"pass a folder you can write to as {name}"
         raise UserError(f"cannot write to {name} {folder} ({err.strerror}); {fix}") from None
     return folder
 

@@ -7,9 +7,10 @@ defaults.yaml, the flags, the search spaces as read) with its hash, and whether 
 finished; and `.lock`, held by the process running it. So:
 
 - a run whose record is not `finished` and whose lock is free was interrupted (Ctrl-C,
-  SIGTERM, a killed driver) or `failed` (an error after it started, its `reason` kept): the same command continues it if the configuration is
-  still the same; if defaults.yaml, a search-space file or a --config file changed
-  since, it stops naming the change; `--resume` continues it as it was saved;
+  SIGTERM, a killed driver) or `failed` (an error after it started, its `reason` kept):
+  the same command continues it if the configuration is still the same; if
+  defaults.yaml, a search-space file or a --config file changed since, it stops naming
+  the change; `--resume` continues it as it was saved;
 - a finished run is not run again: its name says where its results are;
 - two processes never run one folder at once.
 
@@ -22,11 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import fcntl
 import hashlib
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -34,7 +33,7 @@ from typing import Any, Iterator
 from genre_ray import config
 from genre_ray.config import cache_dir
 from genre_ray.errors import UserError
-from genre_ray.files import atomic_path
+from genre_ray.files import atomic_path, try_lock
 
 RECORD, LOCK = "run.json", ".lock"
 # Bumped when what a run saves (Tune's pickled searcher and scheduler, its trials'
@@ -185,13 +184,11 @@ def _named(store: Storage, name: str, cfg: dict[str, Any], resume: bool) -> Run:
                             "from another machine (its record is in that machine's cache); "
                             "continue it from there, or pass another --name")
         return Run(name, run_dir, cfg, resume=False)
-    if record["status"] == "finished" and record.get("format") == FORMAT:
-        raise UserError(f"run {name!r} is finished: its leaderboard is {run_dir / 'leaderboard.md'} "
-                        f"and its models are in {record['config']['run']['output_dir']}; pass a "
-                        "new --name to start another run")
-    if record["status"] == "finished":
-        raise UserError(f"run {name!r} is finished: its leaderboard is {run_dir / 'leaderboard.md'}; "
-                        "pass a new --name to start another run")
+    if record["status"] == "finished":  # an older format's record has no config: no output_dir
+        models = (record.get("config") or {}).get("run", {}).get("output_dir")
+        raise UserError(f"run {name!r} is finished: its leaderboard is {run_dir / 'leaderboard.md'}"
+                        + (f" and its models are in {models}" if models else "")
+                        + "; pass a new --name to start another run")
     if record.get("format") != FORMAT:
         raise UserError(f"run {name!r} was saved by another version of genre-ray and cannot be "
                         "continued; pass a new --name to start another run")
@@ -251,7 +248,7 @@ def _lock(run_dir: Path) -> int:
     except OSError as err:
         raise UserError(f"cannot lock run {run_dir} ({err.strerror}); pass a --storage-path "
                         "you can write to") from None
-    if not _try_lock(fd, tries=10):  # another process's _busy may be peeking
+    if not try_lock(fd, tries=10):  # another process's _busy may be peeking
         pid = os.pread(fd, 32, 0).decode().strip() or "?"
         os.close(fd)
         raise _Busy(f"run {run_dir.name!r} ({run_dir}) is running in another process "
@@ -267,21 +264,9 @@ def _busy(run_dir: Path) -> bool:
         return False
     fd = os.open(run_dir / LOCK, os.O_RDONLY)
     try:
-        return not _try_lock(fd)
+        return not try_lock(fd)
     finally:
         os.close(fd)
-
-
-def _try_lock(fd: int, tries: int = 1) -> bool:
-    """Take the flock of `fd`, trying `tries` times 50 ms apart; whether it was taken."""
-    for attempt in range(tries):
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            if attempt + 1 < tries:
-                time.sleep(0.05)
-    return False
 
 
 def tune_state_exists(store: Storage, name: str) -> bool:

@@ -17,7 +17,6 @@ a SearchSpace into OptunaSearch's `space` and `points_to_evaluate`.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from genre_ray.files import read_text
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 # Training keys a search must not vary: they do not change the result.
 NOT_SEARCHABLE = frozenset({"eval_batch_size"})
-TRAINING_KEYS = frozenset(f.name for f in dataclasses.fields(config.Training))
+TRAINING_KEYS = frozenset(config.keys("training"))
 _SPACE_KEYS = ("params", "first_point")
 _TOP_LEVEL = (*_SPACE_KEYS, "extends")  # extends: another model's file, whose keys it takes
 
