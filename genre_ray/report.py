@@ -111,14 +111,22 @@ def table(results: list[PairResult]) -> str:
 def context(data_dir: Path, split: str, seed: int, sizes: dict[str, tuple[int, int]],
             hardware: str, wall_s: float) -> dict[str, str]:
     """The run's context beside the leaderboard. sizes: split -> (tracks, segments)."""
-    from importlib.metadata import version
-
     return {"dataset": str(data_dir),
             "size": ", ".join(f"{name} {t} tracks / {s} segments" for name, (t, s) in sizes.items()),
             "split": str(split), "seed": str(seed), "hardware": hardware,
-            "libraries": ", ".join(f"{lib} {version(lib)}" for lib in LIBRARIES)
+            "libraries": ", ".join(f"{lib} {_version(lib)}" for lib in LIBRARIES)
             + f", python {platform.python_version()}",
             "wall time": f"{wall_s:.0f} s"}
+
+
+def _version(library: str) -> str:
+    """Its installed version; a run with tracking off needs no wandb installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(library)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def write_leaderboard(run_dir: Path, results: list[PairResult], ctx: dict[str, str]) -> list[Path]:

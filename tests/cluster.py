@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-RAY = str(Path(sys.executable).parent / "ray")
+# Ray's CLI through this interpreter: its `ray` script need not sit beside it (a --target
+# install, a system Python with a user-site Ray).
+RAY = [sys.executable, "-m", "ray.scripts.scripts"]
 CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")  # what `ray start` leaves for ray.init()
 
 
@@ -74,7 +76,7 @@ def node_pids(node: subprocess.Popen) -> list[int]:
 def start_node(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
-        return subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args], env=env,
+        return subprocess.Popen([*RAY, "start", "--block", "--disable-usage-stats", *args], env=env,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -89,10 +91,13 @@ def wait_for_nodes(address: str, count: int, env: dict[str, str], timeout: float
     while time.time() < deadline:
         out = subprocess.run([sys.executable, "-c", probe, address, str(count),
                               str(deadline - time.time())], env=env, capture_output=True, text=True)
-        if out.returncode == 0 and out.stdout.strip() == str(count):
+        # The count is the last line: Ray may print before it (a fresh machine's first
+        # token, say).
+        if out.returncode == 0 and out.stdout.split()[-1:] == [str(count)]:
             return
         time.sleep(1)
-    raise TimeoutError(f"the cluster at {address} did not reach {count} nodes in {timeout} s")
+    raise TimeoutError(f"the cluster at {address} did not reach {count} nodes in {timeout} s; "
+                       f"the last probe exited {out.returncode}: {(out.stdout + out.stderr)[-600:]}")
 
 
 def free_port() -> int:
