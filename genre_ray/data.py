@@ -83,13 +83,14 @@ class SegmentSet:
     missing: list[str]  # track ids a listed split names that are not on disk
     padded: list[tuple[Path, str]] = field(default_factory=list)  # (file, note): < 1 segment
     not_genres: list[Path] = field(default_factory=list)  # folders without audio
+    absent: list[str] = field(default_factory=list)  # "<genre>: <split>, ..." it has no track in
 
     def notes(self) -> dict[str, list[str]]:
         """What loading left out or padded, as plain strings (a FeatureSet's `report`)."""
         return {"skipped": [f"{path}: {why}" for path, why in self.skipped],
                 "padded": [f"{path}: {note}" for path, note in self.padded],
                 "ignored": [str(path) for path in self.ignored], "missing": list(self.missing),
-                "not_genres": [str(path) for path in self.not_genres]}
+                "not_genres": [str(path) for path in self.not_genres], "absent": list(self.absent)}
 
 
 class Unusable(ValueError):
@@ -133,10 +134,18 @@ def scan(data_dir: Path) -> Scan:
 
 
 def decode(path: Path, sample_rate: int) -> torch.Tensor:
-    """Decode any file libsndfile reads into mono float32 at `sample_rate`: (samples,).
+    """Decode any file libsndfile reads into mono float32 at `sample_rate`: (samples,)."""
+    audio, rate = read(path)
+    wave = torch.from_numpy(audio).mean(dim=1)
+    return resampled(wave, rate, sample_rate) if rate != sample_rate else wave
 
-    Unusable when the file cannot be read, does not decode, or holds NaN or infinite
-    samples (a float file can; they would make every feature of its segments NaN)."""
+
+def read(path: Path) -> tuple[np.ndarray, int]:
+    """The whole file as libsndfile decodes it, (frames, channels) float32, and its rate.
+
+    Unusable when the file cannot be read, does not decode (a header can be fine and the
+    data behind it not), or holds NaN or infinite samples (a float file can; they would
+    make every feature of its segments NaN)."""
     try:  # through Python's open: a name that is not valid UTF-8 reaches libsndfile as bytes
         with open(path, "rb") as f:
             audio, rate = sf.read(f, dtype="float32", always_2d=True)
@@ -144,8 +153,7 @@ def decode(path: Path, sample_rate: int) -> torch.Tensor:
         raise Unusable(_read_problem(Path(path), err)) from None
     if not np.isfinite(audio).all():
         raise Unusable("holds NaN or infinite samples; re-export it as 16-bit PCM")
-    wave = torch.from_numpy(audio).mean(dim=1)
-    return resampled(wave, rate, sample_rate) if rate != sample_rate else wave
+    return audio, rate
 
 
 def resampled(wave: torch.Tensor, rate: int, sample_rate: int) -> torch.Tensor:
@@ -218,7 +226,7 @@ class Plan:
     split: str | Path
     cutter: _Cutter
     track_ids: dict[str, list[str]] = field(default_factory=lambda: {n: [] for n in SPLITS})
-    labels_seen: set[int] = field(default_factory=set)
+    labels_in: dict[str, set[int]] = field(default_factory=lambda: {n: set() for n in SPLITS})
 
     @property
     def classes(self) -> list[str]:
@@ -236,7 +244,7 @@ class Plan:
             if not len(waves):
                 continue
             label = self.classes.index(track.genre)
-            self.labels_seen.add(label)
+            self.labels_in[name].add(label)
             index = torch.full((len(waves),), len(self.track_ids[name]), dtype=torch.long)
             self.track_ids[name].append(track.track_id)
             pieces.append(Chunk(waves, torch.full_like(index, label), index))
@@ -254,13 +262,22 @@ class Plan:
         """UserError if a split or a genre has no usable track; else what was read, with
         every split's track ids and notes (its `splits` hold no segments)."""
         _require_tracks(self.track_ids, "usable ")
-        _require_every_genre(self.labels_seen, self.classes, self.cutter.skipped)
+        _require_every_genre(set().union(*self.labels_in.values()), self.classes, self.cutter.skipped)
         empty = torch.zeros(0, dtype=torch.long)
         splits = {n: Split(torch.zeros(0, self.cutter.length), empty, empty, self.track_ids[n])
                   for n in SPLITS}
         return SegmentSet(self.classes, splits, self.sample_rate, self.cutter.skipped,
                           self.found.ignored, missing_tracks(self.found.tracks, self.split),
-                          self.cutter.padded, self.found.not_genres)
+                          self.cutter.padded, self.found.not_genres, self._absent())
+
+    def _absent(self) -> list[str]:
+        """"<genre>: <split>, ..." for each genre missing from a split (too few usable tracks
+        for a random split to deal it to all three, or a split file that lists none)."""
+        out = []
+        for label, genre in enumerate(self.classes):
+            missing = [name for name in SPLITS if label not in self.labels_in[name]]
+            out += [f"{genre}: {', '.join(missing)}"] if missing else []
+        return out
 
 
 @dataclass
@@ -276,18 +293,20 @@ class Chunk:
         return Chunk(*(torch.cat([getattr(c, k) for c in chunks]) for k in ("waves", "labels", "track")))
 
 
-def plan(data_dir: Path, params: config.Data, split: config.Split, seed: int) -> Plan:
+def plan(data_dir: Path, params: config.Data, split: config.Split, seed: int, *,
+         estimate: bool = False) -> Plan:
     """Scan `data_dir` and split its tracks as `split` says (random splits drawn with
-    `seed`); decodes only what its header shows unusable. A random split deals out the
-    tracks whose headers promise a segment: a file that cannot give one (an unreadable
-    header, a clip too short) is skipped and reported, never dealt to a split it would
-    leave without that genre."""
+    `seed`). A random split deals out only the tracks that decode to a segment: a file
+    that cannot give one (it does not decode, holds NaN, is too short) is skipped and
+    reported, never dealt to a split it would leave without that genre. That decodes
+    every file once more; `estimate` (the memory preflight's) reads headers only, so a
+    file whose header is fine and data is not may be dealt."""
     found = scan(data_dir)
     rate = params.sample_rate
     cutter = _Cutter(rate, round(params.segment_seconds * rate), round(params.min_tail_seconds * rate))
     tracks = found.tracks
     if split.kind == "random":
-        tracks = [t for t in tracks if cutter.expected(t.path) or len(cutter.cut(t.path))]
+        tracks = [t for t in tracks if (cutter.expected(t.path) > 0 if estimate else cutter.usable(t.path))]
     assigned = split_tracks(tracks, split.kind, seed=seed, fractions=split.fractions)
     return Plan(found, assigned, split.kind, cutter)
 
@@ -449,14 +468,30 @@ class _Cutter:
             wave = decode(path, self.rate)
         except Unusable as err:
             return self._skip(path, str(err))
-        duration = f"{wave.numel() / self.rate:.1f} s"
-        segment_s, min_s = self.length / self.rate, self.min_tail / self.rate
-        if wave.numel() < self.min_tail:
-            return self._skip(path, f"{duration}, shorter than {min_s:g} s: too short to pad "
-                                    f"to a {segment_s:g} s segment")
+        if not self._long_enough(path, wave.numel()):
+            return torch.zeros(0, self.length)
         if wave.numel() < self.length:
-            self.padded.append((path, f"{duration}, zero-padded to one {segment_s:g} s segment"))
+            self.padded.append((path, f"{wave.numel() / self.rate:.1f} s, zero-padded to one "
+                                      f"{self.length / self.rate:g} s segment"))
         return segment(wave, self.length, self.min_tail)
+
+    def usable(self, path: Path) -> bool:
+        """Whether `cut` will give `path` a segment: the whole file decoded (not resampled);
+        a file that will not is skipped with its reason, as `cut` would."""
+        try:
+            audio, rate = read(path)
+        except Unusable as err:
+            self._skip(path, str(err))
+            return False
+        return self._long_enough(path, math.ceil(len(audio) * self.rate / rate))
+
+    def _long_enough(self, path: Path, samples: int) -> bool:
+        """Whether `samples` (at `rate`) make a segment; if not, the file is skipped."""
+        if samples >= self.min_tail:
+            return True
+        self._skip(path, f"{samples / self.rate:.1f} s, shorter than {self.min_tail / self.rate:g} s: "
+                         f"too short to pad to a {self.length / self.rate:g} s segment")
+        return False
 
     def expected(self, path: Path) -> int:
         """Segments `cut` will give `path`, from its header; 0 if the header is unreadable."""
@@ -509,6 +544,11 @@ def describe_notes(notes: dict[str, list[str]]) -> list[str]:
                      f"{_some(folders)}")
     if missing:
         lines.append(f"{len(missing)} listed track(s) not on disk: {_some(missing)}")
+    for line in notes.get("absent", []):
+        genre, _, splits = line.rpartition(": ")
+        lines.append(f"warning: genre {genre!r} has no usable track in {splits}, whose accuracy "
+                     "leaves it out; add tracks (a random split deals 3 or more to every split) "
+                     "or list one there in a --split file")
     return lines
 
 

@@ -260,6 +260,67 @@ def test_a_broken_file_is_never_dealt_to_a_split_it_would_leave_without_its_genr
         assert [path for path, _ in plan.cutter.skipped] == [broken]
 
 
+def _corrupt_flac(path: Path) -> Path:
+    """A FLAC whose header reads (frames, rate) and whose frames do not decode."""
+    sf.write(path, 0.5 * np.sin(np.arange(6 * 22050) * 2 * np.pi * 300 / 22050), 22050, format="FLAC")
+    raw = bytearray(path.read_bytes())
+    raw[200:] = bytes((b * 31 + 7) & 255 for b in raw[200:])
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def _nan_wav(path: Path) -> Path:
+    """A float WAV whose header is fine and whose samples are NaN."""
+    sf.write(path, np.full(6 * 22050, np.nan, dtype=np.float32), 22050, subtype="FLOAT")
+    return path
+
+
+def test_files_whose_header_reads_but_data_does_not_never_count_toward_a_split(tmp_path):
+    """Issue 15: 5 good tracks and a broken one in a genre; the broken one was dealt to the
+    test split, leaving that genre without a test track, silently."""
+    make_tree(tmp_path, tracks=5, seconds=6.0)
+    corrupt = _corrupt_flac(tmp_path / "genres_original" / "blues" / "blues.00005.flac")
+    nan = _nan_wav(tmp_path / "genres_original" / "jazz" / "jazz.00005.wav")
+    assert sf.info(corrupt).frames == 6 * 22050 and sf.info(nan).frames == 6 * 22050
+    for seed in range(6):
+        segs = _load(tmp_path, seed)
+        for name, part in segs.splits.items():
+            assert {segs.classes[i] for i in part.labels.tolist()} == set(GENRES), (seed, name)
+        assert {path for path, _ in segs.skipped} == {corrupt, nan}
+        assert sum(len(p.track_ids) for p in segs.splits.values()) == 5 * len(GENRES)
+        assert segs.absent == []
+
+
+def test_a_genre_too_small_for_every_split_gets_a_warning(tmp_path):
+    make_tree(tmp_path, tracks=4, seconds=6.0)
+    jazz = tmp_path / "genres_original" / "jazz"
+    for i in range(2, 4):  # jazz: 2 usable tracks of 4
+        _corrupt_flac(jazz / f"jazz.{i:05d}.flac")
+        (jazz / f"jazz.{i:05d}.wav").unlink()
+    segs = _load(tmp_path)
+    [line] = segs.absent
+    assert line.startswith("jazz: ")
+    held_out = [n for n in data.SPLITS if n != "train" and n in line]
+    assert held_out and all(segs.classes.index("jazz") not in segs.splits[n].labels.tolist()
+                            for n in held_out)
+    warning = [ln for ln in data.report(segs).splitlines() if ln.startswith("warning:")]
+    assert warning == [f"warning: genre 'jazz' has no usable track in {line[6:]}, whose accuracy "
+                       "leaves it out; add tracks (a random split deals 3 or more to every split) "
+                       "or list one there in a --split file"]
+
+
+def test_a_split_file_that_leaves_a_genre_out_of_a_split_gets_a_warning(tmp_path):
+    make_tree(tmp_path, tracks=3, seconds=6.0)
+    ids = {g: [f"{g}.{i:05d}" for i in range(3)] for g in GENRES}
+    lists = {"train": [t for g in GENRES for t in ids[g][:2]], "val": [ids[g][2] for g in GENRES[1:]],
+             "test": [ids[GENRES[0]][2]]}
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps(lists))
+    cfg = config.load(values={"split.kind": str(path)})
+    segs = data.load_segments(tmp_path, cfg.data, cfg.split, 0)
+    assert segs.absent == [f"{GENRES[0]}: val"] + [f"{g}: test" for g in GENRES[1:]]
+
+
 def test_audio_in_a_genres_sub_folders_is_used_and_a_repeated_name_is_refused(tmp_path):
     make_tree(tmp_path, tracks=3, seconds=6.0)
     blues = tmp_path / "genres_original" / "blues"
