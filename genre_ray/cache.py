@@ -14,6 +14,7 @@ its caller rebuilds it.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+
+from genre_ray.files import remove_stale
 
 FORMAT = 1  # bump when the layout above changes
 READ_BYTES = 16 << 20  # checksum reads: bounded, and large enough to stream at disk speed
@@ -70,8 +73,11 @@ class Writer:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(self.path)  # what a writer killed mid-build left: gigabytes, at GTZAN size
         self.tmp = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.",
                                          suffix=".tmp"))
+        self.lock = os.open(self.tmp, os.O_RDONLY)  # held while this writer lives
+        fcntl.flock(self.lock, fcntl.LOCK_EX)
         self.growing: dict[str, _Array] = {}
         self.crcs: dict[str, int] = {}  # finished arrays
 
@@ -121,11 +127,14 @@ class Writer:
             if not (self.path / "meta.json").exists():
                 raise
             self.abort()
+            return
+        os.close(self.lock)
 
     def abort(self) -> None:
         for array in self.growing.values():
             array.file.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
+        os.close(self.lock)
 
 
 def read(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:

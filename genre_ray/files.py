@@ -7,6 +7,7 @@ import contextlib
 import fcntl
 import glob
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -41,7 +42,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(path)
+    remove_stale(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     fcntl.flock(fd, fcntl.LOCK_EX)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
@@ -56,16 +57,17 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.close(fd)
 
 
-def _remove_stale(path: Path) -> None:
-    """Remove the temporary files of `path` that no live writer holds (atomic_path's)."""
+def remove_stale(path: Path) -> None:
+    """Remove the temporary files and folders of `path` (`.<name>.*.tmp`: atomic_path's,
+    cache.Writer's) that no live writer holds: each writer flocks its file or folder."""
     for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         with contextlib.suppress(OSError):  # gone meanwhile, or not ours to remove
             if time.time() - tmp.stat().st_mtime < STALE_S:
-                continue  # may be a writer between mkstemp and flock
+                continue  # may be a writer between making it and locking it
             fd = os.open(tmp, os.O_RDONLY)
             try:
                 if try_lock(fd):  # no live writer holds it
-                    tmp.unlink()
+                    shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
             finally:
                 os.close(fd)
 

@@ -68,15 +68,26 @@ def resolve_mode(requested: str, env_file: Path) -> str | None:
 
 def _online_or_offline() -> str:
     """online if the W&B server ($WANDB_BASE_URL, else api.wandb.ai) accepts a connection."""
-    url = urllib.parse.urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    base = os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
     try:
-        port = url.port or (443 if url.scheme == "https" else 80)
-        socket.create_connection((url.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
-    except (OSError, ValueError) as err:
-        print(f"W&B: cannot reach {url.geturl()} ({err}); logging offline instead: "
+        socket.create_connection(_host_and_port(base), timeout=CONNECT_TIMEOUT_S).close()
+    except (OSError, UnicodeError) as err:  # UnicodeError: a host name IDNA cannot encode
+        print(f"W&B: cannot reach {base} ({err}); logging offline instead: "
               "`wandb sync` uploads the runs later", flush=True)
         return "offline"
     return "online"
+
+
+def _host_and_port(base: str) -> tuple[str, int]:
+    """The server a W&B base URL names; UserError if it names none."""
+    try:
+        url = urllib.parse.urlsplit(base)
+        if url.scheme in ("http", "https") and url.hostname:
+            return url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    except ValueError:  # an unclosed IPv6 bracket, a port that is no number or out of range
+        pass
+    raise UserError(f"WANDB_BASE_URL {base!r} is not the http(s) URL of a server; set it to "
+                    "your W&B server's (e.g. https://wandb.example.com), or unset it for api.wandb.ai")
 
 
 def read_env_file(path: Path) -> dict[str, str]:

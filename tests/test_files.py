@@ -6,9 +6,12 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 
+from genre_ray.cache import Writer
 from genre_ray.errors import UserError
 from genre_ray.files import STALE_S, atomic_path, read_text
 from genre_ray.search_space import load_space
@@ -42,6 +45,40 @@ def test_the_next_write_removes_what_a_killed_writer_left_and_keeps_live_ones(tm
     finally:
         holder.kill()
         holder.wait()
+
+
+BUILDER = """import os, sys, time, numpy as np
+from genre_ray.cache import Writer
+writer = Writer(sys.argv[1])
+writer.append("x", np.ones((1000, 100), dtype=np.float32))
+print(writer.tmp.name, flush=True)
+time.sleep(60) if sys.argv[2] == "live" else os._exit(9)  # os._exit: as SIGKILL, no cleanup
+"""
+
+
+def test_the_next_cache_build_removes_what_a_killed_build_left_and_keeps_a_live_one(tmp_path):
+    entry = tmp_path / "features" / "spectrogram-abc"
+
+    def builder(how: str) -> tuple[subprocess.Popen, Path]:
+        proc = subprocess.Popen([sys.executable, "-c", BUILDER, str(entry), how], stdout=subprocess.PIPE, text=True)
+        folder = entry.parent / proc.stdout.readline().strip()
+        stamp = time.time() - 2 * STALE_S  # both as old as a long build
+        os.utime(folder, (stamp, stamp))
+        return proc, folder
+
+    killed, killed_folder = builder("killed")
+    assert killed.wait() == 9 and (killed_folder / "x.npy").is_file()  # what a killed build leaves
+    live, live_folder = builder("live")
+    try:
+        other = leftover(entry.parent, "waveform-abc", 2 * STALE_S, "old")
+        with Writer(entry) as writer:
+            writer.put("x", np.zeros(3))
+            writer.commit({})
+        assert not killed_folder.exists() and live_folder.is_dir() and other.exists()
+        assert sorted(p.name for p in entry.iterdir()) == ["meta.json", "x.npy"]
+    finally:
+        live.kill()
+        live.wait()
 
 
 @pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16"])

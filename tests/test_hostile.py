@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -150,6 +152,12 @@ TEXT_FILES = {  # a file a user writes -> (its name, its text, the flags that re
                      "first_point: {nodes: 64}\n", ["--search-spaces", "{dir}/spaces"]),
     "--config": ("run.yaml", "# réglages\nsearch: {num_samples: 2}\n", ["--config", "{dir}/run.yaml"]),
     ".env": (".env", "# clé de W&B\nOTHER=1\n", ["--wandb", "auto"]),
+    "split file": ("split.json", json.dumps({"train": ["blues.00000", "classical.00000", "jazz.00000",
+                                                       "jazz.déjà"],
+                                             "val": ["blues.00001", "classical.00001", "jazz.00001"],
+                                             "test": ["blues.00002", "classical.00002", "jazz.00002"]},
+                                            ensure_ascii=False),
+                   ["--split", "{dir}/split.json", "--data-dir", "{dir}/data"]),
 }
 
 
@@ -160,6 +168,8 @@ def test_every_text_file_reads_in_utf8_or_utf16_and_refuses_other_encodings(
     monkeypatch.setenv("GENRE_RAY_CACHE", str(world / "cache"))
     monkeypatch.chdir(tmp_path)  # .env is read from where the command runs
     name, text, flags = TEXT_FILES[kind]
+    shutil.copytree(world / "data", tmp_path / "data")  # with a track a split file names in UTF-8
+    write_tone(tmp_path / "data" / "genres_original" / "jazz" / "jazz.déjà.wav", 600.0, 6.0)
     (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / name).write_bytes(text.encode(encoding))
     argv = command_line(COMMANDS[0], argparse.Action([], "check"), "--check", world, tmp_path)
@@ -172,16 +182,38 @@ def test_every_text_file_reads_in_utf8_or_utf16_and_refuses_other_encodings(
                             r"b'\\x\w\w'\); save it as UTF-8\n", err), err
 
 
-@pytest.mark.parametrize("value", [" ", "a-file", "a-file/below", "x" * 300])  # "": the default's
-@pytest.mark.parametrize("command", [COMMANDS[0], COMMANDS[3]], ids=["tune_main", "training"])
-def test_a_hostile_cache_folder_is_taken_or_refused_in_one_line(command, value, world, tmp_path,
-                                                                 monkeypatch, capsys):
+# ---- every environment variable the project reads ----------------------------------------
+
+CLOSED = "http://127.0.0.1:1"  # a W&B server that refuses at once: no case waits on a network
+ENVIRONMENT = {  # variable -> (the commands that read it, its hostile values -> the exit expected)
+    "GENRE_RAY_CACHE": (["tune_main", "training"],  # "": the default's
+                        {" ": 0, "a-file": 2, "a-file/below": 2, "x" * 300: 2}),
+    "WANDB_API_KEY": (["tune_main"], {"": 0, " ": 0, "x" * 300: 0, "clé\x7f": 0}),  # offline: CLOSED
+    "WANDB_BASE_URL": (["tune_main"], {" ": 2, "not a url": 2, "http://[::1": 2, "http://h:99999": 2,
+                                       "ftp://h": 2, CLOSED: 0, "http://" + "x" * 300: 0}),
+}
+
+
+def environment_cases() -> list:
+    return [pytest.param(command, var, value, exit, id=f"{command.name} {var}={value[:12]!r}")
+            for var, (names, values) in ENVIRONMENT.items() for value, exit in values.items()
+            for command in COMMANDS if command.name in names]
+
+
+@pytest.mark.parametrize("command,var,value,exit", environment_cases())
+def test_a_hostile_environment_variable_is_taken_or_refused_in_one_line(
+        command, var, value, exit, world, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # where a relative cache folder lands
     (tmp_path / "a-file").write_text("")
-    monkeypatch.setenv("GENRE_RAY_CACHE", value)
+    monkeypatch.setenv("GENRE_RAY_CACHE", str(world / "cache"))
+    monkeypatch.setenv("WANDB_API_KEY", "k")  # --wandb auto goes online, to WANDB_BASE_URL
+    monkeypatch.setenv("WANDB_BASE_URL", CLOSED)
+    monkeypatch.setenv(var, value)
     argv = [w for words in command.argv(world, tmp_path).values() for w in words]
+    if command.name == "tune_main":
+        argv += ["--wandb", "auto"]
     with pytest.raises(SystemExit) as end:
         command.main(argv)
     err = capsys.readouterr().err
-    assert end.value.code == (0 if value == " " else 2), err[-2000:]
-    assert end.value.code == 0 or re.fullmatch(r"error: \S.*\n", err), err
+    assert end.value.code == exit, err[-2000:]
+    assert exit == 0 or re.fullmatch(r"error: \S.*\n", err), err

@@ -81,6 +81,15 @@ def test_a_server_that_does_not_answer_means_offline_said_in_one_line(monkeypatc
                         r"`wandb sync` uploads the runs later\n", out), out
 
 
+@pytest.mark.parametrize("url", [" ", "not a url", "http://[::1", "http://h:99999", "ftp://h"])
+def test_a_base_url_that_names_no_server_is_one_error(monkeypatch, tmp_path, url):
+    monkeypatch.setenv(KEY, "abc123")
+    monkeypatch.setenv("WANDB_BASE_URL", url)
+    with pytest.raises(UserError, match=rf"^WANDB_BASE_URL {re.escape(repr(url))} is not the http\(s\) "
+                                        r"URL of a server; set it .*or unset it for api\.wandb\.ai$"):
+        resolve_mode("auto", tmp_path / ".env")
+
+
 def test_an_env_file_in_utf16_or_with_a_bom_is_read_and_latin1_is_refused(no_key, server, tmp_path):
     env = tmp_path / ".env"
     for encoding in ("utf-16", "utf-8-sig"):  # PowerShell's `echo > .env`; Notepad's UTF-8
