@@ -73,7 +73,7 @@ class Writer:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale(self.path)  # what a writer killed mid-build left: gigabytes, at GTZAN size
+        remove_stale(self.path, anything=True)  # what builds killed mid-write left: GBs at GTZAN size
         self.tmp = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.",
                                          suffix=".tmp"))
         self.lock = os.open(self.tmp, os.O_RDONLY)  # held while this writer lives

@@ -57,10 +57,11 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.close(fd)
 
 
-def remove_stale(path: Path) -> None:
+def remove_stale(path: Path, anything: bool = False) -> None:
     """Remove the temporary files and folders of `path` (`.<name>.*.tmp`: atomic_path's,
-    cache.Writer's) that no live writer holds: each writer flocks its file or folder."""
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+    cache.Writer's), or of anything in its folder, that no live writer holds: each writer
+    flocks its file or folder."""
+    for tmp in path.parent.glob(".*.tmp" if anything else f".{glob.escape(path.name)}.*.tmp"):
         with contextlib.suppress(OSError):  # gone meanwhile, or not ours to remove
             if time.time() - tmp.stat().st_mtime < STALE_S:
                 continue  # may be a writer between making it and locking it

@@ -56,7 +56,7 @@ time.sleep(60) if sys.argv[2] == "live" else os._exit(9)  # os._exit: as SIGKILL
 """
 
 
-def test_the_next_cache_build_removes_what_a_killed_build_left_and_keeps_a_live_one(tmp_path):
+def test_the_next_cache_build_removes_what_killed_builds_left_and_keeps_a_live_one(tmp_path):
     entry = tmp_path / "features" / "spectrogram-abc"
 
     def builder(how: str) -> tuple[subprocess.Popen, Path]:
@@ -74,7 +74,7 @@ def test_the_next_cache_build_removes_what_a_killed_build_left_and_keeps_a_live_
         with Writer(entry) as writer:
             writer.put("x", np.zeros(3))
             writer.commit({})
-        assert not killed_folder.exists() and live_folder.is_dir() and other.exists()
+        assert not killed_folder.exists() and not other.exists() and live_folder.is_dir()
         assert sorted(p.name for p in entry.iterdir()) == ["meta.json", "x.npy"]
     finally:
         live.kill()
