@@ -60,6 +60,7 @@ def test_every_flag_has_help_and_its_default_at_most_once(capsys):
     (["--name", "../escaped"], r"--name '\.\./escaped' is not a folder name"),
     (["--name", ""], r"--name '' is not a folder name"),
     (["--storage-path", ""], r"--storage-path is empty"),
+    (["--output-dir", ""], r"--output-dir is empty"),
     (["--wandb-project", " "], r"--wandb-project is empty"),
     (["--num-samples", "0"], r"--num-samples must be >= 1, got 0"),
     (["--check", "--address", ""], r"cannot reach a Ray cluster at --address"),

@@ -2,6 +2,7 @@
 compares, and a trial's configuration as the run's plus its hyperparameters."""
 from __future__ import annotations
 
+import os
 import re
 import typing
 from pathlib import Path
@@ -91,3 +92,12 @@ def test_a_cache_folder_that_cannot_be_written_is_one_error_before_anything_is_c
         config.cache_dir()
     monkeypatch.setenv("GENRE_RAY_CACHE", str(tmp_path / "new"))
     assert config.cache_dir() == tmp_path / "new" and not (tmp_path / "new").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes whatever the mode")
+def test_a_read_only_cache_folder_is_one_error(tmp_path, monkeypatch):
+    (tmp_path / "cache").mkdir(mode=0o555)
+    monkeypatch.setenv("GENRE_RAY_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(UserError, match=r"cannot write to the cache folder \S+cache \(Permission denied\); "
+                                        r"set GENRE_RAY_CACHE to a folder"):
+        config.cache_dir()

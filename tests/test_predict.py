@@ -10,6 +10,8 @@ import json
 import os
 import pickle
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -206,3 +208,24 @@ def test_missing_and_non_audio_files_are_named(trained, tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("not audio\n")
     _refused(predict(text, "--model", trained["model"]), str(text), "does not decode")
+    _refused(predict(tmp_path, "--model", trained["model"]), str(tmp_path), "is a folder")
+
+
+CAPPED = """
+import resource, sys
+cap = 1 << 30  # bytes of data memory: resampling 44,101 Hz by the reduced ratio took 3.9 GB
+resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
+from genre_ray import predict
+predict.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow  # a subprocess under a memory cap
+def test_an_odd_sample_rate_is_classified_in_bounded_memory(trained, tmp_path):
+    odd = write_tone(tmp_path / "odd.wav", 220.0 * (GENRES.index("classical") + 1), 6.0, rate=44101)
+    out = subprocess.run([sys.executable, "-c", CAPPED, str(odd), "--model", str(trained["model"]), "--json"],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    [answer] = json.loads(out.stdout)
+    assert answer["top"][0]["genre"] == "classical"
+
