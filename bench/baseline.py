@@ -1,6 +1,6 @@
 """The embedded dataset's difficulty: logistic regression on log-mel statistics vs the CNN.
 
-    python -m bench.baseline [--epochs 20] [--data-dir D] [--model CEL]
+    python -m bench.baseline [--epochs 20] [--data-dir D [--split D/split.json]] [--model CEL]
 
 Baseline: scikit-learn's LogisticRegression on each segment's log-mel mean and std
 over time per mel band (2 x n_mels numbers), standardised. CNN: the CEL family on the
@@ -80,10 +80,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--data-dir", type=Path)
     parser.add_argument("--model", default="CEL")
+    parser.add_argument("--split", default="random", help="random, or a JSON split file")
     args = parser.parse_args()
     data_dir = args.data_dir or embedded_dataset()
     print(context())
-    cfg = config.load()
+    cfg = config.load(values={"split.kind": args.split})
     fs = build_features(data_dir, "spectrogram", cfg)
     sizes = {n: f"{len(s.track_ids)} tracks/{len(s.x)} segments" for n, s in fs.splits.items()}
     print(f"{data_dir}: {sizes}")

@@ -1,4 +1,5 @@
-"""The report's figures: confusion matrix, learning curves, pair comparison, search view.
+"""The report's figures: confusion matrix, learning curves, pair comparison, search view,
+hyperparameter importance.
 
 Each function takes plain Python data, draws one `matplotlib.figure.Figure` (no pyplot,
 so no global state and no GUI backend) and writes one PNG atomically, returning its
@@ -130,6 +131,32 @@ def pair_comparison(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.grid(axis="x", alpha=0.3)
     ax.set_title("Validation vs held-out test accuracy")
     fig.legend(loc="outside lower center", ncols=k, fontsize=9)
+    return _save(fig, path)
+
+
+def importance(rows: list[dict[str, Any]], path: Path) -> Path:
+    """One panel per pair of its hyperparameters' importances (bars), titled with the seed
+    point's val loss beside the winner's PNG; rows: {pair, importance: {name: value},
+    seed_val_loss, val_loss, winner}. A pair without importances says so."""
+    if not rows:
+        raise ValueError("importance needs at least one pair")
+    cols = min(3, len(rows))
+    grid = (math.ceil(len(rows) / cols), cols)
+    fig = Figure(figsize=(4.2 * cols, 2.8 * grid[0]), layout="constrained")
+    for i, row in enumerate(rows):
+        ax = fig.add_subplot(*grid, i + 1)
+        names = list(row["importance"])[::-1]  # most important on top
+        ax.barh(names, [row["importance"][n] for n in names], color="tab:blue")
+        if not names:
+            ax.text(0.5, 0.5, "under 3 trials scored", ha="center", va="center", color="0.4",
+                    style="italic", transform=ax.transAxes)
+            ax.set_yticks([])
+        ax.set_xlim(0, 1)
+        seed, best = (_number(row.get(k)) for k in ("seed_val_loss", "val_loss"))
+        ax.set_title(f"{row['pair']}: seed {seed:.3f}, best {best:.3f} ({row.get('winner') or '-'})"
+                     .replace("nan", "-"), fontsize=9)
+        ax.tick_params(labelsize=8)
+    fig.supxlabel("importance to validation loss (Optuna PED-ANOVA)", fontsize=9)
     return _save(fig, path)
 
 

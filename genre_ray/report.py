@@ -6,8 +6,10 @@ of its segments' mean probability), macro F1 and the confusion matrix. The leade
 ranks the pairs by test track accuracy; `<run>/leaderboard.md` holds it with the run's
 context, `<run>/leaderboard.csv` the same rows, and `tune_main.py` prints it. Plots land
 in `<run>/plots/`: per pair its test confusion matrix and its best trial's learning
-curves; for the run, validation vs test accuracy of every pair, and every trial's
-validation loss by epoch (ASHA-stopped trials visible).
+curves; for the run, validation vs test accuracy of every pair, every trial's
+validation loss by epoch (ASHA-stopped trials visible), and each pair's hyperparameter
+importances beside its seed point's score. The leaderboard says too whether the seed point
+(the search space's first_point) or a searched configuration won each pair.
 """
 from __future__ import annotations
 
@@ -30,8 +32,8 @@ from genre_ray.files import atomic_path
 from genre_ray.training import evaluate, track_accuracy
 
 COLUMNS = ["pair", "test_track_acc", "test_acc", "test_macro_f1", "val_acc", "val_loss",
-           "params", "epochs", "finished", "pruned", "failed", "cpu_s", "gpu_s", "trial_id",
-           "config"]
+           "seed_val_loss", "winner", "params", "epochs", "finished", "pruned", "failed",
+           "cpu_s", "gpu_s", "trial_id", "config", "importance"]
 LIBRARIES = ("torch", "torchaudio", "ray", "optuna", "wandb")
 
 
@@ -68,17 +70,22 @@ class PairResult:
     trial_id: str = ""
     epochs: int = 0
     history: list[dict[str, float]] = field(default_factory=list)  # best trial, per epoch
+    seed_val_loss: float = math.nan  # the seed point's (the search space's first_point) best
+    winner: str = ""  # "seed point" when it is the exported trial, else "searched"
+    importance: dict[str, float] = field(default_factory=dict)  # hyperparameter -> importance
 
     def row(self) -> dict[str, Any]:
         test = self.test.summary() if self.test else {}
         return {"pair": self.pair, "test_track_acc": test.get("track_accuracy", math.nan),
                 "test_acc": test.get("accuracy", math.nan),
                 "test_macro_f1": test.get("macro_f1", math.nan), "val_acc": self.val_acc,
-                "val_loss": self.val_loss, "params": self.params, "epochs": self.epochs,
+                "val_loss": self.val_loss, "seed_val_loss": self.seed_val_loss,
+                "winner": self.winner, "params": self.params, "epochs": self.epochs,
                 "finished": self.finished, "pruned": self.pruned, "failed": self.failed,
                 "cpu_s": round(self.cpu_s),
                 "gpu_s": round(self.gpu_s), "trial_id": self.trial_id,
-                "config": json.dumps(self.config, sort_keys=True)}
+                "config": json.dumps(self.config, sort_keys=True),
+                "importance": json.dumps(self.importance)}
 
 
 def test_scores(model: nn.Module, split: FeatureSplit, n_classes: int) -> TestScores:
@@ -163,6 +170,9 @@ def write_plots(run_dir: Path, results: list[PairResult], classes: list[str],
                    "test_track_acc": r.test.track_accuracy if r.test else math.nan}
                   for r in ranked(results)]
     paths.append(plots.pair_comparison(comparison, folder / "comparison.png"))
+    paths.append(plots.importance([{"pair": r.pair, "importance": r.importance, "val_loss": r.val_loss,
+                                    "seed_val_loss": r.seed_val_loss, "winner": r.winner}
+                                   for r in results], folder / "importance.png"))
     if trials:  # none when every trial failed before its first epoch
         paths.append(plots.search_view(trials, folder / "search.png", max_epochs))
     return paths

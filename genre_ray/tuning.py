@@ -256,6 +256,22 @@ def optuna_storage(run_dir: Path) -> optuna.storages.BaseStorage:
     return optuna.storages.JournalStorage(JournalFileBackend(str(run_dir / JOURNAL)))
 
 
+def importances(storage: optuna.storages.BaseStorage, study_name: str) -> dict[str, float]:
+    """Each hyperparameter's importance to the pair's validation loss (Optuna's default
+    evaluator, PED-ANOVA) over every trial that reported one, ASHA-stopped trials by the
+    best loss they reached (with ASHA few trials complete); {} under 3 such trials."""
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    scored = optuna.create_study(direction=MODE + "imize")
+    for trial in study.get_trials(deepcopy=False):
+        losses = [v for v in trial.intermediate_values.values() if math.isfinite(v)]
+        if losses and trial.distributions:
+            scored.add_trial(optuna.trial.create_trial(
+                params=trial.params, distributions=trial.distributions, value=min(losses)))
+    if len(scored.trials) < 3:
+        return {}
+    return {k: round(v, 3) for k, v in optuna.importance.get_param_importances(scored).items()}
+
+
 def fit(feature_refs: dict[str, Any], searcher: PairSearcher, scheduler: PairScheduler,
         settings: Config, **kwargs: Any):
     """Run every pair's trials in one Tuner (`make_tuner`'s); returns Tune's ResultGrid."""

@@ -59,6 +59,21 @@ def trials() -> list[dict]:
     return out
 
 
+def importances() -> list[dict]:
+    """Every pair's importances; one pair had too few trials to score."""
+    rng = np.random.default_rng(3)
+    names = ["learning_rate", "batch_size", "nodes", "hidden_layers", "dropout_prob", "dense_layers"]
+    rows = []
+    for p, pair in enumerate(PAIRS):
+        share = rng.dirichlet(np.ones(len(names)))
+        rows.append({"pair": pair, "importance": dict(sorted(zip(names, share.round(3).tolist()),
+                                                             key=lambda kv: -kv[1])),
+                     "seed_val_loss": float(rng.uniform(0.5, 1.5)), "val_loss": float(rng.uniform(0.3, 1.0)),
+                     "winner": "searched" if p % 2 else "seed point"})
+    rows[-1].update(importance={}, val_loss=math.nan, winner="")
+    return rows
+
+
 def write_all(folder: Path) -> list[Path]:
     """Every figure from the realistic inputs above, into `folder`."""
     return [plots.confusion_matrix(counts(), GENRES, "CEL3_spectrogram: test confusion",
@@ -66,7 +81,8 @@ def write_all(folder: Path) -> list[Path]:
             plots.learning_curves(history(), "CEL3_spectrogram: best trial 00003",
                                   folder / "curves.png"),
             plots.pair_comparison(comparison(), folder / "comparison.png"),
-            plots.search_view(trials(), folder / "search.png", MAX_EPOCHS)]
+            plots.search_view(trials(), folder / "search.png", MAX_EPOCHS),
+            plots.importance(importances(), folder / "importance.png")]
 
 
 def assert_png(path: Path) -> None:
@@ -82,7 +98,7 @@ def assert_png(path: Path) -> None:
 
 def test_every_figure_is_one_whole_png(tmp_path):
     paths = write_all(tmp_path)
-    assert [p.parent for p in paths] == [tmp_path] * 4
+    assert [p.parent for p in paths] == [tmp_path] * 5
     for p in paths:
         assert_png(p)
     assert sorted(tmp_path.iterdir()) == sorted(paths)

@@ -125,11 +125,29 @@ def test_leaderboard_has_a_row_per_pair_ranked_by_test_track_accuracy(job):
     assert report.table([]).splitlines()[0] in md and report.table([]).splitlines()[0] in out.stdout
 
 
+def test_leaderboard_sets_each_pairs_winner_beside_its_seed_point_with_importances(job):
+    """The seed point is the trial run at the search space's first_point: its best val loss,
+    from the trial's own results, and whether it is the exported winner."""
+    base, _, _ = job
+    run = base / "runs" / "job"
+    with open(run / "leaderboard.csv", newline="") as f:
+        rows = {r["pair"]: r for r in csv.DictReader(f)}
+    for model, feature in PAIRS:
+        row, space = rows[f"{model}_{feature}"], load_space(model)
+        trials = {p.parent: json.loads(p.read_text()) for p in run.glob(f"{model}_{feature}_*/params.json")}
+        [folder] = [d for d, c in trials.items() if {k: c[k] for k in space.first_point} == space.first_point]
+        losses = [json.loads(line)["val_loss"] for line in (folder / "result.json").read_text().splitlines()]
+        assert float(row["seed_val_loss"]) == pytest.approx(min(losses))
+        assert row["winner"] == ("seed point" if folder.name.endswith(row["trial_id"]) else "searched")
+        importance = json.loads(row["importance"])
+        assert set(importance) == set(space.distributions) and sum(importance.values()) == pytest.approx(1, abs=0.01)
+
+
 def test_plots_are_valid_images_of_sensible_size(job):
     base, _, _ = job
     plots = base / "runs" / "job" / "plots"
     expected = {f"{m}_{f}_{kind}.png" for m, f in PAIRS for kind in ("confusion", "curves")}
-    assert {p.name for p in plots.glob("*.png")} == expected | {"comparison.png", "search.png"}
+    assert {p.name for p in plots.glob("*.png")} == expected | {"comparison.png", "search.png", "importance.png"}
     for png in plots.glob("*.png"):
         height, width = matplotlib.image.imread(png).shape[:2]
         assert 300 <= width <= 5000 and 300 <= height <= 5000, png.name
@@ -143,4 +161,4 @@ def test_wandb_summary_run_holds_the_leaderboard_and_plots(job):
     table = json.loads((folder / "files" / summary["summary"]["leaderboard.path"]).read_text())
     assert table["columns"] == report.COLUMNS and len(table["data"]) == len(PAIRS)
     images = {k for k in summary["summary"] if k.startswith("plots/") and k.endswith(".path")}
-    assert len(images) == len(PAIRS) * 2 + 2
+    assert len(images) == len(PAIRS) * 2 + 3

@@ -148,3 +148,24 @@ def test_the_trial_device_follows_what_ray_assigned():
     assert cpu_trial == ([], "cpu")
     assert gpu_trial[0] == [0] or gpu_trial[0] == ["0"]
     assert gpu_trial[1] == "cuda:0" if torch.cuda.is_available() else "no CUDA device" in gpu_trial[1]
+
+
+def test_importances_score_asha_stopped_trials_by_their_best_loss(tmp_path):
+    storage = tuning.optuna_storage(tmp_path)
+    study = optuna.create_study(study_name="r/CEL_spectrogram", storage=storage,
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    lr = optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)
+    width = optuna.distributions.CategoricalDistribution([16, 32, 64])
+    for i in range(2):
+        assert tuning.importances(storage, "r/CEL_spectrogram") == {}  # under 3 scored
+        trial = study.ask({"learning_rate": lr, "nodes": width})
+        trial.report(1.0 + i, 1)
+        study.tell(trial, state=TrialState.PRUNED)  # as ASHA's stop lands in Optuna
+    for i in range(6):  # the loss follows the learning rate alone; nodes does nothing
+        trial = study.ask({"learning_rate": lr, "nodes": width})
+        for epoch in (1, 2):
+            trial.report(trial.params["learning_rate"] * 100 + 1 / epoch, epoch)
+        study.tell(trial, state=TrialState.PRUNED if i % 2 else TrialState.COMPLETE,
+                   values=None if i % 2 else trial.params["learning_rate"] * 100 + 0.5)
+    found = tuning.importances(storage, "r/CEL_spectrogram")
+    assert set(found) == {"learning_rate", "nodes"} and found["learning_rate"] > found["nodes"]
