@@ -153,6 +153,7 @@ class Model:
     dense_layers: Count
     stem_kernel: Positive
     stem_stride: Positive
+    pooling: Literal["mean", "meanmax"]  # models.POOLINGS (a test holds them equal)
 
 
 @dataclass(frozen=True)
@@ -162,8 +163,9 @@ class Training:
     __pydantic_config__ = _STRICT
     learning_rate: Rate
     batch_size: Positive
-    optimizer: Literal["adam", "sgd"]  # optim.OPTIMIZERS (a test holds them equal)
+    optimizer: Literal["adam", "adamw", "sgd"]  # optim.OPTIMIZERS (a test holds them equal)
     weight_decay: Share
+    label_smoothing: Annotated[float, Field(ge=0, lt=1, strict=True)]
     scheduler: Literal["none", "plateau", "cosine"]  # optim.SCHEDULERS
     precision: Literal["fp32", "bf16"]  # training.PRECISIONS
     eval_batch_size: Positive

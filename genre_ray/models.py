@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from numbers import Integral
 from typing import Any, Callable, Mapping
 
+import torch
 from torch import Tensor, nn
 
 from genre_ray import config
@@ -72,10 +73,12 @@ class ConvNet(nn.Module):
     a dimension rounding up and a dimension never falls below 1: any input size works,
     except a waveform shorter than `stem_kernel` (UserError).
 
-    The conv maps are averaged over time only: a spectrogram keeps its pooled frequency
-    axis, since where in frequency a pattern sits is what tells genres apart (averaging
-    over frequency too made pure tones an octave apart indistinguishable). The head thus
-    takes `nodes * ceil(n_mels / 2**hidden_layers)` inputs (`nodes` for waveforms): small
+    The conv maps are summarised over time only (`pooling`: their mean, or mean and max
+    side by side, which keeps how strong a pattern's peak is, not only how common): a
+    spectrogram keeps its pooled frequency axis, since where in frequency a pattern sits is
+    what tells genres apart (averaging over frequency too made pure tones an octave apart
+    indistinguishable). The head thus takes `stats * nodes * ceil(n_mels / 2**hidden_layers)`
+    inputs (`stats * nodes` for waveforms; stats 1 or 2): small
     whatever the clip length (the seed flattened conv maps into 100M-parameter heads).
     Then `dense_layers` blocks of [Linear(-> nodes), activation, Dropout] and
     Linear(nodes, n_classes).
@@ -83,7 +86,8 @@ class ConvNet(nn.Module):
 
     def __init__(self, input_shape: tuple[int, ...], n_classes: int,
                  activation: Callable[[], nn.Module], nodes: int, hidden_layers: int,
-                 dropout_prob: float, dense_layers: int, stem_kernel: int, stem_stride: int):
+                 dropout_prob: float, dense_layers: int, stem_kernel: int, stem_stride: int,
+                 pooling: str = "mean"):
         super().__init__()
         if len(input_shape) not in (1, 2):
             raise UserError(f"convolutional models take (samples,) or (n_mels, frames) input, "
@@ -98,7 +102,8 @@ class ConvNet(nn.Module):
                                 pool(2, ceil_mode=True), nn.Dropout(dropout_prob))
                   for i, o in zip([widths[0] if stem else 1] + widths, widths)]
         bands = math.ceil(input_shape[0] / 2 ** hidden_layers) if len(input_shape) == 2 else 1
-        widths_in = [nodes * bands] + [nodes] * dense_layers
+        self.pool, stats = POOLINGS[pooling]
+        widths_in = [nodes * bands * stats] + [nodes] * dense_layers
         dense = [nn.Sequential(nn.Linear(i, nodes), activation(), nn.Dropout(dropout_prob))
                  for i in widths_in[:-1]]
         self.features = nn.Sequential(*stem, *blocks)
@@ -106,7 +111,18 @@ class ConvNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         maps = self.features(x.unsqueeze(1))  # (batch, nodes, [bands,] time)
-        return self.head(maps.mean(dim=-1).flatten(1))
+        return self.head(self.pool(maps).flatten(1))
+
+
+# Keys added after models were exported, with the value every model had before: an older
+# export (which lacks them) rebuilds as it was trained.
+ADDED_LATER = {"pooling": "mean"}
+# How ConvNet summarises its maps over time: (batch, nodes, [bands,] time) ->
+# (batch, stats * nodes[, bands]), and `stats`, the statistics per channel.
+POOLINGS: dict[str, tuple[Callable[[Tensor], Tensor], int]] = {
+    "mean": (lambda maps: maps.mean(dim=-1), 1),
+    "meanmax": (lambda maps: torch.cat([maps.mean(dim=-1), maps.amax(dim=-1)], dim=1), 2),
+}
 
 
 def _stem(samples: int, width: int, activation: Callable[[], nn.Module],
@@ -129,8 +145,8 @@ class ModelSpec:
     keys: frozenset[str]
 
 
-_CONV_KEYS = frozenset(
-    {"nodes", "hidden_layers", "dropout_prob", "dense_layers", "stem_kernel", "stem_stride"})
+_CONV_KEYS = frozenset({"nodes", "hidden_layers", "dropout_prob", "dense_layers", "stem_kernel",
+                        "stem_stride", "pooling"})
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "CEL": nn.ReLU, "CEL2": functools.partial(nn.LeakyReLU, 0.1), "CEL3": nn.ELU}
 MODELS: dict[str, ModelSpec] = {
@@ -152,9 +168,10 @@ def build_model(name: str, input_shape: tuple[int, ...], n_classes: int,
 
     `arch`: a value for each key the architecture takes (config.Model's fields: the run's
     `model` section with a trial's searched keys in place); other keys are ignored. A
-    missing key or a bad value raises UserError.
+    missing key (but those of ADDED_LATER) or a bad value raises UserError.
     """
     spec = _spec(name)
+    arch = {**ADDED_LATER, **arch}
     missing = sorted(spec.keys - set(arch))
     if missing:
         raise UserError(f"model {name} needs config key(s) {', '.join(missing)}")

@@ -94,9 +94,11 @@ def batches(n: int, batch_size: int, generator: torch.Generator | None = None,
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                 y: torch.Tensor, batch_size: int, generator: torch.Generator,
-                transform: nn.Module | None = None, precision: str = "fp32") -> float:
+                transform: nn.Module | None = None, precision: str = "fp32",
+                label_smoothing: float = 0.0) -> float:
     """One pass over (x: (n, *shape), y: (n,)) in shuffled batches; returns the mean loss.
-    `precision`: a key of PRECISIONS, the forward pass's autocast."""
+    `precision`: a key of PRECISIONS, the forward pass's autocast; `label_smoothing`: of
+    the training loss only (validation losses stay plain cross-entropy, comparable)."""
     model.train()
     total = torch.zeros((), device=_device(model))
     for idx in batches(len(x), batch_size, generator, x.device):
@@ -105,7 +107,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
             xb = transform(xb)
         with autocast(xb.device, precision):
             logits = model(xb)
-        loss = nn.functional.cross_entropy(logits.float(), yb)
+        loss = nn.functional.cross_entropy(logits.float(), yb, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -182,6 +184,7 @@ class Trainer:
         self.val_xy = resident(val, self.device, RESIDENT_BUDGET * device_share)
         self.n_classes, self.batch_size = n_classes, settings.batch_size
         self.eval_batch_size, self.precision = settings.eval_batch_size, settings.precision
+        self.label_smoothing = settings.label_smoothing
         self.transform = transform.to(self.device) if transform is not None else None
         self.optimizer = OPTIMIZERS[settings.optimizer](model.parameters(), settings.learning_rate,
                                                         settings.weight_decay)
@@ -200,7 +203,8 @@ class Trainer:
         history = []
         while self.epoch < epochs:
             train_loss = train_epoch(self.model, self.optimizer, *self.train_xy, self.batch_size,
-                                     self.generator, self.transform, self.precision)
+                                     self.generator, self.transform, self.precision,
+                                     self.label_smoothing)
             result = self.evaluate()
             if not math.isfinite(result.loss):
                 raise Diverged(f"validation loss is {result.loss}; lower the learning rate")

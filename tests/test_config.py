@@ -12,6 +12,7 @@ import torch
 
 from genre_ray import config, export
 from genre_ray.errors import UserError
+from genre_ray.models import POOLINGS
 from genre_ray.optim import OPTIMIZERS, SCHEDULERS
 from genre_ray.training import PRECISIONS
 
@@ -25,10 +26,11 @@ def test_only_the_loader_reads_defaults_yaml():
     assert readers and {name for name, _ in readers} == {"config.py"}, readers
 
 
-@pytest.mark.parametrize("field,registry", [("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS),
-                                            ("precision", PRECISIONS)])
-def test_the_training_choices_are_the_registries_keys(field, registry):
-    hint = typing.get_type_hints(config.Training, include_extras=True)[field]
+@pytest.mark.parametrize("section,field,registry", [
+    (config.Training, "optimizer", OPTIMIZERS), (config.Training, "scheduler", SCHEDULERS),
+    (config.Training, "precision", PRECISIONS), (config.Model, "pooling", POOLINGS)])
+def test_the_choices_are_the_registries_keys(section, field, registry):
+    hint = typing.get_type_hints(section, include_extras=True)[field]
     assert set(typing.get_args(hint)) == set(registry)
 
 
@@ -37,7 +39,7 @@ def test_the_training_choices_are_the_registries_keys(field, registry):
     (None, {"resources.gpus_per_trial": float("inf")}, r"--gpus-per-trial: input should be a finite number"),
     (None, {"run.seed": 1.5}, r"--seed: input should be a valid integer"),
     ({"training": {"learning_rate": -1}}, None, r"training\.learning_rate: input should be greater than 0, got -1"),
-    ({"training": {"optimizer": "adamw"}}, None, r"training\.optimizer: input should be 'adam' or 'sgd'"),
+    ({"training": {"optimizer": "adamax"}}, None, r"training\.optimizer: input should be 'adam', 'adamw' or 'sgd'"),
     ({"model": {"nodes": True}}, None, r"model\.nodes: input should be a valid integer, got True"),
     ({"model": {"dropout_p": 0.5}}, None, r"model\.dropout_p: unknown setting"),
     ({"modle": {}}, None, r"unknown section\(s\) modle"),

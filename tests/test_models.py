@@ -15,7 +15,7 @@ from tests.helpers import arch
 # Every architecture key at the seed notebook's settings (the waveform stem's: defaults.yaml's);
 # what a trial of each model builds at its first point (held equal below).
 SEED_CONFIG = {"nodes": 64, "hidden_layers": 3, "dropout_prob": 0.3, "dense_layers": 2,
-               "stem_kernel": 512, "stem_stride": 256}
+               "stem_kernel": 512, "stem_stride": 256, "pooling": "mean"}
 SHAPES = {"waveform": (110250,), "spectrogram": (64, 216)}
 CNNS = ["CEL", "CEL2", "CEL3"]
 # MLP on waveforms is 110250*64 + 64*64 + 64*10 (+ biases) ~ 7.06M parameters by design;
@@ -164,3 +164,30 @@ def test_bad_shapes_raise_user_error():
         build_model("CEL", (10,), 10, SEED_CONFIG)
     with pytest.raises(UserError, match=r"\(2, 3, 4\)"):
         build_model("CEL2", (2, 3, 4), 10, SEED_CONFIG)
+
+
+@pytest.mark.parametrize("feature", SHAPES)
+def test_meanmax_pooling_feeds_the_head_the_maps_peak_too(feature):
+    """pooling: meanmax doubles what the head reads per channel, and the max reaches it: two
+    inputs whose maps have the same mean and different peaks give different logits."""
+    torch.manual_seed(0)
+    mean, meanmax = (build_model("CEL", SHAPES[feature], 10, {**SEED_CONFIG, "pooling": p}).eval()
+                     for p in ("mean", "meanmax"))
+    first = lambda m: next(l for l in m.head.modules() if isinstance(l, torch.nn.Linear))
+    assert first(meanmax).in_features == 2 * first(mean).in_features
+    maps = torch.zeros(2, 8, 5)
+    maps[0, :, 2] = 5.0  # one peak
+    maps[1] = 1.0  # the same mean, spread out
+    pooled = meanmax.pool(maps)
+    assert torch.equal(pooled[0, :8], pooled[1, :8]) and not torch.equal(pooled[0, 8:], pooled[1, 8:])
+
+
+def test_an_export_from_before_pooling_rebuilds_as_it_was_trained():
+    older = {k: v for k, v in SEED_CONFIG.items() if k != "pooling"}
+    torch.manual_seed(0)
+    before = build_model("CEL", SHAPES["spectrogram"], 10, older)
+    torch.manual_seed(0)
+    now = build_model("CEL", SHAPES["spectrogram"], 10, SEED_CONFIG)
+    x = batch(SHAPES["spectrogram"])
+    assert torch.equal(before.eval()(x), now.eval()(x))
+

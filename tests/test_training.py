@@ -131,6 +131,24 @@ def test_plateau_schedule_halves_the_rate_when_val_loss_stalls(tones):
     assert history[0]["lr"] == 1e-7 and history[-1]["lr"] == pytest.approx(5e-8)
 
 
+def test_label_smoothing_reaches_the_training_loss_only(tones):
+    """MLP has no dropout: with the rate at zero the two runs see the same model, so the
+    training losses differ by the smoothing alone and the validation losses not at all."""
+    plain, smoothed = (_trainer(tones, model="MLP", epochs=1, learning_rate=1e-12,
+                                label_smoothing=s).fit(1)[0] for s in (0.0, 0.2))
+    assert smoothed["train_loss"] != pytest.approx(plain["train_loss"], rel=1e-3)
+    assert smoothed["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-6)
+
+
+def test_adamw_decays_weights_apart_from_the_gradient(tones):
+    trainer = _trainer(tones, model="MLP", optimizer="adamw", weight_decay=0.1)
+    assert type(trainer.optimizer) is torch.optim.AdamW
+    assert trainer.optimizer.param_groups[0]["weight_decay"] == 0.1
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.fit(1)
+    assert all(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_data_is_resident_on_the_gpu(tones):
     trainer = _trainer(tones)
