@@ -76,7 +76,7 @@ def test_precision_sets_the_forward_dtype_and_bf16_still_learns(tones, precision
 
 
 @pytest.mark.parametrize("key, value, says", [
-    ("precision", "fp16", "'fp32' or 'bf16'"), ("optimizer", "rmsprop", "'adam' or 'sgd'"),
+    ("precision", "fp16", "'fp32' or 'bf16'"), ("optimizer", "rmsprop", "'adam', 'adamw' or 'sgd'"),
     ("scheduler", "step", "'none', 'plateau' or 'cosine'")])
 def test_unknown_precision_optimizer_or_scheduler_is_a_user_error(tones, key, value, says):
     """The training section's types refuse them, before any Trainer is built."""
