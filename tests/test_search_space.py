@@ -12,7 +12,7 @@ from tests.helpers import arch
 
 # The seed notebook's hand-picked configurations, as the issue states them: the spec.
 _CEL = {"learning_rate": 0.001, "batch_size": 32, "nodes": 64, "hidden_layers": 3,
-        "dropout_prob": 0.3, "dense_layers": 2}
+        "dropout_prob": 0.3, "dense_layers": 2, "optimizer": "adam", "weight_decay": 0.0}  # the seed's Adam: no decay
 SEED = {"MLP": {"learning_rate": 0.001, "batch_size": 32, "nodes": 64},
         "MLP2": {"learning_rate": 0.001, "batch_size": 32, "nodes": 64, "hidden_layers": 3},
         "CEL": _CEL, "CEL2": _CEL, "CEL3": _CEL}
@@ -55,6 +55,8 @@ def test_distribution_kinds(model):
         elif key in ("batch_size", "nodes"):
             assert isinstance(distribution, CategoricalDistribution), key
             assert all(isinstance(c, int) and c >= 1 for c in distribution.choices), key
+        elif key in ("optimizer", "weight_decay"):  # the CEL family's
+            assert isinstance(distribution, CategoricalDistribution) and len(distribution.choices) > 1, key
         else:
             pytest.fail(f"unexpected searched key {key}")
         if isinstance(distribution, IntDistribution):
