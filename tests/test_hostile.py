@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -59,6 +60,23 @@ def parser_of(main: Callable, argv: list[str]) -> argparse.ArgumentParser:
         except Caught as caught:
             return caught.args[0]
     raise AssertionError(f"{main} parsed nothing")
+
+
+CASE_S = 120  # a case still running after this hangs (the slowest takes a few seconds)
+
+
+@pytest.fixture(autouse=True)
+def bounded():
+    """Each case bounded: one that hangs (as `--gpus-per-trial nan` once did) fails here
+    instead of holding the suite until CI's own limit."""
+    def hung(signum, frame):
+        raise TimeoutError(f"the case ran over {CASE_S} s: a hang")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(CASE_S)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(scope="module")
