@@ -2,7 +2,8 @@
 baseline, and configurations that beat the seed point, at a fixed budget?
 
     python -m bench.quality [--sets realistic embedded] [--seeds 0 1 2]
-                            [--num-samples 3] [--max-epochs 8] [--models CEL CEL2 CEL3]
+                            [--num-samples 3] [--max-epochs 8] [--grace-period 2]
+                            [--models CEL CEL2 CEL3]
 
 For each set and seed, `tune_main.py` tunes the CEL family on spectrograms (the budget:
 `--num-samples` trials of up to `--max-epochs` epochs per pair, ASHA stopping the
@@ -55,6 +56,7 @@ def tune(data: Path, split: str, seed: int, args: argparse.Namespace, work: Path
     cmd = [sys.executable, str(REPO / "tune_main.py"), "--data-dir", str(data), "--split", split,
            "--seed", str(seed), "--models", *args.models, "--features", "spectrogram",
            "--num-samples", str(args.num_samples), "--max-epochs", str(args.max_epochs),
+           "--grace-period", str(args.grace_period),
            "--storage-path", str(work / "runs"), "--name", f"s{seed}",
            "--output-dir", str(work / f"best{seed}"), "--wandb", "off"]
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -105,10 +107,13 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--num-samples", type=int, default=3)
     parser.add_argument("--max-epochs", type=int, default=8)
+    parser.add_argument("--grace-period", type=int, default=config.load().search.grace_period,
+                        help="ASHA's: epochs before a trial can be stopped")
     parser.add_argument("--models", nargs="+", default=["CEL", "CEL2", "CEL3"])
     args = parser.parse_args()
     print(context())
-    print(f"budget: {args.num_samples} trials x up to {args.max_epochs} epochs per pair, "
+    print(f"budget: {args.num_samples} trials x up to {args.max_epochs} epochs per pair "
+          f"(ASHA grace period {args.grace_period}), "
           f"pairs {', '.join(m + '_spectrogram' for m in args.models)}")
     for name in args.sets:
         figures = []
