@@ -76,7 +76,7 @@ class Writer:
         remove_stale(self.path, anything=True)  # what builds killed mid-write left: GBs at GTZAN size
         self.tmp = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.",
                                          suffix=".tmp"))
-        self.lock = os.open(self.tmp, os.O_RDONLY)  # held while this writer lives
+        self.lock: int | None = os.open(self.tmp, os.O_RDONLY)  # held until commit or abort
         fcntl.flock(self.lock, fcntl.LOCK_EX)
         self.growing: dict[str, _Array] = {}
         self.crcs: dict[str, int] = {}  # finished arrays
@@ -127,14 +127,19 @@ class Writer:
             if not (self.path / "meta.json").exists():
                 raise
             self.abort()
-            return
-        os.close(self.lock)
+        self._unlock()
 
     def abort(self) -> None:
         for array in self.growing.values():
             array.file.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
-        os.close(self.lock)
+        self._unlock()
+
+    def _unlock(self) -> None:
+        """Let go of the lock, once: abort may follow commit (an error later in `with`)."""
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
 
 
 def read(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:

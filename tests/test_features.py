@@ -183,6 +183,17 @@ def test_interrupted_entry_leaves_nothing_and_a_committed_one_reads_back(tmp_pat
     assert np.array_equal(arrays["x"][:, 2], np.arange(1000.0)) and list(arrays["stats.mean"]) == [0, 1, 2, 3, 4]
 
 
+def test_an_error_after_an_entry_committed_is_the_error_raised(tmp_path):
+    """features._build commits one entry per feature in one `with`: an error after the first
+    committed reaches the caller as itself (the writer lets go of its lock once)."""
+    with pytest.raises(KeyboardInterrupt):
+        with cache_entry.Writer(tmp_path / "entry") as writer:
+            writer.put("x", np.arange(3.0))
+            writer.commit({})
+            raise KeyboardInterrupt
+    assert cache_entry.read(tmp_path / "entry") is not None
+
+
 def test_unknown_feature_is_a_clear_error(tree):
     with pytest.raises(UserError, match="unknown feature 'mfcc'.*waveform, spectrogram"):
         build_features(tree, "mfcc", CFG)
