@@ -213,8 +213,9 @@ def _run(cfg: Config, checked: Checked, sets: dict[str, FeatureSet], slots: int,
                           f"--resume --name {run_.name}, to continue it")
     run_dir = run_.dir
     results = [_pair_result(grid, m, sets[f], checked.output_dir, run_dir, cfg) for m, f in pairs]
-    for row, (m, f) in zip(results, pairs):
-        _searched(row, grid, checked.spaces[m].first_point, run_, tuning.pair_name(m, f))
+    studies = tuning.optuna_storage(run_dir)  # read once: a journal is replayed when opened
+    for row, (m, _) in zip(results, pairs):
+        _searched(row, grid, checked.spaces[m].first_point, studies, f"{run_.name}/{row.pair}")
     fs = next(iter(sets.values()))
     ctx = report.context(checked.data_dir, cfg.split.kind, cfg.run.seed, _sizes(fs),
                          tuned.hardware, time.perf_counter() - start)
@@ -306,17 +307,17 @@ def _pair_result(grid, model: str, fs: FeatureSet, output_dir: Path, run_dir: Pa
     return row
 
 
-def _searched(row: report.PairResult, grid, first_point: dict[str, Any], run_: runs.Run,
-              pair: str) -> None:
+def _searched(row: report.PairResult, grid, first_point: dict[str, Any], studies,
+              study: str) -> None:
     """What the search found beyond the seed point: its score beside the winner's, which
     one won, and each hyperparameter's importance (from the pair's Optuna study)."""
-    seed = [r for r in grid if r.config.get("pair") == pair
+    seed = [r for r in grid if r.config.get("pair") == row.pair
             and config.TrialKeys.split(r.config)[1] == first_point and r.metrics_dataframe is not None
             and "val_loss" in r.metrics_dataframe]
     if seed:
         row.seed_val_loss = float(seed[0].metrics_dataframe["val_loss"].min())
         row.winner = "seed point" if seed[0].metrics.get("trial_id") == row.trial_id else "searched"
-    row.importance = tuning.importances(tuning.optuna_storage(run_.dir), f"{run_.name}/{pair}")
+    row.importance = tuning.importances(studies, study)
 
 
 def _failure(result) -> str:

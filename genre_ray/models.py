@@ -87,7 +87,7 @@ class ConvNet(nn.Module):
     def __init__(self, input_shape: tuple[int, ...], n_classes: int,
                  activation: Callable[[], nn.Module], nodes: int, hidden_layers: int,
                  dropout_prob: float, dense_layers: int, stem_kernel: int, stem_stride: int,
-                 pooling: str = "mean"):
+                 pooling: str):
         super().__init__()
         if len(input_shape) not in (1, 2):
             raise UserError(f"convolutional models take (samples,) or (n_mels, frames) input, "

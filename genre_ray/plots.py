@@ -152,9 +152,8 @@ def importance(rows: list[dict[str, Any]], path: Path) -> Path:
                     style="italic", transform=ax.transAxes)
             ax.set_yticks([])
         ax.set_xlim(0, 1)
-        seed, best = (_number(row.get(k)) for k in ("seed_val_loss", "val_loss"))
-        ax.set_title(f"{row['pair']}: seed {seed:.3f}, best {best:.3f} ({row.get('winner') or '-'})"
-                     .replace("nan", "-"), fontsize=9)
+        seed, best = (_loss(row.get(k)) for k in ("seed_val_loss", "val_loss"))
+        ax.set_title(f"{row['pair']}: seed {seed}, best {best} ({row.get('winner') or '-'})", fontsize=9)
         ax.tick_params(labelsize=8)
     fig.supxlabel("importance to validation loss (Optuna PED-ANOVA)", fontsize=9)
     return _save(fig, path)
@@ -254,6 +253,12 @@ def _epoch_axis(ax: Axes, first: int, last: int) -> None:
 def _number(value: Any) -> float:
     """A metric as float; None or missing is NaN."""
     return math.nan if value is None else float(value)
+
+
+def _loss(value: Any) -> str:
+    """A loss for a title: three decimals, or "-" when missing or NaN."""
+    number = _number(value)
+    return f"{number:.3f}" if math.isfinite(number) else "-"
 
 
 def _save(fig: Figure, path: Path) -> Path:
