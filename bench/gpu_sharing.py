@@ -142,7 +142,7 @@ def measure(fs: FeatureSet, plan: list[Layout], epochs: int,
     cases = [(layout, precision) for precision in PRECISIONS for layout in plan]
     rate = dict.fromkeys(cases, 0.0)
     with local_ray(int(plan[0].cpus), int(plan[0].gpus)), tempfile.TemporaryDirectory() as tmp:
-        refs = {FEATURE: share(fs)}
+        refs = {fs.variant: share(fs)}
         for i in range(repeats):
             for case in cases[::-1] if i % 2 else cases:
                 rate[case] = max(rate[case], throughput(fs, refs, *case, epochs,

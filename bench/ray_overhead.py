@@ -63,7 +63,7 @@ def trial_epochs(model_name: str, fs: FeatureSet, epochs: int, cpus: int, wandb:
                                               run_dir.name, tuning.optuna_storage(run_dir))
     callbacks = (wandb_callback("offline", project="bench", run_dir=run_dir, classes=fs.classes)
                  if wandb == "offline" else [])
-    grid = tuning.fit({fs.feature: share(fs)}, searcher, scheduler, settings, storage_path=str(folder),
+    grid = tuning.fit({fs.variant: share(fs)}, searcher, scheduler, settings, storage_path=str(folder),
                       name=run_dir.name, num_trials=1, cpus_per_trial=cpus, gpus_per_trial=0,
                       max_concurrent=1, callbacks=callbacks, verbose=0)
     return grid[0].metrics_dataframe["time_this_iter_s"].tolist()

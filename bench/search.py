@@ -90,7 +90,7 @@ def search(kind: str, model: str, feature: str, args, ref, folder: Path,
     searcher, scheduler = (random_fifo(model, feature, settings, kind, storage) if kind == "random" else
                            tuning.build_search([(model, feature)], {model: load_space(model)}, settings,
                                                kind, storage))
-    grid = tuning.fit({feature: ref}, searcher, scheduler, settings, storage_path=str(folder), name=kind,
+    grid = tuning.fit(ref, searcher, scheduler, settings, storage_path=str(folder), name=kind,
                       num_trials=settings.search.num_samples, cpus_per_trial=1, gpus_per_trial=0,
                       max_concurrent=slots, verbose=0,
                       stop=EpochBudget(args.trials * args.max_epochs))
@@ -112,7 +112,7 @@ def main() -> None:
     ray.init(address="local", include_dashboard=False, configure_logging=False)
     print(context())
     try:
-        slots, ref = int(ray.cluster_resources()["CPU"]), share(fs)
+        slots, ref = int(ray.cluster_resources()["CPU"]), {fs.variant: share(fs)}
         with tempfile.TemporaryDirectory() as tmp:
             rows = {kind: search(kind, args.model, args.feature, args, ref, Path(tmp), slots)
                     for kind in ("random", "tpe")}

@@ -62,7 +62,7 @@ def main() -> None:
     print(context())
     try:
         slots = int(ray.cluster_resources()["CPU"])
-        refs = {f: share(fs) for f, fs in sets.items()}
+        refs = {fs.variant: share(fs) for fs in sets.values()}
         with tempfile.TemporaryDirectory() as tmp:
             busy, wall = tune(pairs, refs, classes, settings, Path(tmp) / "together", slots)
             seq = [tune([pair], refs, classes, settings, Path(tmp) / f"seq-{i}", slots)

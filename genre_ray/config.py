@@ -166,6 +166,7 @@ class Training:
     optimizer: Literal["adam", "adamw", "sgd"]  # optim.OPTIMIZERS (a test holds them equal)
     weight_decay: Share
     label_smoothing: Annotated[float, Field(ge=0, lt=1, strict=True)]
+    mixup: Share  # alpha of mixup's Beta(alpha, alpha); 0: off
     scheduler: Literal["none", "plateau", "cosine"]  # optim.SCHEDULERS
     precision: Literal["fp32", "bf16"]  # training.PRECISIONS
     eval_batch_size: Positive
@@ -271,10 +272,18 @@ def replaced(cfg: Config, values: Mapping[str, Any]) -> Config:
 
 
 def _set(doc: dict[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    """`doc` with each dotted path of `values` (`section.key`, `features.spectrogram.n_mels`)
+    set, the mappings on its way copied, not changed."""
     for path, value in values.items():
-        section, key = path.split(".")
-        doc[section] = {**doc[section], key: value}
+        *outer, key = path.split(".")
+        doc = _with(doc, outer, key, value)
     return doc
+
+
+def _with(doc: dict[str, Any], outer: list[str], key: str, value: Any) -> dict[str, Any]:
+    if not outer:
+        return {**doc, key: value}
+    return {**doc, outer[0]: _with(doc[outer[0]], outer[1:], key, value)}
 
 
 def from_json(doc: Mapping[str, Any]) -> Config:
@@ -307,34 +316,56 @@ def changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
     return found
 
 
-def tuned(cfg: Config, hyper: Mapping[str, Any]) -> Config:
-    """`cfg` with a trial's hyperparameters in place, each in the section that owns it
-    (model or training), checked as `load` checks."""
+def tuned(cfg: Config, hyper: Mapping[str, Any], feature: str | None = None) -> Config:
+    """`cfg` with a trial's hyperparameters in place, each in the section that owns it:
+    model or training, or for `feature` its front end (features.<feature>) or its batch
+    augmentation (batch_augment.<feature>); checked as `load` checks."""
+    owners = hyper_sections(feature)
     values = {}
     for key, value in hyper.items():
-        section = next((s for s in ("model", "training") if key in keys(s)), None)
+        section = next((s for s, names in owners.items() if key in names), None)
         if section is None:
-            raise UserError(f"unknown hyperparameter {key!r}; model and training keys: "
-                            f"{', '.join(sorted(keys('model') | keys('training')))}")
+            raise UserError(f"unknown hyperparameter {key!r}; "
+                            f"{' and '.join(owners)} keys: {', '.join(sorted(set().union(*owners.values())))}")
         values[f"{section}.{key}"] = value
     return replaced(cfg, values)
 
 
+def hyper_sections(feature: str | None = None) -> dict[str, set[str]]:
+    """Section -> the keys a trial's hyperparameters may set in it: model, training and,
+    given a feature, `features.<feature>` and `batch_augment.<feature>` (no key is in two)."""
+    owners = {"model": keys("model"), "training": keys("training")}
+    if feature is not None:
+        for section in ("features", "batch_augment"):
+            owners[f"{section}.{feature}"] = keys(f"{section}.{feature}")
+    return owners
+
+
 def keys(section: str) -> set[str]:
-    """The keys of one section (config.Model's, config.Training's, ...)."""
-    return {f.name for f in dataclasses.fields(_SECTIONS[section])}
+    """The keys of one section (config.Model's, config.Training's, ...; dotted for one
+    inside another, `batch_augment.spectrogram`)."""
+    return {f.name for f in dataclasses.fields(_section_type(section))}
 
 
 def checked(section: str, key: str, value: Any) -> Any:
     """`value` as `section.key` holds it (an int given for a float is a float), checked as
     `load` checks; UserError saying why it cannot be."""
-    hints = typing.get_type_hints(_SECTIONS[section], include_extras=True)
+    hints = typing.get_type_hints(_section_type(section), include_extras=True)
     if key not in hints:
         raise UserError(f"{section}.{key}: unknown setting; {section} takes {', '.join(sorted(hints))}")
     try:
         return pydantic.TypeAdapter(hints[key], config=_STRICT).validate_python(value)
     except pydantic.ValidationError as err:
         raise UserError(_describe({**err.errors()[0], "loc": (section, key)})) from None
+
+
+def _section_type(section: str) -> type:
+    """The dataclass of a section, dotted for one inside another (`features.spectrogram`)."""
+    outer, *inner = section.split(".")
+    kind = _SECTIONS[outer]
+    for name in inner:
+        kind = typing.get_type_hints(kind)[name]
+    return kind
 
 
 def problem(section: str, key: str, value: Any) -> str | None:

@@ -23,7 +23,8 @@ from genre_ray import capacity, config, export, report, runs, tuning
 from genre_ray.config import Config
 from genre_ray.data import describe_notes
 from genre_ray.errors import UserError
-from genre_ray.features import FeatureSet, build_feature_sets, canonical_feature, estimated_bytes
+from genre_ray.features import (FeatureSet, Variant, build_variants, canonical_feature,
+                                estimated_bytes, variant_of)
 from genre_ray.files import writable_folder
 from genre_ray.models import count_parameters
 from genre_ray.search_space import SearchSpace, load_space, parse_space
@@ -72,6 +73,7 @@ class Checked:
     mode: str | None  # W&B: online | offline | None (off)
     data_dir: Path
     need: capacity.Need  # what each node must hold (estimated from the audio files' headers)
+    variants: list[Variant]  # every feature front end a trial can sample (_variants)
 
 
 def run(cfg: Config, session: Session = Session()) -> RunSummary:
@@ -83,7 +85,7 @@ def run(cfg: Config, session: Session = Session()) -> RunSummary:
     start = time.perf_counter()
     store, chosen, cfg, checked = _prepared(cfg, session)
     with _ray(cfg, session, store, checked.need) as slots:
-        sets = _feature_sets(cfg, checked.data_dir)
+        sets = _feature_sets(cfg, checked)
         with runs.claimed(store, chosen) as run_:
             if run_.resume:
                 ended = "failed" if run_.seen["status"] == "failed" else "interrupted"
@@ -155,18 +157,32 @@ def _check(cfg: Config) -> Checked:
     output_dir = writable_folder(Path(cfg.run.output_dir), "--output-dir")
     mode = resolve_mode(cfg.tracking.wandb, Path(cfg.run.env_file))
     data_dir = Path(cfg.run.data_dir) if cfg.run.data_dir else _embedded()
-    sizes = estimated_bytes(data_dir, list(cfg.run.features), cfg)
+    variants = _variants(cfg, spaces)
+    sizes = estimated_bytes(data_dir, variants, cfg)
     need = capacity.need(sizes, cfg.resources.cpus_per_trial, cfg.resources.gpus_per_trial,
                          cfg.memory)
-    return Checked(spaces, output_dir, mode, data_dir, need)
+    return Checked(spaces, output_dir, mode, data_dir, need, variants)
 
 
-def _feature_sets(cfg: Config, data_dir: Path) -> dict[str, FeatureSet]:
-    """Every feature of the run (computed once, cached), and what loading left out."""
-    sets = build_feature_sets(data_dir, list(cfg.run.features), cfg)
+def _variants(cfg: Config, spaces: dict[str, SearchSpace]) -> list[Variant]:
+    """Every (feature, front end) a trial of the run can sample, once each: the front
+    ends the pairs' search spaces choose among (search_space.SearchSpace.variants)."""
+    found = {}
+    for feature in cfg.run.features:
+        for model in cfg.run.models:
+            for searched in spaces[model].variants(feature):
+                front = config.tuned(cfg, searched, feature)
+                found[variant_of(front, feature)] = (feature, front.features.of(feature))
+    return list(found.values())
+
+
+def _feature_sets(cfg: Config, checked: Checked) -> dict[str, FeatureSet]:
+    """Every feature variant of the run (variant_name -> its set; computed once, cached),
+    and what loading left out."""
+    sets = build_variants(checked.data_dir, checked.variants, cfg)
     notes = next(iter(sets.values())).report  # files skipped, padded or ignored
     if any(notes.values()):
-        print("\n".join([f"data {data_dir}:", *describe_notes(notes)]))
+        print("\n".join([f"data {checked.data_dir}:", *describe_notes(notes)]))
     return sets
 
 
@@ -212,10 +228,10 @@ def _run(cfg: Config, checked: Checked, sets: dict[str, FeatureSet], slots: int,
                           "Optuna studies are saved. Run the same command again, or add "
                           f"--resume --name {run_.name}, to continue it")
     run_dir = run_.dir
-    results = [_pair_result(grid, m, sets[f], checked.output_dir, run_dir, cfg) for m, f in pairs]
+    results = [_pair_result(grid, m, f, sets, checked.output_dir, run_dir, cfg) for m, f in pairs]
     studies = tuning.optuna_storage(run_dir)  # read once: a journal is replayed when opened
-    for row, (m, _) in zip(results, pairs):
-        _searched(row, grid, checked.spaces[m].first_point, studies, f"{run_.name}/{row.pair}")
+    for row, (m, f) in zip(results, pairs):
+        _searched(row, grid, checked.spaces[m].of(f).first_point, studies, f"{run_.name}/{row.pair}")
     fs = next(iter(sets.values()))
     ctx = report.context(checked.data_dir, cfg.split.kind, cfg.run.seed, _sizes(fs),
                          tuned.hardware, time.perf_counter() - start)
@@ -252,7 +268,7 @@ def _tune(cfg: Config, sets: dict[str, FeatureSet], pairs: list[tuple[str, str]]
     from genre_ray.tracking import wandb_callback
     from genre_ray.trainable import share
 
-    refs = {f: share(fs) for f, fs in sets.items()}  # once per run, shared by all trials
+    refs = {fs.variant: share(fs) for fs in sets.values()}  # once per run, shared by all trials
     resources = {"cpus_per_trial": cfg.resources.cpus_per_trial,
                  "gpus_per_trial": cfg.resources.gpus_per_trial, "memory_per_trial": trial_bytes}
     start = time.perf_counter()
@@ -277,10 +293,11 @@ def _search(cfg: Config, pairs: list[tuple[str, str]], spaces: dict,
     return tuning.build_search(pairs, spaces, cfg, run_.name, tuning.optuna_storage(run_.dir))
 
 
-def _pair_result(grid, model: str, fs: FeatureSet, output_dir: Path, run_dir: Path,
-                 cfg: Config) -> report.PairResult:
-    """Export the pair's best checkpoint, with its test scores, and describe its search."""
-    pair = tuning.pair_name(model, fs.feature)
+def _pair_result(grid, model: str, feature: str, sets: dict[str, FeatureSet], output_dir: Path,
+                 run_dir: Path, cfg: Config) -> report.PairResult:
+    """Export the pair's best checkpoint, with its test scores (on the feature variant it
+    trained on), and describe its search."""
+    pair = tuning.pair_name(model, feature)
     results = [r for r in grid if r.config.get("pair") == pair]
     ended = Counter(tuning.result_outcome(r, cfg.search.max_epochs) for r in results)
     seconds = tuning.busy_seconds(results)
@@ -291,7 +308,9 @@ def _pair_result(grid, model: str, fs: FeatureSet, output_dir: Path, run_dir: Pa
     if best is None:
         return row
     _, hyper = config.TrialKeys.split(best.config)
-    exported = export.Exported.of(best, fs, dataclasses.asdict(config.tuned(cfg, hyper).model), hyper)
+    trained = config.tuned(cfg, hyper, feature)
+    fs = sets[variant_of(trained, feature)]
+    exported = export.Exported.of(best, fs, dataclasses.asdict(trained.model), hyper)
     net = exported.rebuild()
     row.test = report.test_scores(net, fs.splits["test"], len(fs.classes))
     name = export.export_name(model, fs.feature)

@@ -86,19 +86,51 @@ class FeatureSet:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.splits["train"].x.shape[1:])
 
+    @property
+    def variant(self) -> str:
+        """Its variant_name: the feature and the front end that computed it."""
+        return variant_name(self.feature, self.params["feature_params"])
+
+
+# A feature computed with one setting of its front end (all its parameters): a run whose
+# search space searches front-end keys wants several of one feature (search_space.py).
+Variant = tuple[str, dict[str, Any]]
+
+
+def variant_name(feature: str, params: dict[str, Any]) -> str:
+    """What a variant's feature set is known by in a run (its shared object's key)."""
+    return f"{feature} {json.dumps(params, sort_keys=True)}"
+
+
+def variant_of(cfg: Config, feature: str) -> str:
+    """The variant_name of `feature` with the front end `cfg` (a trial's: config.tuned) gives it."""
+    return variant_name(feature, cfg.features.of(feature))
+
+
+def as_configured(features: list[str], cfg: Config) -> list[Variant]:
+    """Each feature with the front end `cfg` gives it."""
+    return [(f, cfg.features.of(f)) for f in map(canonical_feature, features)]
+
+
+def build_variants(data_dir: Path, variants: list[Variant], cfg: Config,
+                   cache: Path | None = None) -> dict[str, FeatureSet]:
+    """The feature sets of `data_dir` (`variant_name` -> its set) as `cfg` describes the
+    data, split and augmentation, from the cache where an entry is there; the missing
+    ones are computed together in one streaming pass over the audio and cached."""
+    entries = _entries(data_dir, variants, cfg, cache)
+    found = {name: cache_entry.read(path) for name, (_, _, path) in entries.items()}
+    missing = {name: entry for name, entry in entries.items() if found[name] is None}
+    if missing:
+        _build(data_dir, cfg, missing)
+        found.update({name: cache_entry.read(path) for name, (_, _, path) in missing.items()})
+    return {name: _feature_set(*found[name], from_cache=name not in missing) for name in entries}
+
 
 def build_feature_sets(data_dir: Path, features: list[str], cfg: Config,
                        cache: Path | None = None) -> dict[str, FeatureSet]:
-    """The feature sets of `data_dir` as `cfg` describes them (data, split, augment,
-    features), from the cache where an entry is there; the missing ones are computed
-    together in one streaming pass over the audio and cached."""
-    entries = _entries(data_dir, features, cfg, cache)
-    found = {f: cache_entry.read(path) for f, path in entries.items()}
-    missing = {f: path for f, path in entries.items() if found[f] is None}
-    if missing:
-        _build(data_dir, cfg, missing)
-        found.update({f: cache_entry.read(path) for f, path in missing.items()})
-    return {f: _feature_set(*found[f], from_cache=f not in missing) for f in entries}
+    """Each of `features` (name -> its set) with the front end `cfg` gives it."""
+    sets = build_variants(data_dir, as_configured(features, cfg), cfg, cache)
+    return {fs.feature: fs for fs in sets.values()}
 
 
 def build_features(data_dir: Path, feature: str, cfg: Config,
@@ -107,18 +139,21 @@ def build_features(data_dir: Path, feature: str, cfg: Config,
     return build_feature_sets(data_dir, [feature], cfg, cache)[canonical_feature(feature)]
 
 
-def estimated_bytes(data_dir: Path, features: list[str], cfg: Config) -> dict[str, dict[str, int]]:
-    """Bytes each feature's splits will take (x only, augmented copies included), from the
-    audio files' headers: what the memory preflight needs before anything is computed."""
+def estimated_bytes(data_dir: Path, variants: list[Variant], cfg: Config) -> dict[str, dict[str, int]]:
+    """Bytes each feature's splits will take (x only, augmented copies included, summed
+    over its variants), from the audio files' headers: what the memory preflight needs
+    before anything is computed."""
     plan = _plan(data_dir, cfg, estimate=True)
     copies = 1 + 2 * cfg.augment.copies
     rows = {name: plan.estimated_segments(name) * (copies if name == "train" else 1)
             for name in data.SPLITS}
-    out = {}
-    for feature in map(canonical_feature, features):
+    out: dict[str, dict[str, int]] = {}
+    for feature, params in variants:
         probe = compute_feature(torch.zeros(1, plan.cutter.length), feature, plan.sample_rate,
-                                cfg.features.of(feature), _unit_stats(feature))
-        out[feature] = {name: n * probe[0].nbytes for name, n in rows.items()}
+                                params, _unit_stats(feature))
+        sums = out.setdefault(feature, dict.fromkeys(data.SPLITS, 0))
+        for name, n in rows.items():
+            sums[name] += n * probe[0].nbytes
     return out
 
 
@@ -134,16 +169,17 @@ def _plan(data_dir: Path, cfg: Config, estimate: bool = False) -> data.Plan:
     return data.plan(data_dir, cfg.data, cfg.split, cfg.run.seed, estimate=estimate)
 
 
-def _entries(data_dir: Path, features: list[str], cfg: Config,
-             cache: Path | None) -> dict[str, Path]:
-    """Feature -> its cache entry's folder, keyed by every input it depends on."""
+def _entries(data_dir: Path, variants: list[Variant], cfg: Config,
+             cache: Path | None) -> dict[str, tuple[str, dict[str, Any], Path]]:
+    """variant_name -> (feature, params, its cache entry's folder, keyed by every input
+    it depends on)."""
     segments_key = _key(_params(cfg), _fingerprint(data_dir, cfg.split.kind))
     root = Path(cache or cache_dir()) / "features"
     entries = {}
-    for feature in map(canonical_feature, features):
-        key = _key({"segments": segments_key, "feature": feature,
-                    "params": cfg.features.of(feature)})
-        entries[feature] = root / f"{feature}-{key}"
+    for feature, params in variants:
+        feature = canonical_feature(feature)
+        key = _key({"segments": segments_key, "feature": feature, "params": params})
+        entries[variant_name(feature, params)] = (feature, params, root / f"{feature}-{key}")
     return entries
 
 
@@ -197,29 +233,30 @@ def _normalise(x: torch.Tensor, feature: str, stats: dict[str, torch.Tensor]) ->
 
 
 @torch.no_grad()
-def _build(data_dir: Path, cfg: Config, entries: dict[str, Path]) -> None:
-    """Decode, augment and compute every feature of `entries` in one pass over the audio,
-    a chunk of segments at a time, each feature streamed into its own cache entry."""
+def _build(data_dir: Path, cfg: Config, entries: dict[str, tuple[str, dict[str, Any], Path]]) -> None:
+    """Decode, augment and compute every variant of `entries` (_entries') in one pass over
+    the audio, a chunk of segments at a time, each streamed into its own cache entry."""
     log.info("decoding %s and computing %s (cached after this run)", data_dir, ", ".join(entries))
     plan, params = _plan(data_dir, cfg), _params(cfg)
     generator = torch.Generator().manual_seed(cfg.run.seed)
-    rate, every = plan.sample_rate, {f: cfg.features.of(f) for f in entries}
+    rate = plan.sample_rate
     with contextlib.ExitStack() as stack:
-        writers = {f: stack.enter_context(cache_entry.Writer(path)) for f, path in entries.items()}
+        writers = {name: (feature, front, stack.enter_context(cache_entry.Writer(path)))
+                   for name, (feature, front, path) in entries.items()}
         for name in data.SPLITS:
             for chunk in plan.chunks(name, CHUNK):
                 if name == "train":
                     chunk = _augmented(chunk, rate, params["augment"], generator)
-                for feature, writer in writers.items():
-                    writer.append(f"{name}.x", _unnormalised(chunk.waves, feature, rate, every[feature]).numpy())
+                for feature, front, writer in writers.values():
+                    writer.append(f"{name}.x", _unnormalised(chunk.waves, feature, rate, front).numpy())
                     writer.append(f"{name}.labels", chunk.labels.numpy())
                     writer.append(f"{name}.track", chunk.track.numpy())
         segs = plan.finish()  # UserError here (a split or genre left without audio) aborts
         meta = {"classes": segs.classes, "sample_rate": rate, "params": params,
                 "report": segs.notes(), "track_ids": {n: p.track_ids for n, p in segs.splits.items()}}
-        for feature, writer in writers.items():
+        for feature, front, writer in writers.values():
             _normalise_entry(writer, feature)
-            writer.commit({**meta, "feature": feature, "feature_params": every[feature]})
+            writer.commit({**meta, "feature": feature, "feature_params": front})
     if torch.cuda.is_available():  # what augmenting on the GPU cached, given back to the trials
         torch.cuda.empty_cache()
 

@@ -8,6 +8,17 @@ A file is data, not code (format documented at the top of `search_spaces/MLP.yam
       hidden_layers: {int: [2, 4]}            # both ends included
       dropout_prob: {uniform: [0.0, 0.5]}
     first_point: {learning_rate: 0.001, ...}  # the seed's configuration, evaluated first
+    features:                                 # optional: what one feature's pairs search too
+      spectrogram:
+        params: {hop_length: {choice: [512, 1024]}, freq_mask: {int: [0, 16]}}
+        first_point: {hop_length: 1024, freq_mask: 8}
+
+A feature's section may search its front end (defaults.yaml `features.<feature>`), its
+batch augmentation (`batch_augment.<feature>`) and any model or training key. Front-end
+keys take `choice` only, at most MAX_VARIANTS combinations per feature: each combination
+is a feature variant, computed and cached once before the run (genre_ray.features) and
+shared by every trial that samples it, so a search's disk cache and object store hold a
+bounded, known set of feature arrays (the memory preflight counts them all).
 
 Every mistake a user can make in such a file (YAML syntax, an unknown distribution, an
 empty or reversed range, a key the model does not take, a range the model cannot build,
@@ -17,6 +28,8 @@ a SearchSpace into OptunaSearch's `space` and `points_to_evaluate`.
 """
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 import re
 from dataclasses import dataclass
@@ -34,9 +47,12 @@ from genre_ray.files import read_text
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 # Training keys a search must not vary: they do not change the result.
 NOT_SEARCHABLE = frozenset({"eval_batch_size"})
-TRAINING_KEYS = frozenset(config.keys("training"))
 _SPACE_KEYS = ("params", "first_point")
-_TOP_LEVEL = (*_SPACE_KEYS, "extends")  # extends: another model's file, whose keys it takes
+_TOP_LEVEL = (*_SPACE_KEYS, "features", "extends")  # extends: another model's file, whose keys it takes
+FEATURES = tuple(sorted(config.keys("features")))
+# Front-end combinations one feature's section may search: each is a cached copy of the
+# whole feature set (on disk and in every node's object store).
+MAX_VARIANTS = 4
 
 
 class _SpecError(ValueError):
@@ -96,6 +112,22 @@ class SearchSpace:
     distributions: dict[str, BaseDistribution]
     first_point: dict[str, Any]
     doc: dict[str, Any]  # the mapping it was read from, `extends` applied (a run keeps it)
+    features: dict[str, SearchSpace] = dataclasses.field(default_factory=dict)  # own keys only
+
+    def of(self, feature: str) -> SearchSpace:
+        """The space of the (model, `feature`) pair: the model's keys and the feature's."""
+        own = self.features.get(feature)
+        if own is None:
+            return dataclasses.replace(self, features={})
+        return dataclasses.replace(self, distributions={**self.distributions, **own.distributions},
+                                   first_point={**self.first_point, **own.first_point}, features={})
+
+    def variants(self, feature: str) -> list[dict[str, Any]]:
+        """Every front-end setting `feature`'s pairs can sample: {key: value} of the searched
+        front-end keys, one per combination of their choices ([{}] when none is searched)."""
+        searched = {key: d.choices for key, d in self.of(feature).distributions.items()
+                    if key in config.keys(f"features.{feature}")}
+        return [dict(zip(searched, values)) for values in itertools.product(*searched.values())]
 
 
 def load_space(model: str, directory: Path | None = None) -> SearchSpace:
@@ -112,28 +144,75 @@ def load_space(model: str, directory: Path | None = None) -> SearchSpace:
 def parse_space(model: str, doc: dict[str, Any], path: Path) -> SearchSpace:
     """The SearchSpace of a file's mapping (`extends` applied), checked; `path` names it
     in errors. A run's saved configuration holds such mappings (config.Config.spaces)."""
-    searchable = sorted((models.model_keys(model) | TRAINING_KEYS) - NOT_SEARCHABLE)
-
     def fail(where: str, problem: str) -> UserError:
         return UserError(f"{path}: {where}: {problem}")
 
+    distributions, first = _section(model, None, doc, "", fail)
+    sections = doc.get("features") or {}
+    if not isinstance(sections, dict):
+        raise fail("features", f"needs a mapping of feature -> {{params, first_point}}, got {sections!r}")
+    features = {}
+    for feature, section in sections.items():
+        if feature not in FEATURES:
+            raise fail(f"features.{feature}", f"unknown feature; features: {', '.join(FEATURES)}")
+        if not isinstance(section, dict):
+            raise fail(f"features.{feature}", f"needs a mapping with keys {' and '.join(_SPACE_KEYS)}")
+        for key in set(section) - set(_SPACE_KEYS):
+            raise fail(f"features.{feature}.{key}", f"unknown key; valid keys: {', '.join(_SPACE_KEYS)}")
+        own, point = _section(model, feature, section, f"features.{feature}.", fail)
+        for key in own.keys() & distributions.keys():
+            raise fail(f"features.{feature}.params.{key}", "is searched in params too; "
+                                                           "search it in one place")
+        features[feature] = SearchSpace(model, path, own, point, section)
+    space = SearchSpace(model, path, distributions, first, doc, features)
+    for feature in features:
+        _check_variants(space, feature, fail)
+    return space
+
+
+def _check_variants(space: SearchSpace, feature: str, fail: Callable[[str, str], UserError]) -> None:
+    """A feature's searched front-end keys: choices only, at most MAX_VARIANTS together."""
+    front_end = config.keys(f"features.{feature}")
+    for key, distribution in space.of(feature).distributions.items():
+        if key in front_end and not isinstance(distribution, CategoricalDistribution):
+            raise fail(f"features.{feature}.params.{key}",
+                       "a front-end key takes choice [...] only: each value's features are "
+                       "computed and cached before the run, e.g. {choice: [512, 1024]}")
+    count = len(space.variants(feature))
+    if count > MAX_VARIANTS:
+        raise fail(f"features.{feature}.params", f"its front-end choices make {count} feature "
+                   f"variants, each a cached copy of the {feature} features; at most "
+                   f"{MAX_VARIANTS}: list fewer values")
+
+
+def _section(model: str, feature: str | None, doc: dict[str, Any], prefix: str,
+             fail: Callable[[str, str], UserError]) -> tuple[dict[str, BaseDistribution], dict[str, Any]]:
+    """The distributions and first point of one `params` + `first_point` mapping: the
+    file's own (feature None) or a feature's section (its keys may also be the feature's)."""
+    owners = config.hyper_sections(feature)
+    owners["model"] = set(models.model_keys(model))
+    section_of = {key: section for section, names in owners.items() for key in names}
+    searchable = sorted(set(section_of) - NOT_SEARCHABLE)
+
     params, point = doc.get("params"), doc.get("first_point")
-    if not (isinstance(params, dict) and params):
-        raise fail("params", "needs a mapping of one or more searched keys, "
-                             "e.g. learning_rate: {log_uniform: [1.0e-4, 1.0e-2]}")
+    if not (isinstance(params, dict) and (params or feature)):
+        raise fail(f"{prefix}params", "needs a mapping of one or more searched keys, "
+                                      "e.g. learning_rate: {log_uniform: [1.0e-4, 1.0e-2]}")
     if not isinstance(point, dict):
-        raise fail("first_point", "needs a mapping giving every key of params its first value, "
-                                  "e.g. {learning_rate: 0.001, ...}")
+        raise fail(f"{prefix}first_point", "needs a mapping giving every key of params its "
+                                           "first value, e.g. {learning_rate: 0.001, ...}")
 
     distributions = {}
     for key, spec in params.items():
-        where = f"params.{key}"
+        where = f"{prefix}params.{key}"
         if key in NOT_SEARCHABLE:
             raise fail(where, "does not change results, so it is not searched; set it in "
                               "the training section of defaults.yaml or --config")
         if key not in searchable:
-            raise fail(where, f"model {model} does not take this key; searchable keys: "
-                              f"{', '.join(searchable)}")
+            whose = f"model {model}" + (f" on {feature}" if feature else "")
+            hint = "" if feature else "; a feature's front end and augmentation go under features.<feature>"
+            raise fail(where, f"{whose} does not take this key; searchable keys: "
+                              f"{', '.join(searchable)}{hint}")
         if not (isinstance(spec, dict) and len(spec) == 1):
             raise fail(where, f"needs one distribution, e.g. {{uniform: [0.0, 0.5]}}, "
                               f"got {spec!r}")
@@ -146,28 +225,30 @@ def parse_space(model: str, doc: dict[str, Any], path: Path) -> SearchSpace:
         except _SpecError as err:
             raise fail(where, f"{name} {err}") from None
         for value in _extremes(distributions[key]):
-            problem = _check_value(model, key, value)
+            problem = config.problem(section_of[key], key, value)
             if problem:
                 raise fail(where, f"the range reaches {value!r}, which {model} rejects: "
                                   f"{problem}; change the range")
 
     for key in point:
         if key not in distributions:
-            raise fail(f"first_point.{key}", f"is not searched; add it to params or remove it "
-                                             f"(searched: {', '.join(distributions)})")
+            raise fail(f"{prefix}first_point.{key}", f"is not searched; add it to params or "
+                                                     f"remove it (searched: {', '.join(distributions)})")
     for key, distribution in distributions.items():
         if key not in point:
-            raise fail(f"first_point.{key}", "missing; give every key of params a first value")
+            raise fail(f"{prefix}first_point.{key}", "missing; give every key of params a first value")
         if not _contains(distribution, point[key]):
-            raise fail(f"first_point.{key}", f"{point[key]!r} is outside params.{key} "
-                                             f"({_describe(distribution)}); fix one of the two")
-    first = {key: point[key] for key in distributions}
-    return SearchSpace(model, path, distributions, first, doc)
+            raise fail(f"{prefix}first_point.{key}", f"{point[key]!r} is outside params.{key} "
+                                                     f"({_describe(distribution)}); fix one of the two")
+    return distributions, {key: point[key] for key in distributions}
 
 
-def first_point(model: str, directory: Path | None = None) -> dict[str, Any]:
-    """The first configuration to evaluate for `model`: the seed notebook's hand-picked one."""
-    return dict(load_space(model, directory).first_point)
+def first_point(model: str, directory: Path | None = None,
+                feature: str | None = None) -> dict[str, Any]:
+    """The first configuration to evaluate for `model` (on `feature`, with its section's
+    keys): the seed notebook's hand-picked one."""
+    space = load_space(model, directory)
+    return dict((space.of(feature) if feature else space).first_point)
 
 
 class _Loader(yaml.SafeLoader):
@@ -210,8 +291,24 @@ def _extended(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         why = "does not exist" if not base.is_file() else "extends this file in turn"
         raise UserError(f"{path}: extends: {base} {why}; name another model's search-space "
                         "file in the same folder")
-    inherited = _extended(base, (*seen, path))
-    return {key: {**(inherited.get(key) or {}), **(doc.get(key) or {})} for key in _SPACE_KEYS}
+    return _laid_over(_extended(base, (*seen, path)), doc)
+
+
+def _laid_over(inherited: dict[str, Any], doc: dict[str, Any]) -> dict[str, Any]:
+    """`doc`'s params and first_point key by key over `inherited`'s, and so each feature's
+    section; a value that is not a mapping replaces (parse_space says what is wrong)."""
+    def over(a: Any, b: Any) -> Any:
+        if b is None:
+            return a
+        return {**a, **b} if isinstance(a, dict) and isinstance(b, dict) else b
+
+    merged = {key: over(inherited.get(key) or {}, doc.get(key)) for key in _SPACE_KEYS}
+    base, own = inherited.get("features") or {}, doc.get("features")
+    if isinstance(base, dict) and isinstance(own, dict):
+        own = {f: {**s, **_laid_over(base.get(f) or {}, s)} if isinstance(s, dict) else s
+               for f, s in own.items()}
+    features = over(base, own)
+    return {**merged, "features": features} if features else merged
 
 
 def _read_yaml(path: Path) -> Any:
@@ -230,11 +327,6 @@ def _extremes(distribution: BaseDistribution) -> list[Any]:
     if isinstance(distribution, CategoricalDistribution):
         return list(distribution.choices)
     return [distribution.low, distribution.high]
-
-
-def _check_value(model: str, key: str, value: Any) -> str | None:
-    """Why `model` rejects `key: value`, or None: the check its config section makes."""
-    return config.problem("model" if key in models.model_keys(model) else "training", key, value)
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -37,7 +37,7 @@ from ray import tune
 
 from genre_ray import config
 from genre_ray.export import CHECKPOINT_METRIC
-from genre_ray.features import FeatureSet, batch_augmentation
+from genre_ray.features import FeatureSet, batch_augmentation, variant_of
 from genre_ray.models import build_model
 from genre_ray.training import Diverged, Evaluation, Trainer, pick_device, seed_everything
 
@@ -81,16 +81,17 @@ def tensors(arrays: tuple[np.ndarray, ...]) -> tuple[torch.Tensor, ...]:
 def train_pair(trial_config: Mapping[str, Any], feature_refs: Mapping[str, ray.ObjectRef],
                settings: config.Config) -> None:
     """The function trainable: `trial_config` = config.TrialKeys + sampled hyperparameters;
-    `settings`: the run's configuration, which the hyperparameters go into."""
+    `settings`: the run's configuration, which the hyperparameters go into; `feature_refs`:
+    features.variant_name -> its shared TrialData (the features of the trial's front end)."""
     release_memory()  # what an earlier trial in this (reused) worker freed
     keys, hyper = config.TrialKeys.split(trial_config)
-    _train(keys, config.tuned(settings, hyper), feature_refs)
+    cfg = config.tuned(settings, hyper, keys.feature)
+    _train(keys, cfg, feature_refs[variant_of(cfg, keys.feature)])
 
 
-def _train(keys: config.TrialKeys, cfg: config.Config,
-           feature_refs: Mapping[str, ray.ObjectRef]) -> None:
+def _train(keys: config.TrialKeys, cfg: config.Config, feature_ref: ray.ObjectRef) -> None:
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # a line per checkpoint
-    data: TrialData = ray.get(feature_refs[keys.feature])
+    data: TrialData = ray.get(feature_ref)
     seed_everything(keys.seed)
     model = build_model(keys.model, data.input_shape, len(data.classes), dataclasses.asdict(cfg.model))
     trainer = Trainer(model, tensors(data.train), tensors(data.val), cfg.training,

@@ -95,19 +95,22 @@ def batches(n: int, batch_size: int, generator: torch.Generator | None = None,
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                 y: torch.Tensor, batch_size: int, generator: torch.Generator,
                 transform: nn.Module | None = None, precision: str = "fp32",
-                label_smoothing: float = 0.0) -> float:
+                label_smoothing: float = 0.0, mixup: float = 0.0) -> float:
     """One pass over (x: (n, *shape), y: (n,)) in shuffled batches; returns the mean loss.
-    `precision`: a key of PRECISIONS, the forward pass's autocast; `label_smoothing`: of
-    the training loss only (validation losses stay plain cross-entropy, comparable)."""
+    `precision`: a key of PRECISIONS, the forward pass's autocast; `label_smoothing` and
+    `mixup` (alpha, `mixed`): of the training loss only (validation losses stay plain
+    cross-entropy, comparable)."""
     model.train()
     total = torch.zeros((), device=_device(model))
     for idx in batches(len(x), batch_size, generator, x.device):
         xb, yb = _on(model, x[idx]), _on(model, y[idx])
         if transform is not None:
             xb = transform(xb)
+        xb, targets = mixed(xb, yb, mixup)
         with autocast(xb.device, precision):
-            logits = model(xb)
-        loss = nn.functional.cross_entropy(logits.float(), yb, label_smoothing=label_smoothing)
+            logits = model(xb).float()
+        loss = sum(weight * nn.functional.cross_entropy(logits, target, label_smoothing=label_smoothing)
+                   for weight, target in targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -116,6 +119,17 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
     if not math.isfinite(mean):
         raise Diverged(f"training loss is {mean}; lower the learning rate")
     return mean
+
+
+def mixed(x: torch.Tensor, y: torch.Tensor, alpha: float) -> tuple[torch.Tensor, list]:
+    """Mixup (Zhang et al. 2018): each item of x (batch, ...) blended with another of the
+    batch, weights lam and 1 - lam, lam ~ Beta(alpha, alpha) per batch; returns the mixed
+    batch and the loss's [(weight, labels (batch,))]. alpha 0: x as it is, [(1.0, y)]."""
+    if alpha == 0:
+        return x, [(1.0, y)]
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())  # the CPU RNG, in state_dict
+    other = torch.randperm(len(x), device=x.device)
+    return lam * x + (1 - lam) * x[other], [(lam, y), (1 - lam, y[other])]
 
 
 @torch.no_grad()
@@ -184,7 +198,7 @@ class Trainer:
         self.val_xy = resident(val, self.device, RESIDENT_BUDGET * device_share)
         self.n_classes, self.batch_size = n_classes, settings.batch_size
         self.eval_batch_size, self.precision = settings.eval_batch_size, settings.precision
-        self.label_smoothing = settings.label_smoothing
+        self.label_smoothing, self.mixup = settings.label_smoothing, settings.mixup
         self.transform = transform.to(self.device) if transform is not None else None
         self.optimizer = OPTIMIZERS[settings.optimizer](model.parameters(), settings.learning_rate,
                                                         settings.weight_decay)
@@ -204,7 +218,7 @@ class Trainer:
         while self.epoch < epochs:
             train_loss = train_epoch(self.model, self.optimizer, *self.train_xy, self.batch_size,
                                      self.generator, self.transform, self.precision,
-                                     self.label_smoothing)
+                                     self.label_smoothing, self.mixup)
             result = self.evaluate()
             if not math.isfinite(result.loss):
                 raise Diverged(f"validation loss is {result.loss}; lower the learning rate")
@@ -262,7 +276,7 @@ def resident(split: tuple[torch.Tensor, ...], device: torch.device,
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     """Train one model on one feature without Ray and print its per-epoch metrics."""
-    from genre_ray.features import batch_augmentation, build_features
+    from genre_ray.features import batch_augmentation, build_features, canonical_feature
     from genre_ray.models import build_model, count_parameters
     from genre_ray.search_space import first_point
 
@@ -284,13 +298,13 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--config is not JSON ({err}); write e.g. '{{\"learning_rate\": 3e-4}}'") from None
     if not isinstance(hyper, dict):
         raise UserError(f"--config must be a JSON object of hyperparameters, got {args.config}")
-    run = config.replaced(run, {"run.seed": args.seed})
-    cfg = config.tuned(run, {**first_point(args.model, run.run.search_spaces), **hyper})
+    run, feature = config.replaced(run, {"run.seed": args.seed}), canonical_feature(args.feature)
+    cfg = config.tuned(run, {**first_point(args.model, run.run.search_spaces, feature), **hyper}, feature)
     if args.data_dir is None:
         from genre_ray.synthetic import embedded_dataset
 
         args.data_dir = embedded_dataset()
-    fs = build_features(args.data_dir, args.feature, run)
+    fs = build_features(args.data_dir, feature, cfg)
     seed_everything(args.seed)
     model = build_model(args.model, fs.input_shape, len(fs.classes), dataclasses.asdict(cfg.model))
     print(f"{args.model} on {fs.feature} {fs.input_shape}: {count_parameters(model):,} parameters")

@@ -215,7 +215,7 @@ def build_search(pairs: list[tuple[str, str]], spaces: dict[str, SearchSpace], c
     search, searchers, constants = cfg.search, {}, {}
     for i, (model, feature) in enumerate(pairs):
         pair = pair_name(model, feature)
-        space = spaces[model]
+        space = spaces[model].of(feature)
         sampler = optuna.samplers.TPESampler(  # explicit: Optuna 5 changed TPE's defaults
             seed=cfg.run.seed + i, n_startup_trials=search.n_startup_trials,
             multivariate=True, constant_liar=True)
@@ -289,7 +289,8 @@ def make_tuner(feature_refs: dict[str, Any], searcher: PairSearcher, scheduler: 
     `(config, feature_refs, settings)` in place of `trainable.train_pair` (benches).
 
     The feature sets reach trials through `tune.with_parameters` as object refs put
-    once per run; each trial fetches only its own feature. Checkpoints are bounded to
+    once per run (`feature_refs`: FeatureSet.variant -> ref); each trial fetches only its
+    own feature variant. Checkpoints are bounded to
     `keep_checkpoints` per trial, ranked by the loss of the state they hold (a trial
     checkpoints its best state, and only when it improved, so the best is also the latest,
     which is what a resume needs).

@@ -341,9 +341,9 @@ def test_a_file_added_behind_a_linked_genre_folder_changes_the_cache_key(tmp_pat
     for genre in GENRES:
         (root / genre).symlink_to(tmp_path / "elsewhere" / "genres_original" / genre)
     cfg = config.load()
-    before = features._entries(tmp_path / "data", ["waveform"], cfg, tmp_path / "cache")
+    before = features._entries(tmp_path / "data", features.as_configured(["waveform"], cfg), cfg, tmp_path / "cache")
     write_tone(tmp_path / "elsewhere" / "genres_original" / "jazz" / "jazz.00003.wav", 700.0, 6.0)
-    assert features._entries(tmp_path / "data", ["waveform"], cfg, tmp_path / "cache") != before
+    assert features._entries(tmp_path / "data", features.as_configured(["waveform"], cfg), cfg, tmp_path / "cache") != before
     assert "jazz.00003" in {t.track_id for t in data.scan(tmp_path / "data").tracks}
 
 

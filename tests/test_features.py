@@ -106,6 +106,33 @@ def test_cache_hit_recomputes_nothing(tree, isolated_cache):
         assert torch.equal(part.x, again.splits[name].x)
 
 
+def test_front_end_variants_are_each_cached_once_and_share_one_pass(tree, isolated_cache, caplog):
+    """A search over the front end (search_space.py) asks for one entry per parameter set:
+    each computed once, in one pass over the audio, and read back by every later run."""
+    front = CFG.features.of("spectrogram")
+    hops = [("spectrogram", {**front, "hop_length": hop}) for hop in (1024, 512)]
+    with caplog.at_level(logging.INFO, logger="genre_ray.features"):
+        first = features.build_variants(tree, hops, CFG)
+    assert sum("decoding" in r.getMessage() for r in caplog.records) == 1  # one pass for both
+    assert [fs.input_shape for fs in first.values()] == [(64, 108), (64, 216)]
+    assert [fs.variant for fs in first.values()] == list(first)
+    assert {fs.params["feature_params"]["hop_length"] for fs in first.values()} == {1024, 512}
+    # the same labels and tracks: one set of segments, two front ends
+    a, b = first.values()
+    assert torch.equal(a.splits["train"].labels, b.splits["train"].labels)
+    entries = {p: p.stat().st_mtime_ns for p in (isolated_cache / "features").iterdir()}
+    assert len(entries) == 2
+    mels = ("spectrogram", {**front, "n_mels": 32})
+    again = features.build_variants(tree, [*hops, mels], CFG)
+    assert [fs.from_cache for fs in again.values()] == [True, True, False]  # only the new one built
+    assert again[features.variant_name(*mels)].input_shape == (32, 108)
+    after = {p: p.stat().st_mtime_ns for p in (isolated_cache / "features").iterdir()}
+    assert len(after) == 3 and all(after[p] == t for p, t in entries.items())
+    # the memory preflight counts every variant of a feature
+    sizes = features.estimated_bytes(tree, [*hops, mels], CFG)["spectrogram"]
+    assert sizes["val"] == sum(fs.splits["val"].x.numel() * 4 for fs in again.values())
+
+
 def test_changed_input_file_or_parameter_misses_the_cache(tree, tmp_path):
     cache = tmp_path / "cache"
     build_features(tree, "waveform", CFG, cache=cache)

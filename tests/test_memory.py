@@ -17,7 +17,7 @@ import torch
 
 from genre_ray import capacity, config, export
 from genre_ray.errors import UserError
-from genre_ray.features import FeatureSet, FeatureSplit, estimated_bytes
+from genre_ray.features import FeatureSet, FeatureSplit, as_configured, estimated_bytes
 from genre_ray.search_space import SPACES_DIR
 from genre_ray.trainable import share, tensors
 from tests.helpers import REPO, make_tree
@@ -141,7 +141,7 @@ def test_sizes_are_estimated_from_headers_and_match_what_is_built(tmp_path):
 
     tree = make_tree(tmp_path / "data", tracks=3, seconds=11.0)
     cfg = config.load()
-    sizes = estimated_bytes(tree, ["waveform", "spectrogram"], cfg)
+    sizes = estimated_bytes(tree, as_configured(["waveform", "spectrogram"], cfg), cfg)
     for feature, estimate in sizes.items():
         fs = build_features(tree, feature, cfg, cache=tmp_path / "cache")
         assert estimate == {name: part.x.nbytes for name, part in fs.splits.items()}, feature

@@ -1,13 +1,18 @@
 """genre_ray.search_space: the five shipped spaces, their first points, and bad files."""
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import pytest
 import torch
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
+from genre_ray import config, features, training
 from genre_ray.errors import UserError
-from genre_ray.models import MODELS, build_model
-from genre_ray.search_space import SPACES_DIR, SearchSpace, first_point, load_space, parse_space
+from genre_ray.models import MODELS, build_model, model_keys
+from genre_ray.search_space import (NOT_SEARCHABLE, SPACES_DIR, SearchSpace, first_point, load_space,
+                                    parse_space)
 from tests.helpers import arch
 
 # The seed notebook's hand-picked configurations, as the issue states them: the spec.
@@ -153,6 +158,36 @@ BAD = {
                                  + "first_point: {learning_rate: 0.001, nodes: 48}\n", "nodes"),
     "first point float for an int": ("MLP2", "params:\n  hidden_layers: {int: [1, 4]}\n"
                                      "first_point: {hidden_layers: 3.0}\n", "hidden_layers"),
+    # a feature's section (features: {<feature>: {params, first_point}})
+    "unknown feature": ("MLP", "params:\n" + GOOD_PARAMS + GOOD_POINT
+                        + "features: {mfcc: {params: {}, first_point: {}}}\n", "features.mfcc"),
+    "feature section not a mapping": ("MLP", "params:\n" + GOOD_PARAMS + GOOD_POINT
+                                      + "features: [spectrogram]\n", "features"),
+    "feature section with an unknown key": ("MLP", "params:\n" + GOOD_PARAMS + GOOD_POINT
+                                            + "features: {spectrogram: {parms: {}}}\n",
+                                            "features.spectrogram.parms"),
+    "front end of another feature": ("MLP", "params:\n" + GOOD_PARAMS + GOOD_POINT
+                                     + "features: {waveform: {params: {hop_length: {choice: [512]}},"
+                                       " first_point: {hop_length: 512}}}\n", "hop_length"),
+    "front end at the top": ("MLP", "params:\n" + GOOD_PARAMS + "  hop_length: {choice: [512]}\n"
+                             "first_point: {learning_rate: 0.001, nodes: 64, hop_length: 512}\n",
+                             "features.<feature>"),
+    "front end as a range": ("MLP", "params:\n" + GOOD_PARAMS + GOOD_POINT
+                             + "features: {spectrogram: {params: {hop_length: {int: [256, 1024]}},"
+                               " first_point: {hop_length: 512}}}\n", "choice"),
+    "too many front ends": ("MLP", "params:\n" + GOOD_PARAMS + GOOD_POINT
+                            + "features: {spectrogram: {params: {hop_length: {choice: [256, 512, 1024]},"
+                              " n_mels: {choice: [32, 64]}}, first_point: {hop_length: 512, n_mels: 64}}}\n",
+                            "6 feature variants"),
+    "front end the feature rejects": ("MLP", "params:\n" + GOOD_PARAMS + GOOD_POINT
+                                      + "features: {spectrogram: {params: {n_mels: {choice: [0, 64]}},"
+                                        " first_point: {n_mels: 64}}}\n", "n_mels"),
+    "feature key also at the top": ("MLP", "params:\n" + GOOD_PARAMS + GOOD_POINT
+                                    + "features: {spectrogram: {params: {nodes: {choice: [16]}},"
+                                      " first_point: {nodes: 16}}}\n", "searched in params too"),
+    "feature first point missing a key": ("MLP", "params:\n" + GOOD_PARAMS + GOOD_POINT
+                                          + "features: {spectrogram: {params: {freq_mask: {int: [0, 9]}},"
+                                            " first_point: {}}}\n", "features.spectrogram.first_point.freq_mask"),
 }
 
 
@@ -209,3 +244,121 @@ def test_a_bad_extends_is_one_clear_error(tmp_path, text, says):
     (tmp_path / "CEL2.yaml").write_text(text)
     with pytest.raises(UserError, match=says):
         load_space("CEL2", tmp_path)
+
+
+FEATURE_SPACE = ("params:\n" + GOOD_PARAMS + GOOD_POINT
+                 + "features:\n"
+                   "  spectrogram:\n"
+                   "    params:\n"
+                   "      hop_length: {choice: [512, 1024]}\n"
+                   "      n_mels: {choice: [32, 64]}\n"
+                   "      freq_mask: {int: [0, 16]}\n"
+                   "      mixup: {uniform: [0.0, 0.4]}\n"
+                   "    first_point: {hop_length: 1024, n_mels: 64, freq_mask: 8, mixup: 0.0}\n"
+                   "  waveform:\n"
+                   "    params: {noise_std: {uniform: [0.0, 0.05]}}\n"
+                   "    first_point: {noise_std: 0.01}\n")
+
+
+def test_a_features_section_adds_its_keys_to_that_features_pairs_only(tmp_path):
+    (tmp_path / "MLP.yaml").write_text(FEATURE_SPACE)
+    space = load_space("MLP", tmp_path)
+    spectrogram, waveform = space.of("spectrogram"), space.of("waveform")
+    assert list(spectrogram.distributions) == ["learning_rate", "nodes", "hop_length", "n_mels",
+                                               "freq_mask", "mixup"]
+    assert spectrogram.first_point == {"learning_rate": 0.001, "nodes": 64, "hop_length": 1024,
+                                       "n_mels": 64, "freq_mask": 8, "mixup": 0.0}
+    assert list(waveform.distributions) == ["learning_rate", "nodes", "noise_std"]
+    assert first_point("MLP", tmp_path, "waveform") == {"learning_rate": 0.001, "nodes": 64,
+                                                        "noise_std": 0.01}
+    assert first_point("MLP", tmp_path) == {"learning_rate": 0.001, "nodes": 64}
+    # the front end's choices, every combination once; batch augmentation and training keys are no variant
+    assert sorted(map(str, space.variants("spectrogram"))) == sorted(map(str, [
+        {"hop_length": h, "n_mels": m} for h in (512, 1024) for m in (32, 64)]))
+    assert space.variants("waveform") == [{}]
+    again = parse_space("MLP", space.doc, space.path)
+    assert again.of("spectrogram").distributions == spectrogram.distributions
+
+
+def test_a_features_section_extends_key_by_key(tmp_path):
+    (tmp_path / "CEL.yaml").write_text(FEATURE_SPACE)
+    (tmp_path / "CEL2.yaml").write_text(
+        "extends: CEL\nfeatures:\n  spectrogram:\n    params: {n_mels: {choice: [64, 128]}}\n"
+        "    first_point: {n_mels: 128}\n")
+    child = load_space("CEL2", tmp_path).of("spectrogram")
+    assert child.distributions["n_mels"].choices == (64, 128)
+    assert child.distributions["hop_length"].choices == (512, 1024)
+    assert child.first_point["n_mels"] == 128 and child.first_point["freq_mask"] == 8
+    assert list(load_space("CEL2", tmp_path).of("waveform").distributions)[-1] == "noise_std"
+
+
+# A value of every key a search space may search, other than the shipped first points' and
+# defaults.yaml's: each must change what a trial trains (a key that changes nothing is a bug).
+OTHER_VALUE = {
+    "learning_rate": 0.01, "batch_size": 16, "optimizer": "sgd", "weight_decay": 0.05,
+    "label_smoothing": 0.1, "mixup": 0.4, "scheduler": "cosine", "precision": "bf16",
+    "nodes": 32, "hidden_layers": 2, "dropout_prob": 0.1, "dense_layers": 1, "pooling": "meanmax",
+    "stem_kernel": 256, "stem_stride": 128,
+    "n_fft": 1024, "hop_length": 512, "n_mels": 32, "f_min": 30.0, "top_db": 40.0,
+    "freq_mask": 0, "time_mask": 0, "noise_std": 0.0,
+}
+IGNORED = {("spectrogram", "stem_kernel"), ("spectrogram", "stem_stride")}  # the waveform stem's
+RATE, N = 22050, 32  # 32 one-second clips: batch sizes 16 and 32 differ
+
+
+def _searchable(model: str, feature: str) -> list[str]:
+    owners = config.hyper_sections(feature)
+    owners["model"] = model_keys(model)
+    return sorted(set().union(*owners.values()) - NOT_SEARCHABLE
+                  - {key for f, key in IGNORED if f == feature})
+
+
+@functools.lru_cache(maxsize=None)
+def _clips() -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise whose second half is near silence (so a top_db clamp bites), and labels."""
+    noise = torch.randn(N, RATE, generator=torch.Generator().manual_seed(0))
+    noise[:, RATE // 2:] *= 1e-5
+    return noise, torch.arange(N) % 10
+
+
+def _trial(model: str, feature: str, hyper: dict) -> list[torch.Tensor]:
+    """What a trial of `hyper` computes, as trainable._train does it: its features (the
+    front end `config.tuned` gives it), then two epochs of the shared loop with the batch
+    augmentation; returns the features, the losses and the trained weights."""
+    cfg = config.tuned(config.load(), hyper, feature)
+    waves, labels = _clips()
+    x = features.compute_feature(waves, feature, RATE, cfg.features.of(feature),
+                                 features._unit_stats(feature))
+    training.seed_everything(0)
+    net = build_model(model, tuple(x.shape[1:]), 10, dataclasses.asdict(cfg.model))
+    trainer = training.Trainer(net, (x, labels), (x, labels), cfg.training, n_classes=10, epochs=2,
+                               transform=features.batch_augmentation(feature, cfg.batch_augment.of(feature)))
+    losses = torch.tensor([m["train_loss"] for m in trainer.fit(2)])
+    return [x, losses, *net.state_dict().values()]
+
+
+def _differ(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) != len(b) or any(p.shape != q.shape or not torch.equal(p, q) for p, q in zip(a, b))
+
+
+@functools.lru_cache(maxsize=None)
+def _at_first_point(model: str, feature: str) -> tuple[dict, list[torch.Tensor]]:
+    point = first_point(model, feature=feature)
+    return point, _trial(model, feature, point)
+
+
+def _value(cfg: config.Config, feature: str, key: str):
+    """`key`'s value in the section of `cfg` that owns it for `feature`."""
+    section = next(s for s, keys in config.hyper_sections(feature).items() if key in keys)
+    return getattr(functools.reduce(getattr, section.split("."), cfg), key)
+
+
+@pytest.mark.parametrize("model,feature,key", [
+    (model, feature, key) for model in ("MLP", "MLP2", "CEL")  # CEL2, CEL3: CEL's class and space
+    for feature in SHAPES for key in _searchable(model, feature)])
+def test_every_key_a_space_may_search_changes_what_the_trial_trains(model, feature, key):
+    point, base = _at_first_point(model, feature)
+    was = _value(config.tuned(config.load(), point, feature), feature, key)
+    assert OTHER_VALUE[key] != was, f"pick another OTHER_VALUE for {key}"
+    assert _differ(base, _trial(model, feature, {**point, key: OTHER_VALUE[key]})), \
+        f"{key}: {OTHER_VALUE[key]!r} trains the same as {was!r}"

@@ -185,7 +185,7 @@ def runs(tmp_path_factory):
         fs = build_features(root, "spectrogram", cfg, cache=tmp_path_factory.mktemp("cache"))
         searcher, scheduler = build_search([("MLP", "spectrogram")], {"MLP": load_space("MLP")},
                                            cfg, "tuned", tuning.optuna_storage(run_dir))
-        grid = tuning.fit({"spectrogram": share(fs)}, searcher, scheduler, cfg,
+        grid = tuning.fit({fs.variant: share(fs)}, searcher, scheduler, cfg,
                           storage_path=str(base), name="tuned", num_trials=2, cpus_per_trial=1,
                           gpus_per_trial=0, max_concurrent=2, verbose=0,
                           callbacks=wandb_callback("offline", project="test", run_dir=run_dir,

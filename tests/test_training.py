@@ -140,6 +140,25 @@ def test_label_smoothing_reaches_the_training_loss_only(tones):
     assert smoothed["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-6)
 
 
+def test_mixup_blends_pairs_of_the_batch_and_weights_their_labels():
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 4, 5), torch.arange(6)
+    same, [(weight, labels)] = training.mixed(x, y, 0.0)
+    assert same is x and weight == 1.0 and labels is y
+    out, [(lam, first), (rest, second)] = training.mixed(x, y, 0.4)
+    assert torch.equal(first, y) and sorted(second.tolist()) == y.tolist() and 0 < lam < 1
+    assert lam + rest == pytest.approx(1.0) and not torch.equal(second, y)
+    assert torch.allclose(out, lam * x + rest * x[second])  # the label says which item was mixed in
+
+
+def test_mixup_reaches_the_training_loss_only(tones):
+    """As label smoothing: at a zero rate MLP's model stays put, so only the training loss moves."""
+    plain, mixed = (_trainer(tones, model="MLP", epochs=1, learning_rate=1e-12,
+                             mixup=alpha).fit(1)[0] for alpha in (0.0, 0.4))
+    assert mixed["train_loss"] != pytest.approx(plain["train_loss"], rel=1e-3)
+    assert mixed["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-6)
+
+
 def test_adamw_decays_weights_apart_from_the_gradient(tones):
     trainer = _trainer(tones, model="MLP", optimizer="adamw", weight_decay=0.1)
     assert type(trainer.optimizer) is torch.optim.AdamW

@@ -36,7 +36,8 @@ def run(tmp_path_factory):
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         cfg = settings(num_samples=4, max_epochs=MAX_EPOCHS, grace_period=1, n_startup_trials=2)
-        refs = {f: share(build_features(root, f, cfg, cache=cache)) for f in ("spectrogram", "waveform")}
+        sets = [build_features(root, f, cfg, cache=cache) for f in ("spectrogram", "waveform")]
+        refs = {fs.variant: share(fs) for fs in sets}
         storage = tuning.optuna_storage(run_dir)
         spaces = {m: load_space(m) for m, _ in PAIRS}
         searcher, scheduler = build_search(PAIRS, spaces, cfg, "test-run", storage)
