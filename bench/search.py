@@ -31,7 +31,8 @@ from ray.tune.schedulers import FIFOScheduler
 
 from bench.common import context
 from genre_ray import config, tuning
-from genre_ray.features import build_features
+from genre_ray.experiment import feature_variants
+from genre_ray.features import build_variants
 from genre_ray.search_space import load_space
 from genre_ray.synthetic import embedded_dataset
 from genre_ray.trainable import share
@@ -64,7 +65,7 @@ def random_fifo(model: str, feature: str, settings: config.Config, study: str,
     """The baseline's searcher and scheduler: random configurations, every one trained fully."""
     pair, search, seed = tuning.pair_name(model, feature), settings.search, settings.run.seed
     searcher = tuning.PrunedOptunaSearch(
-        load_space(model).distributions, metric=tuning.METRIC, mode=tuning.MODE,
+        load_space(model).of(feature).distributions, metric=tuning.METRIC, mode=tuning.MODE,
         sampler=optuna.samplers.RandomSampler(seed=seed + RANDOM_STREAM),
         storage=storage, study_name=f"{study}/{pair}", max_t=search.max_epochs)
     keys = config.TrialKeys(pair, model, feature, search.max_epochs, seed,
@@ -107,12 +108,14 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=config.load().search.max_epochs)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    fs = build_features(embedded_dataset(), args.feature, config.load())
+    cfg = config.load()
+    pair = [(args.model, args.feature)]
+    sets = build_variants(embedded_dataset(), feature_variants(pair, {args.model: load_space(args.model)}, cfg), cfg)
     budget = args.trials * args.max_epochs
     ray.init(address="local", include_dashboard=False, configure_logging=False)
     print(context())
     try:
-        slots, ref = int(ray.cluster_resources()["CPU"]), {fs.variant: share(fs)}
+        slots, ref = int(ray.cluster_resources()["CPU"]), {fs.variant: share(fs) for fs in sets.values()}
         with tempfile.TemporaryDirectory() as tmp:
             rows = {kind: search(kind, args.model, args.feature, args, ref, Path(tmp), slots)
                     for kind in ("random", "tpe")}

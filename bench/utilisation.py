@@ -20,7 +20,8 @@ import ray
 
 from bench.common import context
 from genre_ray import config, tuning
-from genre_ray.features import build_features
+from genre_ray.experiment import feature_variants
+from genre_ray.features import build_variants
 from genre_ray.search_space import load_space
 from genre_ray.synthetic import embedded_dataset
 from genre_ray.tracking import wandb_callback
@@ -55,9 +56,10 @@ def main() -> None:
     args = parser.parse_args()
     values = {f"search.{key}": getattr(args, key) for key in SEARCH_KEYS}
     settings = config.replaced(default, {**values, "run.seed": 0})
-    sets = {f: build_features(embedded_dataset(), f, settings) for f in args.features}
-    classes = next(iter(sets.values())).classes
     pairs = [(m, f) for m in args.models for f in args.features]
+    spaces = {model: load_space(model) for model in args.models}
+    sets = build_variants(embedded_dataset(), feature_variants(pairs, spaces, settings), settings)
+    classes = next(iter(sets.values())).classes
     ray.init(address="local", include_dashboard=False, configure_logging=False)
     print(context())
     try:

@@ -14,6 +14,7 @@ its caller rebuilds it.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -157,11 +158,44 @@ def read(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
             if _crc32(path / f"{name}.npy") != crc:
                 raise ValueError(f"checksum mismatch in {name}.npy")
         arrays = {name: np.load(path / f"{name}.npy", mmap_mode="c") for name in stored["crc32"]}
+        with contextlib.suppress(OSError):  # a read-only cache is read, never trimmed
+            os.utime(path / "meta.json")  # last used: what `trim` keeps the newest of
         return stored["meta"], arrays
     except Exception as err:  # any failure to read means the entry cannot be trusted
         log.warning("feature cache entry %s is corrupt (%s: %s); rebuilding it", path,
                     type(err).__name__, err)
         shutil.rmtree(path, ignore_errors=True)
+        return None
+
+
+def trim(root: Path, keep: set[Path], max_bytes: int) -> list[Path]:
+    """Remove the least recently read or written entries under `root` (never one of `keep`,
+    which a run is using) until the committed entries there take at most `max_bytes`;
+    returns the removed ones. Another process that maps a removed entry keeps reading it
+    (its files stay until unmapped); one about to read it finds it absent and rebuilds."""
+    entries = sorted(filter(None, map(_use_and_size, Path(root).iterdir())))
+    total, removed = sum(size for _, size, _ in entries), []
+    for _, size, path in entries:
+        if total <= max_bytes:
+            break
+        if path.resolve() not in keep:
+            log.info("feature cache over its %.1f GB bound: removing %s, the least recently "
+                     "used entry", max_bytes / (1 << 30), path.name)
+            shutil.rmtree(path, ignore_errors=True)
+            total -= size
+            removed.append(path)
+    return removed
+
+
+def _use_and_size(path: Path) -> tuple[int, int, Path] | None:
+    """(last use, bytes, path) of a committed entry; None for anything else (a writer's
+    `.<entry>.*.tmp` folder), or an entry that another process removes meanwhile."""
+    if path.name.startswith("."):
+        return None
+    try:
+        used = (path / "meta.json").stat().st_mtime_ns
+        return used, sum(f.stat().st_size for f in path.iterdir()), path
+    except (FileNotFoundError, NotADirectoryError):
         return None
 
 

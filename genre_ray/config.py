@@ -64,6 +64,7 @@ class Run:
     storage_path: Text
     search_spaces: Text | None  # None: the project's search_spaces/
     seed: Seed  # the split, the augmentation, TPE and every trial
+    cache_gb: Rate  # the feature cache's bound (cache.trim)
     env_file: Text  # read for WANDB_API_KEY
 
 

@@ -73,7 +73,7 @@ class Checked:
     mode: str | None  # W&B: online | offline | None (off)
     data_dir: Path
     need: capacity.Need  # what each node must hold (estimated from the audio files' headers)
-    variants: list[Variant]  # every feature front end a trial can sample (_variants)
+    variants: list[Variant]  # every feature front end a trial can sample (feature_variants)
 
 
 def run(cfg: Config, session: Session = Session()) -> RunSummary:
@@ -157,22 +157,22 @@ def _check(cfg: Config) -> Checked:
     output_dir = writable_folder(Path(cfg.run.output_dir), "--output-dir")
     mode = resolve_mode(cfg.tracking.wandb, Path(cfg.run.env_file))
     data_dir = Path(cfg.run.data_dir) if cfg.run.data_dir else _embedded()
-    variants = _variants(cfg, spaces)
+    variants = feature_variants([(m, f) for m in cfg.run.models for f in cfg.run.features], spaces, cfg)
     sizes = estimated_bytes(data_dir, variants, cfg)
     need = capacity.need(sizes, cfg.resources.cpus_per_trial, cfg.resources.gpus_per_trial,
                          cfg.memory)
     return Checked(spaces, output_dir, mode, data_dir, need, variants)
 
 
-def _variants(cfg: Config, spaces: dict[str, SearchSpace]) -> list[Variant]:
-    """Every (feature, front end) a trial of the run can sample, once each: the front
-    ends the pairs' search spaces choose among (search_space.SearchSpace.variants)."""
+def feature_variants(pairs: list[tuple[str, str]], spaces: dict[str, SearchSpace],
+                     cfg: Config) -> list[Variant]:
+    """Every (feature, front end) a trial of `pairs` (model, feature) can sample, once each:
+    the front ends their search spaces choose among (search_space.SearchSpace.variants)."""
     found = {}
-    for feature in cfg.run.features:
-        for model in cfg.run.models:
-            for searched in spaces[model].variants(feature):
-                front = config.tuned(cfg, searched, feature)
-                found[variant_of(front, feature)] = (feature, front.features.of(feature))
+    for model, feature in pairs:
+        for searched in spaces[model].variants(feature):
+            front = config.tuned(cfg, searched, feature)
+            found[variant_of(front, feature)] = (feature, front.features.of(feature))
     return list(found.values())
 
 

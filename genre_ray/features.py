@@ -123,6 +123,8 @@ def build_variants(data_dir: Path, variants: list[Variant], cfg: Config,
     if missing:
         _build(data_dir, cfg, missing)
         found.update({name: cache_entry.read(path) for name, (_, _, path) in missing.items()})
+        paths = {path.resolve() for _, _, path in entries.values()}
+        cache_entry.trim(next(iter(paths)).parent, paths, int(cfg.run.cache_gb * (1 << 30)))
     return {name: _feature_set(*found[name], from_cache=name not in missing) for name in entries}
 
 

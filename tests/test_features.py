@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -131,6 +132,29 @@ def test_front_end_variants_are_each_cached_once_and_share_one_pass(tree, isolat
     # the memory preflight counts every variant of a feature
     sizes = features.estimated_bytes(tree, [*hops, mels], CFG)["spectrogram"]
     assert sizes["val"] == sum(fs.splits["val"].x.numel() * 4 for fs in again.values())
+
+
+def test_the_cache_keeps_to_its_bound_removing_the_least_recently_used(tree, isolated_cache):
+    small = config.replaced(CFG, {"run.cache_gb": 1e-9})  # below any entry: only the run's stay
+    root = isolated_cache / "features"
+    wave = build_features(tree, "waveform", CFG)
+    spec = build_features(tree, "spectrogram", small)
+    assert [p.name.split("-")[0] for p in root.iterdir()] == ["spectrogram"]  # waveform went
+    assert np.isfinite(wave.splits["train"].x.numpy()).all()  # a mapped entry stays readable
+    assert not build_features(tree, "waveform", small).from_cache
+    assert [p.name.split("-")[0] for p in root.iterdir()] == ["waveform"]
+    assert spec.splits["val"].x.shape[1:] == (64, 108)
+
+
+def test_trim_removes_the_entries_read_longest_ago_first(tmp_path):
+    for i, name in enumerate("abc"):
+        with cache_entry.Writer(tmp_path / name) as writer:
+            writer.put("x", np.zeros(1000, dtype=np.float32))  # an entry: 4 kB and its meta
+            writer.commit({})
+        os.utime(tmp_path / name / "meta.json", ns=(i * 10**9, i * 10**9))  # written a, b, c
+    assert cache_entry.read(tmp_path / "a") is not None  # read now: the newest use
+    removed = cache_entry.trim(tmp_path, keep={(tmp_path / "b").resolve()}, max_bytes=9000)
+    assert removed == [tmp_path / "c"] and sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
 
 
 def test_changed_input_file_or_parameter_misses_the_cache(tree, tmp_path):
