@@ -17,14 +17,17 @@ from tests.helpers import arch
 
 # The seed notebook's hand-picked configurations, as the issue states them: the spec.
 _CEL = {"learning_rate": 0.001, "batch_size": 32, "nodes": 64, "hidden_layers": 3,
-        "dropout_prob": 0.3, "dense_layers": 2, "optimizer": "adam", "weight_decay": 0.0}  # the seed's Adam: no decay
+        "dropout_prob": 0.3, "dense_layers": 2, "optimizer": "adam", "weight_decay": 0.0,  # the seed's Adam: no decay
+        "mixup": 0.0}
 SEED = {"MLP": {"learning_rate": 0.001, "batch_size": 32, "nodes": 64},
         "MLP2": {"learning_rate": 0.001, "batch_size": 32, "nodes": 64, "hidden_layers": 3},
         "CEL": _CEL, "CEL2": _CEL, "CEL3": _CEL}
 SHAPES = {"waveform": (1000,), "spectrogram": (16, 32)}
 # What kind of distribution each key must be, whatever its range.
 KINDS = {"learning_rate": (FloatDistribution, True), "dropout_prob": (FloatDistribution, False),
-         "hidden_layers": (IntDistribution, False), "dense_layers": (IntDistribution, False)}
+         "mixup": (FloatDistribution, False), "hidden_layers": (IntDistribution, False),
+         "dense_layers": (IntDistribution, False), "freq_mask": (IntDistribution, False),
+         "time_mask": (IntDistribution, False)}
 
 
 def test_every_model_has_a_space():
@@ -40,6 +43,9 @@ def test_first_point_is_the_seed_configuration(model):
     assert space.first_point == SEED[model]
     assert first_point(model) == SEED[model]
     assert list(space.distributions) == list(space.first_point)
+    for feature in SHAPES:  # a feature's section starts where defaults.yaml is: the seed's
+        seed = config.tuned(config.load(), SEED[model], feature)
+        assert config.tuned(config.load(), first_point(model, feature=feature), feature) == seed
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -51,13 +57,14 @@ def test_first_point_lies_inside_each_distribution(model):
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_distribution_kinds(model):
-    for key, distribution in load_space(model).distributions.items():
+@pytest.mark.parametrize("feature", SHAPES)
+def test_distribution_kinds(model, feature):
+    for key, distribution in load_space(model).of(feature).distributions.items():
         if key in KINDS:
             kind, log = KINDS[key]
             assert type(distribution) is kind, key
             assert distribution.log is log, key
-        elif key in ("batch_size", "nodes"):
+        elif key in ("batch_size", "nodes", "n_mels"):
             assert isinstance(distribution, CategoricalDistribution), key
             assert all(isinstance(c, int) and c >= 1 for c in distribution.choices), key
         elif key in ("optimizer", "weight_decay"):  # the CEL family's
