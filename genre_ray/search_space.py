@@ -157,12 +157,14 @@ def parse_space(model: str, doc: dict[str, Any], path: Path) -> SearchSpace:
             raise fail(f"features.{feature}", f"unknown feature; features: {', '.join(FEATURES)}")
         if not isinstance(section, dict):
             raise fail(f"features.{feature}", f"needs a mapping with keys {' and '.join(_SPACE_KEYS)}")
-        for key in set(section) - set(_SPACE_KEYS):
-            raise fail(f"features.{feature}.{key}", f"unknown key; valid keys: {', '.join(_SPACE_KEYS)}")
+        unknown = sorted(set(section) - set(_SPACE_KEYS))
+        if unknown:
+            raise fail(f"features.{feature}.{unknown[0]}", f"unknown key; valid keys: {', '.join(_SPACE_KEYS)}")
         own, point = _section(model, feature, section, f"features.{feature}.", fail)
-        for key in own.keys() & distributions.keys():
-            raise fail(f"features.{feature}.params.{key}", "is searched in params too; "
-                                                           "search it in one place")
+        twice = sorted(own.keys() & distributions.keys())
+        if twice:
+            raise fail(f"features.{feature}.params.{twice[0]}", "is searched in params too; "
+                                                                "search it in one place")
         features[feature] = SearchSpace(model, path, own, point, section)
     space = SearchSpace(model, path, distributions, first, doc, features)
     for feature in features:

@@ -106,6 +106,12 @@ def test_relative_directory_and_scientific_notation(tmp_path, monkeypatch):
 
 GOOD_PARAMS = "  learning_rate: {log_uniform: [1.0e-4, 1.0e-2]}\n  nodes: {choice: [32, 64]}\n"
 GOOD_POINT = "first_point: {learning_rate: 0.001, nodes: 64}\n"
+
+
+def _section(feature: str, params: str, point: str) -> str:
+    """A good MLP file with a `features.<feature>` section of these params and first point."""
+    return ("params:\n" + GOOD_PARAMS + GOOD_POINT
+            + f"features: {{{feature}: {{params: {{{params}}}, first_point: {{{point}}}}}}}\n")
 # name -> (model, file text, a word the message must name besides the file)
 BAD = {
     "yaml syntax": ("MLP", "params:\n  nodes: {choice: [32, 64}\n" + GOOD_POINT, "line 2"),
@@ -173,28 +179,22 @@ BAD = {
     "feature section with an unknown key": ("MLP", "params:\n" + GOOD_PARAMS + GOOD_POINT
                                             + "features: {spectrogram: {parms: {}}}\n",
                                             "features.spectrogram.parms"),
-    "front end of another feature": ("MLP", "params:\n" + GOOD_PARAMS + GOOD_POINT
-                                     + "features: {waveform: {params: {hop_length: {choice: [512]}},"
-                                       " first_point: {hop_length: 512}}}\n", "hop_length"),
+    "front end of another feature": ("MLP", _section("waveform", "hop_length: {choice: [512]}",
+                                                     "hop_length: 512"), "hop_length"),
     "front end at the top": ("MLP", "params:\n" + GOOD_PARAMS + "  hop_length: {choice: [512]}\n"
                              "first_point: {learning_rate: 0.001, nodes: 64, hop_length: 512}\n",
                              "features.<feature>"),
-    "front end as a range": ("MLP", "params:\n" + GOOD_PARAMS + GOOD_POINT
-                             + "features: {spectrogram: {params: {hop_length: {int: [256, 1024]}},"
-                               " first_point: {hop_length: 512}}}\n", "choice"),
-    "too many front ends": ("MLP", "params:\n" + GOOD_PARAMS + GOOD_POINT
-                            + "features: {spectrogram: {params: {hop_length: {choice: [256, 512, 1024]},"
-                              " n_mels: {choice: [32, 64]}}, first_point: {hop_length: 512, n_mels: 64}}}\n",
+    "front end as a range": ("MLP", _section("spectrogram", "hop_length: {int: [256, 1024]}",
+                                             "hop_length: 512"), "choice"),
+    "too many front ends": ("MLP", _section("spectrogram", "hop_length: {choice: [256, 512, 1024]}, "
+                                            "n_mels: {choice: [32, 64]}", "hop_length: 512, n_mels: 64"),
                             "6 feature variants"),
-    "front end the feature rejects": ("MLP", "params:\n" + GOOD_PARAMS + GOOD_POINT
-                                      + "features: {spectrogram: {params: {n_mels: {choice: [0, 64]}},"
-                                        " first_point: {n_mels: 64}}}\n", "n_mels"),
-    "feature key also at the top": ("MLP", "params:\n" + GOOD_PARAMS + GOOD_POINT
-                                    + "features: {spectrogram: {params: {nodes: {choice: [16]}},"
-                                      " first_point: {nodes: 16}}}\n", "searched in params too"),
-    "feature first point missing a key": ("MLP", "params:\n" + GOOD_PARAMS + GOOD_POINT
-                                          + "features: {spectrogram: {params: {freq_mask: {int: [0, 9]}},"
-                                            " first_point: {}}}\n", "features.spectrogram.first_point.freq_mask"),
+    "front end the feature rejects": ("MLP", _section("spectrogram", "n_mels: {choice: [0, 64]}",
+                                                      "n_mels: 64"), "n_mels"),
+    "feature key also at the top": ("MLP", _section("spectrogram", "nodes: {choice: [16]}", "nodes: 16"),
+                                    "searched in params too"),
+    "feature first point missing a key": ("MLP", _section("spectrogram", "freq_mask: {int: [0, 9]}", ""),
+                                          "features.spectrogram.first_point.freq_mask"),
 }
 
 
