@@ -45,6 +45,8 @@ HELP: dict[str, tuple[str, dict[str, Any]]] = {
     "--seed": ("seeds the split, the augmentation, TPE and every trial", {"type": int}),
     "--output-dir": ("where {model}_{feature}_best_model.pth land", {}),
     "--search-spaces": ("folder of <MODEL>.yaml search-space files (absent: search_spaces/)", {}),
+    "--cache-gb": ("the feature cache's bound: least recently used entries beyond it are removed",
+                   {"type": float}),
 }
 
 

@@ -74,9 +74,9 @@ def layouts(cpus: int, gpu: bool) -> list[Layout]:
 
 
 def one_point_space(precision: str) -> SearchSpace:
-    """MODEL's first point, plus `precision`, as a space of single choices: every
-    trial trains the same configuration."""
-    space = load_space(MODEL)
+    """MODEL's first point on FEATURE, plus `precision`, as a space of single choices:
+    every trial trains the same configuration (on the seed's front end, `fs`)."""
+    space = load_space(MODEL).of(FEATURE)
     point = {**space.first_point, "precision": precision}
     return dataclasses.replace(space, first_point=point, distributions={
         key: CategoricalDistribution([value]) for key, value in point.items()})

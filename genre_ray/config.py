@@ -33,7 +33,8 @@ CACHE_DIR = "~/.cache/genre-ray"  # where datasets and feature caches live; $GEN
 FLAGS: dict[str, str] = {
     "--data-dir": "run.data_dir", "--models": "run.models", "--features": "run.features",
     "--output-dir": "run.output_dir", "--storage-path": "run.storage_path",
-    "--search-spaces": "run.search_spaces", "--seed": "run.seed", "--split": "split.kind",
+    "--search-spaces": "run.search_spaces", "--seed": "run.seed", "--cache-gb": "run.cache_gb",
+    "--split": "split.kind",
     "--num-samples": "search.num_samples", "--max-epochs": "search.max_epochs",
     "--grace-period": "search.grace_period", "--reduction-factor": "search.reduction_factor",
     "--n-startup-trials": "search.n_startup_trials",

@@ -52,12 +52,15 @@ def test_a_shared_storage_run_on_two_nodes_tunes_and_exports(tmp_path):
 
 
 def test_a_trial_on_a_lost_node_is_retried_from_its_checkpoint(tmp_path):
+    """ASHA's one rung is epoch 2 (grace 2 x 4 reaches max_epochs 8): a trial checkpoints
+    there, and one past it runs on to epoch 8 unstopped, so the node is lost mid-trial."""
     data = make_tree(tmp_path / "data", tracks=4, seconds=40.0)  # CEL epochs of about 1 s
     run = tmp_path / "runs" / "run"
     with two_node_cluster(tmp_path / "logs") as cluster:
         job = subprocess.Popen(
             tune_args(cluster, data, tmp_path, "--shared-storage", "--models", "CEL",
-                      "--num-samples", "2", "--max-epochs", "6"),
+                      "--num-samples", "2", "--max-epochs", "8", "--grace-period", "2",
+                      "--reduction-factor", "4"),
             cwd=tmp_path, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True)
         try:
@@ -70,16 +73,18 @@ def test_a_trial_on_a_lost_node_is_retried_from_its_checkpoint(tmp_path):
     assert (tmp_path / "best" / "CEL_spectrogram_best_model.pth").is_file()
     restarts = [row for f in run.glob("*/result.json") for row in map(json.loads, f.open())
                 if row["iterations_since_restore"] == 1 and row["epoch"] > 1]
-    assert restarts, "no trial resumed from its checkpoint after its node was lost"
+    assert restarts, ("no trial resumed from its checkpoint after its node was lost: "
+                      + output[-3000:])
 
 
 def _checkpointed_on(run: Path, node: subprocess.Popen) -> bool:
-    """Whether a trial running on `node` has saved a checkpoint: its first epoch is always
-    an improvement, so it checkpoints."""
+    """Whether a trial running on `node` has saved a checkpoint and gone on past it (so
+    ASHA kept it: it runs until the last epoch)."""
     pids = set(node_pids(node))
     for result in run.glob("*/result.json"):
         rows = [json.loads(line) for line in result.read_text().splitlines()]
-        if rows and rows[-1]["pid"] in pids:
+        saved = [r["epoch"] for r in rows if r.get("checkpoint_dir_name")]
+        if rows and rows[-1]["pid"] in pids and saved and rows[-1]["epoch"] > saved[-1]:
             return True
     return False
 

@@ -17,7 +17,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from genre_ray import config, export, report
-from genre_ray.features import build_features
+from genre_ray.features import build_variants
 from genre_ray.search_space import load_space
 from genre_ray.training import evaluate, track_accuracy
 from tests.helpers import REPO, make_tree, read_runs
@@ -45,13 +45,19 @@ def job(tmp_path_factory):
     return base, data, out
 
 
+def features_of(data, saved: export.Exported):
+    """The feature set `saved` was trained on: its own front end (a searched key may change it)."""
+    [fs] = build_variants(data, [(saved.feature, saved.feature_params)], config.load()).values()
+    return fs
+
+
 def test_exports_load_safely_and_reproduce_the_reported_val_accuracy(job):
     base, data, _ = job
-    fs = build_features(data, "spectrogram", config.load())
     for model, feature in PAIRS:
         path = base / "best" / export.export_name(model, feature)
         assert torch.load(path, weights_only=True)["model"] == model  # plain data, no code
         saved = export.Exported.load(path)
+        fs = features_of(data, saved)
         assert saved.model == model and saved.classes == fs.classes
         result = evaluate(saved.rebuild(), fs.splits["val"].x, fs.splits["val"].labels, len(fs.classes))
         assert result.accuracy == pytest.approx(saved.val["val_acc"], abs=1e-6)
@@ -65,7 +71,7 @@ def test_each_pair_has_a_study_with_the_seed_point_first(job):
     for model, feature in PAIRS:
         study = optuna.load_study(study_name=f"job/{model}_{feature}", storage=storage)
         assert len(study.trials) == 3
-        assert study.trials[0].params == load_space(model).first_point
+        assert study.trials[0].params == load_space(model).of(feature).first_point
         for t in study.trials:
             assert t.state in (TrialState.COMPLETE, TrialState.PRUNED)
             assert (t.state == TrialState.PRUNED) == (max(t.intermediate_values) < 3)
@@ -92,12 +98,12 @@ def test_summary_reports_slot_utilisation_from_the_trials_own_times(job):
 
 def test_exports_carry_scores_on_a_test_split_no_trial_saw(job):
     base, data, _ = job
-    fs = build_features(data, "spectrogram", config.load())
-    ids = {name: set(part.track_ids) for name, part in fs.splits.items()}
-    assert ids["test"] and not ids["test"] & (ids["train"] | ids["val"])
-    test = fs.splits["test"]
     for model, feature in PAIRS:
         saved = export.Exported.load(base / "best" / export.export_name(model, feature))
+        fs = features_of(data, saved)
+        ids = {name: set(part.track_ids) for name, part in fs.splits.items()}
+        assert ids["test"] and not ids["test"] & (ids["train"] | ids["val"])
+        test = fs.splits["test"]
         result = evaluate(saved.rebuild(), test.x, test.labels, len(fs.classes))
         assert saved.test["accuracy"] == pytest.approx(result.accuracy)
         assert saved.test["track_accuracy"] == pytest.approx(
@@ -133,7 +139,7 @@ def test_leaderboard_sets_each_pairs_winner_beside_its_seed_point_with_importanc
     with open(run / "leaderboard.csv", newline="") as f:
         rows = {r["pair"]: r for r in csv.DictReader(f)}
     for model, feature in PAIRS:
-        row, space = rows[f"{model}_{feature}"], load_space(model)
+        row, space = rows[f"{model}_{feature}"], load_space(model).of(feature)
         trials = {p.parent: json.loads(p.read_text()) for p in run.glob(f"{model}_{feature}_*/params.json")}
         [folder] = [d for d, c in trials.items() if {k: c[k] for k in space.first_point} == space.first_point]
         losses = [json.loads(line)["val_loss"] for line in (folder / "result.json").read_text().splitlines()]
