@@ -23,23 +23,22 @@ import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import numpy as np
 import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
 from genre_ray import config
+from genre_ray.audio import Unusable, mono, read, resampling_ratio
+from genre_ray.audio import segment as audio_segment
 from genre_ray.errors import UserError, exit_on_user_error
 from genre_ray.files import read_text
 
 SPLITS = ("train", "val", "test")
 LAYOUT_ROOTS = ("genres_original", "genres", ".")
 CHUNK = 64  # segments decoded and handed on at a time: bounds peak memory
-MAX_DENOMINATOR = 1000  # of a resampling ratio (`resampled`): bounds its kernel's memory
 AUDIO_SUFFIXES = frozenset("." + fmt.lower() for fmt in sf.available_formats()) | {".aif", ".aiff"}
 
 
@@ -93,11 +92,6 @@ class SegmentSet:
                 "not_genres": [str(path) for path in self.not_genres], "absent": list(self.absent)}
 
 
-class Unusable(ValueError):
-    """An audio file that cannot be used; the message says why and what to do, and reads
-    after the file's name ("<file> does not decode (...); ...")."""
-
-
 def find_root(data_dir: Path) -> Path:
     """The folder whose subfolders are genres, for any of the supported layouts."""
     data_dir = Path(data_dir).expanduser()
@@ -136,24 +130,8 @@ def scan(data_dir: Path) -> Scan:
 def decode(path: Path, sample_rate: int) -> torch.Tensor:
     """Decode any file libsndfile reads into mono float32 at `sample_rate`: (samples,)."""
     audio, rate = read(path)
-    wave = torch.from_numpy(audio).mean(dim=1)
+    wave = torch.from_numpy(mono(audio))
     return resampled(wave, rate, sample_rate) if rate != sample_rate else wave
-
-
-def read(path: Path) -> tuple[np.ndarray, int]:
-    """The whole file as libsndfile decodes it, (frames, channels) float32, and its rate.
-
-    Unusable when the file cannot be read, does not decode (a header can be fine and the
-    data behind it not), or holds NaN or infinite samples (a float file can; they would
-    make every feature of its segments NaN)."""
-    try:  # through Python's open: a name that is not valid UTF-8 reaches libsndfile as bytes
-        with open(path, "rb") as f:
-            audio, rate = sf.read(f, dtype="float32", always_2d=True)
-    except (RuntimeError, OSError, ValueError) as err:  # sf.LibsndfileError is a RuntimeError
-        raise Unusable(_read_problem(Path(path), err)) from None
-    if not np.isfinite(audio).all():
-        raise Unusable("holds NaN or infinite samples; re-export it as 16-bit PCM")
-    return audio, rate
 
 
 def resampled(wave: torch.Tensor, rate: int, sample_rate: int) -> torch.Tensor:
@@ -161,28 +139,15 @@ def resampled(wave: torch.Tensor, rate: int, sample_rate: int) -> torch.Tensor:
 
     torchaudio sizes its kernel by the reduced ratio (a row per phase, new / gcd): 44,101
     -> 22,050 Hz would take 3.9 GB. The ratio is the nearest fraction with a denominator
-    up to MAX_DENOMINATOR, so 44,101 Hz is taken as 44,100 (0.002 % slower, inaudible);
-    the usual rates (44,100, 48,000, 16,000, 8,000 Hz) reduce exactly, as before."""
-    ratio = Fraction(sample_rate, rate).limit_denominator(MAX_DENOMINATOR)
+    up to audio.MAX_DENOMINATOR, so 44,101 Hz is taken as 44,100 (0.002 % slower,
+    inaudible); the usual rates (44,100, 48,000, 16,000, 8,000 Hz) reduce exactly."""
+    ratio = resampling_ratio(rate, sample_rate)
     return AF.resample(wave, ratio.denominator, ratio.numerator)
 
 
-def _read_problem(path: Path, err: Exception) -> str:
-    if path.is_file() and not os.access(path, os.R_OK):
-        return "cannot be read (permission denied); make it readable (chmod a+r)"
-    detail = getattr(err, "error_string", None) or str(err) or type(err).__name__
-    detail = detail.splitlines()[0].rstrip(".")  # libsndfile's, without the path we name
-    return (f"does not decode ({detail}); use a file libsndfile reads "
-            "(wav, flac, ogg, au, aiff, mp3, ...)")
-
-
 def segment(wave: torch.Tensor, length: int, min_tail: int) -> torch.Tensor:
-    """Cut (samples,) into (n, length); a tail >= min_tail is zero-padded, else dropped."""
-    n_full, tail = divmod(wave.numel(), length)
-    if tail >= min_tail:
-        wave = torch.nn.functional.pad(wave, (0, length - tail))
-        n_full += 1
-    return wave[: n_full * length].reshape(n_full, length)
+    """audio.segment of a (samples,) CPU tensor: (n, length)."""
+    return torch.from_numpy(audio_segment(wave.numpy(), length, min_tail))
 
 
 def split_tracks(tracks: list[Track], kind: str | Path, *, seed: int,

@@ -24,7 +24,7 @@ from genre_ray.config import Config
 from genre_ray.data import describe_notes
 from genre_ray.errors import UserError
 from genre_ray.features import (FeatureSet, Variant, build_variants, canonical_feature,
-                                estimated_bytes, variant_of)
+                                estimated_bytes, probe_segments, variant_of)
 from genre_ray.files import writable_folder
 from genre_ray.models import count_parameters
 from genre_ray.search_space import SearchSpace, load_space, parse_space
@@ -228,7 +228,9 @@ def _run(cfg: Config, checked: Checked, sets: dict[str, FeatureSet], slots: int,
                           "Optuna studies are saved. Run the same command again, or add "
                           f"--resume --name {run_.name}, to continue it")
     run_dir = run_.dir
-    results = [_pair_result(grid, m, f, sets, checked.output_dir, run_dir, cfg) for m, f in pairs]
+    probe = probe_segments(checked.data_dir, cfg)  # real audio for the ONNX graphs' check
+    results = [_pair_result(grid, m, f, sets, checked.output_dir, run_dir, cfg, probe)
+               for m, f in pairs]
     studies = tuning.optuna_storage(run_dir)  # read once: a journal is replayed when opened
     for row, (m, f) in zip(results, pairs):
         _searched(row, grid, checked.spaces[m].of(f).first_point, studies, f"{run_.name}/{row.pair}")
@@ -294,9 +296,10 @@ def _search(cfg: Config, pairs: list[tuple[str, str]], spaces: dict,
 
 
 def _pair_result(grid, model: str, feature: str, sets: dict[str, FeatureSet], output_dir: Path,
-                 run_dir: Path, cfg: Config) -> report.PairResult:
+                 run_dir: Path, cfg: Config, probe) -> report.PairResult:
     """Export the pair's best checkpoint, with its test scores (on the feature variant it
-    trained on), and describe its search."""
+    trained on), as a .pth and, checked on the `probe` segments, an ONNX graph; and
+    describe its search."""
     pair = tuning.pair_name(model, feature)
     results = [r for r in grid if r.config.get("pair") == pair]
     ended = Counter(tuning.result_outcome(r, cfg.search.max_epochs) for r in results)
@@ -314,8 +317,9 @@ def _pair_result(grid, model: str, feature: str, sets: dict[str, FeatureSet], ou
     net = exported.rebuild()
     row.test = report.test_scores(net, fs.splits["test"], len(fs.classes))
     name = export.export_name(model, fs.feature)
-    dataclasses.replace(exported, test=row.test.summary()).save(
-        [output_dir / name, run_dir / "best_models" / name])
+    exported = dataclasses.replace(exported, test=row.test.summary())
+    exported.save([output_dir / name, run_dir / "best_models" / name])
+    row.onnx_path, row.onnx_problem = _onnx(exported, probe, [output_dir, run_dir / "best_models"])
     trial = next(r for r in results if r.metrics.get("trial_id") == best.trial_id)
     row.export_path = output_dir / name
     row.val_loss, row.val_acc = best.metrics["val_loss"], best.metrics["val_acc"]
@@ -324,6 +328,19 @@ def _pair_result(grid, model: str, feature: str, sets: dict[str, FeatureSet], ou
     row.history = trial.metrics_dataframe[["epoch", "train_loss", "val_loss", "val_acc"]] \
         .to_dict("records")
     return row
+
+
+def _onnx(exported: export.Exported, probe, folders: list[Path]) -> tuple[Path | None, str]:
+    """The export's ONNX graph written into `folders` (its path in the first), or why it
+    could not be: then no graph of an earlier run is left there beside the new .pth."""
+    from genre_ray import onnx_export
+
+    paths = [folder / onnx_export.onnx_name(exported.model, exported.feature) for folder in folders]
+    problem = onnx_export.export_onnx(exported, probe, paths)
+    if problem:
+        for path in paths:
+            path.unlink(missing_ok=True)
+    return (None, problem) if problem else (paths[0], "")
 
 
 def _searched(row: report.PairResult, grid, first_point: dict[str, Any], studies,
@@ -367,8 +384,7 @@ def _sizes(fs: FeatureSet) -> dict[str, tuple[int, int]]:
 def summary_table(summary: RunSummary) -> str:
     """What tune_main.py prints at the end of a run: the leaderboard, exports, utilisation."""
     lines = [report.table(summary.pairs), ""]
-    lines += [f"{r.pair:<22}{r.export_path or 'no export: no trial finished an epoch'}"
-              for r in summary.pairs]
+    lines += [f"{r.pair:<22}{_exports(r)}" for r in summary.pairs]
     lines.append(f"leaderboard, plots: {summary.run_dir / 'leaderboard.md'}, "
                  f"{summary.run_dir / 'plots'}/")
     if summary.copied_to:
@@ -381,6 +397,14 @@ def summary_table(summary: RunSummary) -> str:
         f"busy {summary.utilisation:.0%} of the time"
     lines.append(f"tuning took {summary.tuning_s:.0f} s on {summary.slots} trial slots, {busy}")
     return "\n".join(lines)
+
+
+def _exports(row: report.PairResult) -> str:
+    """A pair's export files, or why it has none."""
+    if row.export_path is None:
+        return "no export: no trial finished an epoch"
+    onnx = f"+ {row.onnx_path.suffix}" if row.onnx_path else f"(no .onnx: {row.onnx_problem})"
+    return f"{row.export_path} {onnx}"
 
 
 def _require_shared_storage(session: Session, store: runs.Storage) -> None:

@@ -8,6 +8,7 @@ and `rebuild` turns it back into a working model; it never runs pickled code.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import platform
 import warnings
@@ -15,12 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 import torchaudio
 from torch import nn
 
+from genre_ray import data
 from genre_ray.errors import UserError
-from genre_ray.features import FeatureSet
+from genre_ray.features import FeatureSet, compute_feature
 from genre_ray.files import atomic_path
 from genre_ray.models import build_model
 
@@ -29,6 +32,7 @@ FORMAT = "genre-ray-model/2"  # 2: typed fields (sample_rate, segment_seconds, a
 # state it holds, its best epoch's; Tune ranks checkpoints by it. The epoch's own val_loss,
 # reported beside it, may be worse.
 CHECKPOINT_METRIC = "checkpoint_val_loss"
+BATCH = 64  # segments per forward pass when classifying: bounds memory on long files
 
 
 @dataclass
@@ -112,6 +116,28 @@ class Exported:
             raise UserError(f"the export's weights do not fit its {self.model} ({why}); the file "
                             "is damaged or was edited: export it again with tune_main.py") from None
         return model.eval()
+
+    @functools.cached_property
+    def net(self) -> nn.Module:
+        """`rebuild()`, once: what `probabilities` runs."""
+        return self.rebuild()
+
+    def decode(self, path: Path) -> np.ndarray:
+        """The file, mono at the model's rate, as training read it: (samples,) float32.
+        audio.Unusable if it cannot be used."""
+        return data.decode(path, self.sample_rate).numpy()
+
+    @torch.no_grad()
+    def probabilities(self, segments: np.ndarray) -> np.ndarray:
+        """The mean of the segments' softmax: (n, samples) -> (n_classes,). The same
+        `features.compute_feature` as the training data."""
+        x = compute_feature(torch.from_numpy(segments), self.feature, self.sample_rate,
+                            self.feature_params, self.stats)
+        if list(x.shape[1:]) != list(self.input_shape):
+            raise UserError(f"the model expects input {tuple(self.input_shape)} but its own "
+                            f"feature parameters give {tuple(x.shape[1:])}; the export is "
+                            "damaged, export it again with tune_main.py")
+        return torch.cat([self.net(chunk).softmax(dim=1) for chunk in x.split(BATCH)]).mean(dim=0).numpy()
 
     def save(self, paths: list[Path]) -> None:
         """Write the export to every path in `paths`, each atomically."""

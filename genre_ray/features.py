@@ -141,6 +141,12 @@ def build_features(data_dir: Path, feature: str, cfg: Config,
     return build_feature_sets(data_dir, [feature], cfg, cache)[canonical_feature(feature)]
 
 
+def probe_segments(data_dir: Path, cfg: Config, n: int = 16) -> torch.Tensor:
+    """Up to `n` segments of the test split's first tracks, raw audio cut as the features
+    were: (n, samples). What an export is checked on."""
+    return next(_plan(data_dir, cfg).chunks("test", n)).waves[:n]
+
+
 def estimated_bytes(data_dir: Path, variants: list[Variant], cfg: Config) -> dict[str, dict[str, int]]:
     """Bytes each feature's splits will take (x only, augmented copies included, summed
     over its variants), from the audio files' headers: what the memory preflight needs
@@ -193,6 +199,13 @@ def standardise(waves: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return (waves - mean).div_(std.clamp_min(eps))
 
 
+class Standardise(torch.nn.Module):
+    """`standardise` as a module: (n, samples) -> same."""
+
+    def forward(self, waves: torch.Tensor) -> torch.Tensor:
+        return standardise(waves)
+
+
 class LogMel(torch.nn.Module):
     """Log-mel spectrogram in dB, each item clamped to its own top_db:
     (n, samples) -> (n, n_mels, frames)."""
@@ -209,23 +222,45 @@ class LogMel(torch.nn.Module):
         return self.to_db(self.mel(waves).unsqueeze(1)).squeeze(1)
 
 
+def transform(feature: str, sample_rate: int, params: dict[str, Any]) -> torch.nn.Module:
+    """A feature's transform before normalisation: (n, samples) -> (n, *input_shape)."""
+    return LogMel(sample_rate, **params) if feature == "spectrogram" else Standardise()
+
+
+class FrontEnd(torch.nn.Module):
+    """A feature's whole front end, its training statistics' normalisation included:
+    (n, samples) -> (n, *input_shape), the model's input. `stats`: FeatureSet.stats."""
+
+    def __init__(self, feature: str, sample_rate: int, params: dict[str, Any],
+                 stats: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.feature = canonical_feature(feature)
+        self.transform = transform(self.feature, sample_rate, params)
+        self.stat_names = sorted(stats)
+        for name, value in stats.items():
+            self.register_buffer(name, value.detach().clone().float())
+
+    def forward(self, waves: torch.Tensor) -> torch.Tensor:
+        stats = {name: getattr(self, name) for name in self.stat_names}
+        return _normalise(self.transform(waves), self.feature, stats)
+
+
 @torch.no_grad()
 def compute_feature(waves: torch.Tensor, feature: str, sample_rate: int,
                     feature_params: dict[str, Any], stats: dict[str, torch.Tensor]) -> torch.Tensor:
     """`feature` of segments, normalised with training `stats` (empty for waveform):
-    (n, samples) -> (n, *input_shape). The one path from audio to model input, shared by
-    the cached dataset features and `genre_ray.predict`."""
-    feature = canonical_feature(feature)
-    return _normalise(_unnormalised(waves, feature, sample_rate, feature_params), feature, stats)
+    (n, samples) -> (n, *input_shape), a chunk at a time (bounds peak memory). The one path
+    from audio to model input, shared by the cached dataset features, `genre_ray.predict`
+    and the ONNX export (FrontEnd)."""
+    front = FrontEnd(feature, sample_rate, feature_params, stats)
+    return torch.cat([front(chunk) for chunk in waves.split(CHUNK)])
 
 
 def _unnormalised(waves: torch.Tensor, feature: str, sample_rate: int,
                   params: dict[str, Any]) -> torch.Tensor:
-    """Standardised segments, or log-mels in chunks (bounds peak memory)."""
-    if feature == "waveform":
-        return standardise(waves)
-    logmel = LogMel(sample_rate, **params)
-    return torch.cat([logmel(c) for c in waves.split(CHUNK)])
+    """`transform` of segments, a chunk at a time (bounds peak memory)."""
+    step = transform(feature, sample_rate, params)
+    return torch.cat([step(chunk) for chunk in waves.split(CHUNK)])
 
 
 def _normalise(x: torch.Tensor, feature: str, stats: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,22 +1,29 @@
 """Stage predict: the genre of audio files, from an exported model alone.
 
-    python -m genre_ray.predict AUDIO [AUDIO ...] [--model PATH | --models-dir DIR] [--top K] [--json]
+    python -m genre_ray.predict AUDIO [AUDIO ...] [--model PATH | --models-dir DIR]
+                                [--runtime torch|onnx] [--top K] [--json]
 
 A file (any format libsndfile reads) is decoded, resampled and cut into segments with
 the model's own parameters, which its export carries (sample rate, segment length,
-feature parameters, normalisation statistics), so nothing but the .pth is needed. Each
-segment goes through the same `features.compute_feature` as the training data; the
-file's probabilities are the mean of its segments' softmax. A clip shorter than one
-segment is zero-padded to one, and the output says so.
+feature parameters, normalisation statistics), so nothing but the export is needed; the
+file's probabilities are the mean of its segments'. A clip shorter than one segment is
+zero-padded to one, and the output says so.
 
-Model: `--model PATH`, or the best export in `--models-dir` (default `best_models`):
-the highest held-out test track accuracy when the exports carry test scores, else the
-highest validation accuracy. The choice and its criterion are always printed (on
-stderr with `--json`, whose stdout is one JSON document and nothing else).
+Runtimes (RUNTIMES): `torch` reads the .pth and runs each segment through the same
+`features.compute_feature` as the training data; `onnx` reads the .onnx beside it (one
+graph, front end included) with onnxruntime, and never imports torch: this module
+imports a runtime only when it is chosen. The output is the same on both.
+
+Model: `--model PATH` (a .onnx means the onnx runtime), or the best export of the
+runtime's kind in `--models-dir` (default `best_models`): the highest held-out test
+track accuracy when the exports carry test scores, else the highest validation accuracy.
+The choice and its criterion are always printed (on stderr with `--json`, whose stdout
+is one JSON document and nothing else).
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import sys
@@ -24,15 +31,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
+import numpy as np
 
-from genre_ray import config, data
-from genre_ray.export import Exported
+from genre_ray import audio, config
 from genre_ray.errors import UserError, exit_on_user_error
-from genre_ray.features import compute_feature
 
-BATCH = 64  # segments per forward pass: bounds memory on long files
+# runtime -> (module, class, file suffix). The class loads an export (`load(path)`,
+# UserError if not one) and has the fields and methods `Model` names.
+RUNTIMES = {"torch": ("genre_ray.export", "Exported", ".pth"),
+            "onnx": ("genre_ray.onnx_runtime", "OnnxModel", ".onnx")}
+Model = Any  # export.Exported | onnx_runtime.OnnxModel: model, feature, classes, sample_rate,
+# segment_seconds, min_tail_seconds, val, test; decode(path), probabilities(segments)
 
 
 @dataclass
@@ -52,26 +61,36 @@ class Choice:
     """The export a prediction uses, and why it was chosen (for the user)."""
 
     path: Path
-    exported: Exported
+    exported: Model
     reason: str
 
 
 # ---- choosing and loading a model -------------------------------------------------
 
-def load_model(path: Path, reason: str = "given with --model") -> Choice:
+def runtime(name: str) -> tuple[type, str]:
+    """The class that loads `name`'s exports, and their suffix (imports that runtime)."""
+    module, cls, suffix = RUNTIMES[name]
+    return getattr(importlib.import_module(module), cls), suffix
+
+
+def load_model(path: Path, runtime_name: str = "torch", reason: str = "given with --model") -> Choice:
     """The export at `path`; UserError when it is missing or not a genre-ray model."""
+    loader, suffix = runtime(runtime_name)
     if not path.is_file():
         what = "is a folder (pass it as --models-dir)" if path.is_dir() else "does not exist"
-        raise UserError(f"model file {path} {what}; pass a .pth from best_models/ "
+        raise UserError(f"model file {path} {what}; pass a {suffix} from best_models/ "
                         "(run tune_main.py first to export models)")
-    return Choice(path, Exported.load(path), reason)
+    if path.suffix != suffix:
+        raise UserError(f"model file {path} is not a {suffix} file, which --runtime "
+                        f"{runtime_name} reads; pass the {suffix} export beside it")
+    return Choice(path, loader.load(path), reason)
 
 
-def choose_model(models_dir: Path) -> Choice:
-    """The best export in `models_dir`: by test track accuracy when any export has test
-    scores (ties: validation accuracy), else by validation accuracy (ties: lower validation
-    loss). Files that are not genre-ray exports are skipped."""
-    exports = _exports(models_dir)
+def choose_model(models_dir: Path, runtime_name: str = "torch") -> Choice:
+    """The best export of the runtime's kind in `models_dir`: by test track accuracy when
+    any export has test scores (ties: validation accuracy), else by validation accuracy
+    (ties: lower validation loss). Files that are not genre-ray exports are skipped."""
+    exports = _exports(models_dir, *runtime(runtime_name))
     tested = [p for p, pl in exports.items() if _score(pl, "test", "track_accuracy") > -math.inf]
     if tested:
         path = max(tested, key=lambda p: (_score(exports[p], "test", "track_accuracy"),
@@ -86,76 +105,62 @@ def choose_model(models_dir: Path) -> Choice:
     return Choice(path, exports[path], reason)
 
 
-def _score(exported: Exported, section: str, metric: str, missing: float = -math.inf) -> float:
+def _score(exported: Model, section: str, metric: str, missing: float = -math.inf) -> float:
     """The export's `section` (val or test) score `metric`, or `missing` when it has none."""
     value = (getattr(exported, section) or {}).get(metric)
     return float(value) if isinstance(value, (int, float)) else missing
 
 
-def _exports(models_dir: Path) -> dict[Path, Exported]:
+def _exports(models_dir: Path, loader: type, suffix: str) -> dict[Path, Model]:
     fix = "run tune_main.py first to export models there, or pass --model PATH"
     if not models_dir.is_dir():
         raise UserError(f"models folder {models_dir} does not exist; {fix}")
     found = {}
-    for path in sorted(models_dir.glob("*.pth")):
+    for path in sorted(models_dir.glob(f"*{suffix}")):
         try:
-            found[path] = Exported.load(path)
+            found[path] = loader.load(path)
         except UserError:
             continue  # a foreign or damaged file is not a candidate
     if not found:
-        raise UserError(f"models folder {models_dir} holds no genre-ray export (*.pth); {fix}")
+        raise UserError(f"models folder {models_dir} holds no genre-ray export (*{suffix}); {fix}")
     return found
 
 
 # ---- one file -----------------------------------------------------------------------
 
-def read_segments(path: Path, exported: Exported) -> tuple[torch.Tensor, float, bool]:
+def read_segments(path: Path, model: Model) -> tuple[np.ndarray, float, bool]:
     """`path` cut as the model's data was: (segments (n, samples), clip seconds, padded).
 
     A clip shorter than one segment is zero-padded to one; longer clips follow the
     training rule (a tail of at least min_tail_seconds is padded, a shorter one dropped)."""
-    rate = exported.sample_rate
-    length = round(exported.segment_seconds * rate)
-    min_tail = round(exported.min_tail_seconds * rate)
-    wave = _decode(path, rate)
-    seconds, padded = wave.numel() / rate, wave.numel() < length
+    rate = model.sample_rate
+    length = round(model.segment_seconds * rate)
+    wave = _decode(path, model)
+    seconds, padded = len(wave) / rate, len(wave) < length
     if padded:
-        wave = nn.functional.pad(wave, (0, length - wave.numel()))
-    return data.segment(wave, length, min_tail), seconds, padded
+        wave = np.pad(wave, (0, length - len(wave)))
+    return audio.segment(wave, length, round(model.min_tail_seconds * rate)), seconds, padded
 
 
-def _decode(path: Path, rate: int) -> torch.Tensor:
+def _decode(path: Path, model: Model) -> np.ndarray:
     if not path.is_file():
         what = "is a folder" if path.is_dir() else "does not exist"
         raise UserError(f"audio file {path} {what}; pass the path of an audio file")
     try:
-        wave = data.decode(path, rate)
-    except data.Unusable as err:
+        wave = model.decode(path)
+    except audio.Unusable as err:
         raise UserError(f"audio file {path} {err}") from None
-    if not wave.numel():
+    if not len(wave):
         raise UserError(f"audio file {path} holds no samples; pass a non-empty recording")
     return wave
 
 
-@torch.no_grad()
-def probabilities(model: nn.Module, exported: Exported, segments: torch.Tensor) -> torch.Tensor:
-    """The mean of the segments' softmax: (n, samples) -> (n_classes,)."""
-    x = compute_feature(segments, exported.feature, exported.sample_rate,
-                        exported.feature_params, exported.stats)
-    if list(x.shape[1:]) != list(exported.input_shape):
-        raise UserError(f"the model expects input {tuple(exported.input_shape)} but its own "
-                        f"feature parameters give {tuple(x.shape[1:])}; the export is damaged, "
-                        "export it again with tune_main.py")
-    return torch.cat([model(chunk).softmax(dim=1) for chunk in x.split(BATCH)]).mean(dim=0)
-
-
-def predict_file(path: Path, choice: Choice, model: nn.Module, top: int) -> Prediction:
+def predict_file(path: Path, choice: Choice, top: int) -> Prediction:
     """Classify one audio file with the chosen model."""
     segments, seconds, padded = read_segments(path, choice.exported)
-    probs = probabilities(model, choice.exported, segments)
-    values, indices = probs.topk(min(top, len(probs)))
-    ranked = [{"genre": choice.exported.classes[i], "probability": round(v, 6)}
-              for v, i in zip(values.tolist(), indices.tolist())]
+    probs = choice.exported.probabilities(segments)
+    ranked = [{"genre": choice.exported.classes[i], "probability": round(float(probs[i]), 6)}
+              for i in np.argsort(-probs, kind="stable")[:top]]
     return Prediction(str(path), str(choice.path), ranked, len(segments), padded, round(seconds, 3))
 
 
@@ -190,17 +195,20 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--models-dir", type=Path,
                         help="pick the best export in this folder (default: run.output_dir "
                              "of genre_ray/defaults.yaml)")
+    parser.add_argument("--runtime", choices=sorted(RUNTIMES),
+                        help="torch (the .pth) or onnx (the .onnx, with onnxruntime alone; "
+                             "default: onnx for a --model ending in .onnx, else torch)")
     parser.add_argument("--top", type=int, default=3, help="genres shown per file (default 3)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON document (a list, one entry per file) and nothing else")
     args = parser.parse_args(argv)
     if args.top < 1:
         raise UserError(f"--top {args.top} must be at least 1")
-    choice = load_model(args.model) if args.model else \
-        choose_model(args.models_dir or Path(config.load().run.output_dir))
+    name = args.runtime or ("onnx" if args.model and args.model.suffix == ".onnx" else "torch")
+    choice = load_model(args.model, name) if args.model else \
+        choose_model(args.models_dir or Path(config.load().run.output_dir), name)
     print(describe(choice), file=sys.stderr if args.json else sys.stdout, flush=True)
-    model = choice.exported.rebuild()
-    preds = [predict_file(path, choice, model, args.top) for path in args.audio]
+    preds = [predict_file(path, choice, args.top) for path in args.audio]
     if args.json:
         print(json.dumps([asdict(p) for p in preds], indent=2))
     else:

@@ -62,6 +62,8 @@ class PairResult:
     cpu_s: float
     gpu_s: float
     export_path: Path | None = None
+    onnx_path: Path | None = None  # the export as an ONNX graph (onnx_export), beside it
+    onnx_problem: str = ""  # why there is no ONNX graph, when there is an export
     val_loss: float = math.nan
     val_acc: float = math.nan
     test: TestScores | None = None

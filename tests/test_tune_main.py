@@ -16,7 +16,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from genre_ray import config, export, report
+from genre_ray import config, export, onnx_export, report
 from genre_ray.features import build_variants
 from genre_ray.search_space import load_space
 from genre_ray.training import evaluate, track_accuracy
@@ -81,7 +81,10 @@ def test_summary_names_every_pair_and_export(job):
     base, _, out = job
     for model, feature in PAIRS:
         line = next(l for l in out.stdout.splitlines() if l.startswith(f"{model}_{feature} "))
-        assert str(base / "best" / export.export_name(model, feature)) in line
+        assert f"{base / 'best' / export.export_name(model, feature)} + .onnx" in line
+        onnx_name = onnx_export.onnx_name(model, feature)
+        assert (base / "best" / onnx_name).read_bytes() == \
+            (base / "runs" / "job" / "best_models" / onnx_name).read_bytes()
     assert "wandb sync" in out.stdout
 
 
