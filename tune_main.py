@@ -35,6 +35,9 @@ HELP: dict[str, tuple[str, dict[str, Any]]] = {
     "--reduction-factor": ("ASHA: keep the best 1/REDUCTION_FACTOR of the trials at each rung",
                            {"type": int}),
     "--n-startup-trials": ("TPE: random trials per pair before it models the space", {"type": int}),
+    "--max-latency-ms": ("a trial whose model takes longer per 5 s segment (batch 1, on its "
+                         "device, features included) ends untrained", {"type": float}),
+    "--max-params": ("a trial whose model has more parameters ends untrained", {"type": int}),
     "--cpus-per-trial": ("CPUs Ray reserves for each trial (its torch threads)", {"type": float}),
     "--gpus-per-trial": ("fractional: 0.25 puts four trials on a GPU", {"type": float}),
     "--storage-path": ("runs live in STORAGE_PATH/NAME; a path or s3://, gs://, file:// URI", {}),
@@ -110,13 +113,19 @@ def parse(argv: list[str] | None = None) -> tuple[config.Config, experiment.Sess
     p.add_argument("--resume", action="store_true",
                    help="continue the run --name names, or the newest interrupted run under "
                         "--storage-path, with the configuration it was started with")
+    p.add_argument("--more-samples", type=int, default=0, metavar="N",
+                   help="grow the finished run --name names by N trials per pair: its Optuna "
+                        "studies go on, and its exports, leaderboard and plots are rebuilt over "
+                        "every trial (it keeps its own configuration, as --resume does)")
     args = vars(p.parse_args(argv))
+    if args["more_samples"] < 0:
+        raise UserError(f"--more-samples must be >= 1, got {args['more_samples']}")
     values = {field: args[field] for field in config.FLAGS.values()}
     for field in ("run.models", "run.features"):
         values[field] = listed(values[field])
     cfg = config.replaced(loaded, values)
     return cfg, experiment.Session(args["name"], args["resume"], args["address"],
-                                   args["shared_storage"], args["check"])
+                                   args["shared_storage"], args["check"], args["more_samples"])
 
 
 @exit_on_user_error

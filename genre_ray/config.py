@@ -37,7 +37,8 @@ FLAGS: dict[str, str] = {
     "--split": "split.kind",
     "--num-samples": "search.num_samples", "--max-epochs": "search.max_epochs",
     "--grace-period": "search.grace_period", "--reduction-factor": "search.reduction_factor",
-    "--n-startup-trials": "search.n_startup_trials",
+    "--n-startup-trials": "search.n_startup_trials", "--max-latency-ms": "search.max_latency_ms",
+    "--max-params": "search.max_params",
     "--cpus-per-trial": "resources.cpus_per_trial", "--gpus-per-trial": "resources.gpus_per_trial",
     "--wandb": "tracking.wandb", "--wandb-project": "tracking.wandb_project",
 }
@@ -182,6 +183,8 @@ class Search:
     grace_period: Positive
     reduction_factor: Annotated[int, Field(ge=2, strict=True)]
     n_startup_trials: Count
+    max_latency_ms: Rate | None  # limits a trial's model must keep (cost.violations)
+    max_params: Positive | None
 
 
 @dataclass(frozen=True)

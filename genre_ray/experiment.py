@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import signal
 import socket
 import time
@@ -40,6 +41,7 @@ class Session:
     address: str | None = None  # a Ray cluster to join; None: a new local Ray
     shared_storage: bool = False  # the storage path is mounted on every node
     check: bool = False  # check what a run would check, and stop there (tune_main --check)
+    more_samples: int = 0  # grow the finished run `name` by this many trials per pair
 
 
 class Interrupted(Exception):
@@ -91,6 +93,10 @@ def run(cfg: Config, session: Session = Session()) -> RunSummary:
                 ended = "failed" if run_.seen["status"] == "failed" else "interrupted"
                 print(f"continuing {ended} run {run_.name!r} ({run_.dir}); pass --name NEW "
                       "to start a new run instead")
+            elif run_.round:
+                print(f"growing run {run_.name!r} ({run_.dir}) by {run_.rounds[-1]} trial(s) "
+                      f"per pair, after its {sum(run_.rounds[:-1])}; its exports, leaderboard "
+                      "and plots are rebuilt over every trial")
             try:
                 summary = _run(cfg, checked, sets, slots, store, run_, start)
             except Interrupted:  # Ctrl-C: its record says interrupted
@@ -122,8 +128,9 @@ def _prepared(cfg: Config, session: Session) -> tuple[runs.Storage, runs.Run, Co
     """The run this command works on, its configuration (saved, when it continues one) and
     what it needs, every input checked; nothing written."""
     store = runs.storage(cfg.run.storage_path)
-    chosen = runs.choose(store, session.name, config.as_json(resolved(cfg, session.resume)),
-                         session.resume)
+    keeps_own = session.resume or bool(session.more_samples)  # the run's saved configuration
+    chosen = runs.choose(store, session.name, config.as_json(resolved(cfg, keeps_own)),
+                         session.resume, session.more_samples)
     cfg = config.from_json(chosen.config)
     config.cache_dir()  # UserError if the cache folder cannot be written
     if store.remote:
@@ -220,34 +227,40 @@ def _run(cfg: Config, checked: Checked, sets: dict[str, FeatureSet], slots: int,
     mode, max_epochs = checked.mode, cfg.search.max_epochs
     pairs = [(m, f) for m in cfg.run.models for f in cfg.run.features]
     runs.write_record(run_, "running")
-    grid, tuned = _tune(cfg, sets, pairs, checked.spaces, store, run_, mode,
+    this_round = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, num_samples=run_.rounds[-1]))
+    grid, tuned = _tune(this_round, sets, pairs, checked.spaces, store, run_, mode,
                         slots, checked.need.trial)
-    if tuning.interrupted(store.tune_path(run_.name), cfg.search.num_samples * len(pairs), grid):
+    round_path = store.tune_path(runs.round_name(run_.name, run_.round))
+    if tuning.interrupted(round_path, run_.rounds[-1] * len(pairs), grid):
         runs.write_record(run_, "interrupted")
         raise Interrupted(f"run {run_.name!r} was interrupted; its trials, checkpoints and "
                           "Optuna studies are saved. Run the same command again, or add "
                           f"--resume --name {run_.name}, to continue it")
-    run_dir = run_.dir
+    run_dir, every = run_.dir, [*_earlier_rounds(store, run_), *grid]  # every trial of the run
     probe = probe_segments(checked.data_dir, cfg)  # real audio for the ONNX graphs' check
-    results = [_pair_result(grid, m, f, sets, checked.output_dir, run_dir, cfg, probe)
+    results = [_pair_result(every, m, f, sets, checked.output_dir, run_dir, cfg, probe)
                for m, f in pairs]
     studies = tuning.optuna_storage(run_dir)  # read once: a journal is replayed when opened
     for row, (m, f) in zip(results, pairs):
-        _searched(row, grid, checked.spaces[m].of(f).first_point, studies, f"{run_.name}/{row.pair}")
+        _searched(row, every, checked.spaces[m].of(f).first_point, studies, f"{run_.name}/{row.pair}")
+    costs = report.pareto_front(_costs(every, results))
+    _mark_pareto(results, costs)
     fs = next(iter(sets.values()))
     ctx = report.context(checked.data_dir, cfg.split.kind, cfg.run.seed, _sizes(fs),
                          tuned.hardware, time.perf_counter() - start)
-    files = report.write_leaderboard(run_dir, results, ctx)
-    files += report.write_plots(run_dir, results, fs.classes, _trials(grid, max_epochs), max_epochs)
+    files = report.write_leaderboard(run_dir, results, ctx, costs)
+    files += report.write_plots(run_dir, results, fs.classes, _trials(every, max_epochs),
+                                max_epochs, costs)
     if mode is not None:
         log_summary(mode, project=cfg.tracking.wandb_project, run_dir=run_dir, name=run_.name,
-                    columns=report.COLUMNS, rows=[r.row() for r in report.ranked(results)],
+                    tables={"leaderboard": (report.COLUMNS, [r.row() for r in report.ranked(results)]),
+                            "pareto": (report.PARETO_COLUMNS, [t for t in costs if t["front"]])},
                     files=files)
     if mode == "offline":
         print(sync_hint(run_dir))
     return RunSummary(results, run_dir, tuned.seconds, tuned.slots,
                       None if run_.resume else tuning.utilisation(grid, tuned.seconds, tuned.slots),
-                      failures=[_failure(r) for r in grid
+                      failures=[_failure(r) for r in every
                                 if tuning.result_outcome(r, max_epochs) == tuning.FAILED])
 
 
@@ -274,13 +287,16 @@ def _tune(cfg: Config, sets: dict[str, FeatureSet], pairs: list[tuple[str, str]]
     resources = {"cpus_per_trial": cfg.resources.cpus_per_trial,
                  "gpus_per_trial": cfg.resources.gpus_per_trial, "memory_per_trial": trial_bytes}
     start = time.perf_counter()
-    if run_.resume and runs.tune_state_exists(store, run_.name):
-        tuner = tuning.restore_tuner(store.tune_path(run_.name), refs, cfg, **resources)
+    tune_name = runs.round_name(run_.name, run_.round)
+    if run_.resume and runs.tune_state_exists(store, tune_name):
+        tuner = tuning.restore_tuner(store.tune_path(tune_name), refs, cfg, **resources)
     else:
         callbacks = wandb_callback(mode, project=cfg.tracking.wandb_project, run_dir=run_.dir,
                                    classes=next(iter(sets.values())).classes)
+        parent, _, folder = tune_name.rpartition("/")  # a later round: inside the run's folder
         tuner = tuning.make_tuner(refs, *_search(cfg, pairs, spaces, run_), cfg, **resources,
-                                  storage_path=store.uri, name=run_.name,
+                                  storage_path=store.tune_path(parent) if parent else store.uri,
+                                  name=folder,
                                   num_trials=cfg.search.num_samples * len(pairs),
                                   max_concurrent=slots, callbacks=callbacks)
     grid = tuning.fit_in_main_thread(tuner)
@@ -289,10 +305,22 @@ def _tune(cfg: Config, sets: dict[str, FeatureSet], pairs: list[tuple[str, str]]
 
 def _search(cfg: Config, pairs: list[tuple[str, str]], spaces: dict,
             run_: runs.Run) -> tuple[tuning.PairSearcher, tuning.PairScheduler]:
-    """A new run's searcher and scheduler, over a fresh Optuna journal (one left by a start
-    that never reached its Tuner would hold its seed points a second time)."""
-    (run_.dir / tuning.JOURNAL).unlink(missing_ok=True)
-    return tuning.build_search(pairs, spaces, cfg, run_.name, tuning.optuna_storage(run_.dir))
+    """A new round's searcher and scheduler. The first round's over a fresh Optuna journal
+    (one left by a start that never reached its Tuner would hold its seed points a second
+    time); a later round's go on with the pairs' studies in the run's journal."""
+    if run_.round == 0:
+        (run_.dir / tuning.JOURNAL).unlink(missing_ok=True)
+    return tuning.build_search(pairs, spaces, cfg, run_.name, tuning.optuna_storage(run_.dir),
+                               round_=run_.round)
+
+
+def _earlier_rounds(store: runs.Storage, run_: runs.Run) -> list:
+    """The trials (Tune Results) of the run's rounds before this command's, as saved."""
+    from ray.tune import ExperimentAnalysis, ResultGrid
+
+    return [result for k in range(run_.round) for result in ResultGrid(ExperimentAnalysis(
+        store.tune_path(runs.round_name(run_.name, k)), default_metric=tuning.METRIC,
+        default_mode=tuning.MODE))]
 
 
 def _pair_result(grid, model: str, feature: str, sets: dict[str, FeatureSet], output_dir: Path,
@@ -306,7 +334,7 @@ def _pair_result(grid, model: str, feature: str, sets: dict[str, FeatureSet], ou
     seconds = tuning.busy_seconds(results)
     row = report.PairResult(pair, ended[tuning.FINISHED], ended[tuning.PRUNED], ended[tuning.FAILED],
                             seconds * cfg.resources.cpus_per_trial,
-                            seconds * cfg.resources.gpus_per_trial)
+                            seconds * cfg.resources.gpus_per_trial, excluded=ended[tuning.EXCLUDED])
     best = export.best_of_pair(results, load_trial_state)
     if best is None:
         return row
@@ -366,14 +394,41 @@ def _trials(grid, max_epochs: int) -> list[dict[str, Any]]:
     """Every trial's validation loss by epoch, for plots.search_view."""
     trials = []
     for r in grid:
-        if r.metrics_dataframe is None or not len(r.metrics_dataframe):
-            continue
+        if r.metrics_dataframe is None or "val_loss" not in r.metrics_dataframe:
+            continue  # failed before its first epoch, or excluded untrained
         ended = tuning.result_outcome(r, max_epochs)
         trials.append({"pair": r.config["pair"], "trial_id": r.metrics.get("trial_id", ""),
                        "epochs": r.metrics_dataframe["epoch"].tolist(),
                        "val_loss": r.metrics_dataframe["val_loss"].tolist(),
                        "stopped": ended == tuning.PRUNED, "failed": ended == tuning.FAILED})
     return trials
+
+
+def _costs(every, results: list[report.PairResult]) -> list[dict[str, Any]]:
+    """Each trial that trained and measured its cost: its pair, feature, best validation
+    loss and cost, and whether it is its pair's export (for report.pareto_front)."""
+    exported = {r.trial_id for r in results if r.trial_id}
+    found = []
+    for r in every:
+        frame = r.metrics_dataframe
+        if frame is None or "val_loss" not in frame or "latency_ms" not in frame:
+            continue
+        loss = float(frame["val_loss"].min())
+        if math.isfinite(loss):
+            trial_id = r.metrics.get("trial_id", "")
+            found.append({"feature": r.config["feature"], "pair": r.config["pair"],
+                          "trial_id": trial_id, "val_loss": loss, "exported": trial_id in exported,
+                          **{key: r.metrics[key] for key in tuning.COST_KEYS}})
+    return found
+
+
+def _mark_pareto(results: list[report.PairResult], costs: list[dict[str, Any]]) -> None:
+    """Each exported pair's latency, and whether its export is on its feature's front."""
+    by_trial = {t["trial_id"]: t for t in costs}
+    for row in results:
+        if row.trial_id in by_trial:
+            row.latency_ms = by_trial[row.trial_id]["latency_ms"]
+            row.pareto = "yes" if by_trial[row.trial_id]["front"] else "no"
 
 
 def _sizes(fs: FeatureSet) -> dict[str, tuple[int, int]]:

@@ -158,7 +158,7 @@ def estimated_bytes(data_dir: Path, variants: list[Variant], cfg: Config) -> dic
     out: dict[str, dict[str, int]] = {}
     for feature, params in variants:
         probe = compute_feature(torch.zeros(1, plan.cutter.length), feature, plan.sample_rate,
-                                params, _unit_stats(feature))
+                                params, unit_stats(feature))
         sums = out.setdefault(feature, dict.fromkeys(data.SPLITS, 0))
         for name, n in rows.items():
             sums[name] += n * probe[0].nbytes
@@ -347,7 +347,7 @@ def _rows(x: np.ndarray) -> Iterator[torch.Tensor]:
         yield torch.from_numpy(np.array(x[start:start + CHUNK]))
 
 
-def _unit_stats(feature: str) -> dict[str, torch.Tensor]:
+def unit_stats(feature: str) -> dict[str, torch.Tensor]:
     """Statistics that leave a feature as it is (a probe of its shape needs some)."""
     return {} if feature == "waveform" else {"mean": torch.zeros(1), "std": torch.ones(1)}
 

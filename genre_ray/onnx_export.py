@@ -3,7 +3,7 @@
     `{model}_{feature}_best_model.onnx`: (batch, samples) float32 segments at the model's
     sample rate -> (batch, n_classes) genre probabilities
 
-The graph holds the feature front end (features.FrontEnd: standardisation, or
+The graph is cost.Served: the feature front end (features.FrontEnd: standardisation, or
 MelSpectrogram + AmplitudeToDB and the training split's per-band statistics), the
 network and the softmax, so onnxruntime alone serves it (genre_ray.onnx_runtime). The
 export's metadata (onnx_runtime.META_KEY) is a JSON document: classes, cutting rule,
@@ -26,9 +26,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from torch import nn
 
 from genre_ray import onnx_runtime
+from genre_ray.cost import Served
 from genre_ray.export import Exported
 from genre_ray.features import FrontEnd
 from genre_ray.files import atomic_path
@@ -37,17 +37,11 @@ TOLERANCE = 1e-4  # max abs difference of a probability, onnxruntime vs PyTorch 
 OPSET = 18  # the dynamo exporter's default; onnxruntime 1.31 runs up to 23
 
 
-class Served(nn.Module):
-    """An export from raw segments to probabilities: (batch, samples) -> (batch, n_classes)."""
-
-    def __init__(self, exported: Exported) -> None:
-        super().__init__()
-        self.front = FrontEnd(exported.feature, exported.sample_rate, exported.feature_params,
-                              exported.stats)
-        self.net = exported.rebuild()
-
-    def forward(self, segments: torch.Tensor) -> torch.Tensor:
-        return self.net(self.front(segments)).softmax(dim=1)
+def served(exported: Exported) -> Served:
+    """The export from raw segments to probabilities, in eval mode:
+    (batch, samples) -> (batch, n_classes)."""
+    front = FrontEnd(exported.feature, exported.sample_rate, exported.feature_params, exported.stats)
+    return Served(front, exported.rebuild()).eval()
 
 
 def onnx_name(model: str, feature: str) -> str:
@@ -58,13 +52,13 @@ def export_onnx(exported: Exported, segments: torch.Tensor, paths: list[Path]) -
     """Write `exported` as a checked ONNX graph to every path of `paths` (atomically), or
     write nothing and return why it cannot be. `segments`: (n, samples) real audio at the
     model's rate, n >= 1, for the check."""
-    served = Served(exported).eval()
+    model = served(exported)
     try:
-        proto = _graph(served, segments)
+        proto = _graph(model, segments)
     except Exception as err:  # the exporter's many failure types all mean "cannot export"
         return f"the graph does not export ({type(err).__name__}: {_first_line(err)})"
     with torch.no_grad():
-        expected = served(segments).numpy()
+        expected = model(segments).numpy()
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     got = session.run([onnx_runtime.OUTPUT], {onnx_runtime.INPUT: segments.numpy()})[0]
     diff = float(np.abs(got - expected).max())
@@ -81,8 +75,8 @@ def export_onnx(exported: Exported, segments: torch.Tensor, paths: list[Path]) -
     return None
 
 
-def _graph(served: Served, segments: torch.Tensor) -> onnx.ModelProto:
-    """The dynamo exporter's graph of `served`, its batch dimension dynamic; the exporter's
+def _graph(model: Served, segments: torch.Tensor) -> onnx.ModelProto:
+    """The dynamo exporter's graph of `model`, its batch dimension dynamic; the exporter's
     progress lines and warnings kept off the run's output."""
     example = segments[:2] if len(segments) >= 2 else segments.repeat(2, 1)  # 1 would specialise
     batch = torch.export.Dim("batch", min=1)
@@ -91,7 +85,7 @@ def _graph(served: Served, segments: torch.Tensor) -> onnx.ModelProto:
     quiet.setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
-            program = torch.onnx.export(served, (example,), dynamo=True, opset_version=OPSET,
+            program = torch.onnx.export(model, (example,), dynamo=True, opset_version=OPSET,
                                         input_names=[onnx_runtime.INPUT],
                                         output_names=[onnx_runtime.OUTPUT],
                                         dynamic_shapes=({0: batch},), verbose=False)

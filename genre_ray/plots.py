@@ -1,5 +1,5 @@
 """The report's figures: confusion matrix, learning curves, pair comparison, search view,
-hyperparameter importance.
+hyperparameter importance, accuracy against cost (Pareto front).
 
 Each function takes plain Python data, draws one `matplotlib.figure.Figure` (no pyplot,
 so no global state and no GUI backend) and writes one PNG atomically, returning its
@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 
 from genre_ray.files import atomic_path
 
@@ -194,6 +194,41 @@ def search_view(trials: list[dict[str, Any]], path: Path, max_epochs: int) -> Pa
                               label="failed: diverged or errored (o: last finite epoch)"))
     fig.legend(handles=handles, loc="outside lower center", ncols=3 if ncols >= 3 else 1,
                fontsize=9)
+    return _save(fig, path)
+
+
+def pareto_view(trials: list[dict[str, Any]], path: Path) -> Path:
+    """One panel per feature: every trial's best validation loss against its latency per
+    5 s segment (log scale), coloured by pair; the Pareto front's trials ringed and joined.
+
+    Each trial: {feature, pair, val_loss, latency_ms, front: bool, exported: bool}.
+    """
+    features = list(dict.fromkeys(t["feature"] for t in trials))
+    if not features:
+        raise ValueError("the Pareto view needs at least one trial")
+    pairs = list(dict.fromkeys(t["pair"] for t in trials))
+    colours = {pair: f"C{i % 10}" for i, pair in enumerate(pairs)}
+    fig = Figure(figsize=(5.2 * len(features) + 0.6, 4.6), layout="constrained")
+    for ax, feature in zip(np.atleast_1d(fig.subplots(1, len(features), squeeze=False)).ravel(), features):
+        mine = [t for t in trials if t["feature"] == feature]
+        for t in mine:
+            ax.scatter(t["latency_ms"], t["val_loss"], s=22, color=colours[t["pair"]], alpha=0.75,
+                       marker="*" if t["exported"] else "o", zorder=3)
+        front = sorted((t["latency_ms"], t["val_loss"]) for t in mine if t["front"])
+        ax.step(*zip(*front), where="post", color="black", lw=1, zorder=2)
+        ax.scatter(*zip(*front), s=90, facecolors="none", edgecolors="black", lw=1.2, zorder=4)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))  # 2, not 2x10^0
+        ax.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        ax.set_xlabel("latency per 5 s segment, batch 1 (ms)")
+        ax.set_ylabel("best validation loss")
+        ax.set_title(f"{feature}: {len(front)} of {len(mine)} trials on the front", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    handles = [Line2D([], [], color=colours[p], marker="o", ls="", label=p) for p in pairs]
+    handles += [Line2D([], [], color="black", marker="o", mfc="none", ms=9, label="Pareto front"),
+                Line2D([], [], color="0.3", marker="*", ls="", ms=9, label="a pair's export")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(6, len(handles)), fontsize=8)
+    fig.suptitle("Accuracy against cost: no ringed trial is beaten on both axes")
     return _save(fig, path)
 
 

@@ -9,7 +9,10 @@ in `<run>/plots/`: per pair its test confusion matrix and its best trial's learn
 curves; for the run, validation vs test accuracy of every pair, every trial's
 validation loss by epoch (ASHA-stopped trials visible), and each pair's hyperparameter
 importances beside its seed point's score. The leaderboard says too whether the seed point
-(the search space's first_point) or a searched configuration won each pair.
+(the search space's first_point) or a searched configuration won each pair. Accuracy
+against cost: every trial's best validation loss and latency (cost.Cost), the Pareto
+front of each feature across its pairs in `<run>/pareto.csv`, `leaderboard.md` and
+`plots/pareto.png`, and whether each pair's export is on it (column `pareto`).
 """
 from __future__ import annotations
 
@@ -26,14 +29,17 @@ from typing import Any
 
 from torch import nn
 
-from genre_ray import plots
+from genre_ray import cost, plots
 from genre_ray.features import FeatureSplit
 from genre_ray.files import atomic_path
 from genre_ray.training import evaluate, track_accuracy
 
 COLUMNS = ["pair", "test_track_acc", "test_acc", "test_macro_f1", "val_acc", "val_loss",
-           "seed_val_loss", "winner", "params", "epochs", "finished", "pruned", "failed",
-           "cpu_s", "gpu_s", "trial_id", "config", "importance"]
+           "seed_val_loss", "winner", "params", "latency_ms", "pareto", "epochs", "finished",
+           "pruned", "failed", "excluded", "cpu_s", "gpu_s", "trial_id", "config", "importance"]
+# pareto.csv: the trials of each feature's Pareto front (validation loss vs latency)
+PARETO_COLUMNS = ["feature", "pair", "trial_id", "val_loss", "latency_ms", "latency_ms_b64",
+                  "params", "exported"]
 LIBRARIES = ("torch", "torchaudio", "ray", "optuna", "wandb")
 
 
@@ -75,6 +81,9 @@ class PairResult:
     seed_val_loss: float = math.nan  # the seed point's (the search space's first_point) best
     winner: str = ""  # "seed point" when it is the exported trial, else "searched"
     importance: dict[str, float] = field(default_factory=dict)  # hyperparameter -> importance
+    excluded: int = 0  # over a cost limit: ended untrained (cost.violations)
+    latency_ms: float = math.nan  # the export's, per 5 s segment at batch 1 (cost.Cost)
+    pareto: str = ""  # "yes" when the export is on its feature's Pareto front, else "no"
 
     def row(self) -> dict[str, Any]:
         test = self.test.summary() if self.test else {}
@@ -82,8 +91,9 @@ class PairResult:
                 "test_acc": test.get("accuracy", math.nan),
                 "test_macro_f1": test.get("macro_f1", math.nan), "val_acc": self.val_acc,
                 "val_loss": self.val_loss, "seed_val_loss": self.seed_val_loss,
-                "winner": self.winner, "params": self.params, "epochs": self.epochs,
-                "finished": self.finished, "pruned": self.pruned, "failed": self.failed,
+                "winner": self.winner, "params": self.params, "latency_ms": self.latency_ms,
+                "pareto": self.pareto, "epochs": self.epochs, "finished": self.finished,
+                "pruned": self.pruned, "failed": self.failed, "excluded": self.excluded,
                 "cpu_s": round(self.cpu_s),
                 "gpu_s": round(self.gpu_s), "trial_id": self.trial_id,
                 "config": json.dumps(self.config, sort_keys=True),
@@ -111,10 +121,21 @@ def ranked(results: list[PairResult]) -> list[PairResult]:
 
 def table(results: list[PairResult]) -> str:
     """The leaderboard as a Markdown table (what tune_main.py prints)."""
-    rows = [r.row() for r in ranked(results)]
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(row[c]) for c in COLUMNS) + " |" for row in rows]
+    return _markdown([r.row() for r in ranked(results)], COLUMNS)
+
+
+def _markdown(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
 
 
 def context(data_dir: Path, split: str, seed: int, sizes: dict[str, tuple[int, int]],
@@ -138,25 +159,41 @@ def _version(library: str) -> str:
         return "not installed"
 
 
-def write_leaderboard(run_dir: Path, results: list[PairResult], ctx: dict[str, str]) -> list[Path]:
-    """`leaderboard.md` (context + table) and `leaderboard.csv` (rows) in `run_dir`."""
+def pareto_front(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`trials` (each: feature, pair, trial_id, val_loss, the cost.Cost keys, exported),
+    each marked `front`: on its feature's Pareto front of validation loss vs latency at
+    batch 1 (cost.pareto), across every pair of that feature."""
+    marked = [{**t, "front": False} for t in trials]
+    for feature in dict.fromkeys(t["feature"] for t in marked):
+        mine = [t for t in marked if t["feature"] == feature]
+        for i in cost.pareto([(t["val_loss"], t["latency_ms"]) for t in mine]):
+            mine[i]["front"] = True
+    return marked
+
+
+def write_leaderboard(run_dir: Path, results: list[PairResult], ctx: dict[str, str],
+                      trials: list[dict[str, Any]] = ()) -> list[Path]:
+    """`leaderboard.md` (context, table, Pareto fronts), `leaderboard.csv` (rows) and
+    `pareto.csv` (the fronts' trials) in `run_dir`; `trials`: pareto_front's."""
+    front = sorted((t for t in trials if t["front"]), key=lambda t: (t["feature"], t["latency_ms"]))
     md = "# Leaderboard\n\n" + "".join(f"- {k}: {v}\n" for k, v in ctx.items()) + \
         "\nRanked by test accuracy per track (mean of its segments' probabilities).\n\n" + \
-        table(results) + "\n"
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
-    writer.writeheader()
-    writer.writerows(r.row() for r in ranked(results))
-    paths = [run_dir / "leaderboard.md", run_dir / "leaderboard.csv"]
-    for path, text in zip(paths, (md, buffer.getvalue())):
+        table(results) + "\n\n## Pareto front per feature\n\nNo other trial of the feature " \
+        "has both a lower validation loss and a lower latency per 5 s segment (batch 1).\n\n" + \
+        _markdown(front, PARETO_COLUMNS) + "\n"
+    paths = [run_dir / "leaderboard.md", run_dir / "leaderboard.csv", run_dir / "pareto.csv"]
+    texts = (md, _csv([r.row() for r in ranked(results)], COLUMNS), _csv(front, PARETO_COLUMNS))
+    for path, text in zip(paths, texts):
         with atomic_path(path) as tmp:
             tmp.write_text(text)
     return paths
 
 
 def write_plots(run_dir: Path, results: list[PairResult], classes: list[str],
-                trials: list[dict[str, Any]], max_epochs: int) -> list[Path]:
-    """Every PNG of the run under `<run_dir>/plots/`; `trials` as plots.search_view takes."""
+                trials: list[dict[str, Any]], max_epochs: int,
+                costs: list[dict[str, Any]] = ()) -> list[Path]:
+    """Every PNG of the run under `<run_dir>/plots/`; `trials` as plots.search_view takes,
+    `costs` as pareto_front gives."""
     folder = run_dir / "plots"
     paths = []
     for r in results:
@@ -177,6 +214,8 @@ def write_plots(run_dir: Path, results: list[PairResult], classes: list[str],
                                    for r in results], folder / "importance.png"))
     if trials:  # none when every trial failed before its first epoch
         paths.append(plots.search_view(trials, folder / "search.png", max_epochs))
+    if costs:
+        paths.append(plots.pareto_view(list(costs), folder / "pareto.png"))
     return paths
 
 

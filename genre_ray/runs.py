@@ -11,7 +11,10 @@ finished; and `.lock`, held by the process running it. So:
   the same command continues it if the configuration is still the same; if
   defaults.yaml, a search-space file or a --config file changed since, it stops naming
   the change; `--resume` continues it as it was saved;
-- a finished run is not run again: its name says where its results are;
+- a finished run is not run again: its name says where its results are; `--more-samples
+  N` grows it instead, by a round of N more trials per pair: Tune's experiment of round
+  k >= 1 is `<name>/more-<k>/` (`round_name`), the pairs' Optuna studies go on in the
+  run's journal, and the record keeps each round's trials per pair (`rounds`);
 - two processes never run one folder at once.
 
 `--storage-path` may be a local or NFS path, or a URI. Tune writes a URI's trials and
@@ -89,13 +92,33 @@ def storage(path_or_uri: str) -> Storage:
 @dataclass
 class Run:
     """The run this command works on, with its configuration (config.as_json); `resume`:
-    continue it through Tuner.restore; `seen`: its record when chosen (None: it had none)."""
+    continue it through Tuner.restore; `seen`: its record when chosen (None: it had none);
+    `rounds`: trials per pair of each round, the last the one this command runs (the first
+    is the configuration's num_samples, each later one a --more-samples)."""
 
     name: str | None
     dir: Path | None
     config: dict[str, Any]
     resume: bool
     seen: dict[str, Any] | None = None
+    rounds: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.rounds = self.rounds or (self.config["search"]["num_samples"],)
+
+    @property
+    def round(self) -> int:
+        return len(self.rounds) - 1
+
+
+def round_name(name: str, round_: int) -> str:
+    """Tune's experiment of a run's round, under the storage path: the run's own folder,
+    then `<name>/more-<round>`."""
+    return name if round_ == 0 else f"{name}/more-{round_}"
+
+
+def _rounds(record: dict[str, Any]) -> tuple[int, ...]:
+    return tuple(record.get("rounds") or (record["config"]["search"]["num_samples"],))
 
 
 def read_record(run_dir: Path) -> dict[str, Any] | None:
@@ -113,20 +136,26 @@ def read_record(run_dir: Path) -> dict[str, Any] | None:
 def write_record(run: Run, status: str, reason: str | None = None) -> None:
     """Write the run's record: `status` running | interrupted | failed (`reason`) | finished."""
     record = {"name": run.name, "status": status, "format": FORMAT, "config": run.config,
-              "config_hash": config.digest(run.config),
+              "config_hash": config.digest(run.config), "rounds": list(run.rounds),
               "updated": datetime.datetime.now().isoformat(timespec="seconds"),
               **({"reason": reason} if reason else {})}
     with atomic_path(run.dir / RECORD) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
 
 
-def choose(store: Storage, name: str | None, cfg: dict[str, Any], resume: bool) -> Run:
+def choose(store: Storage, name: str | None, cfg: dict[str, Any], resume: bool,
+           more: int = 0) -> Run:
     """The run a command works on, read-only: the named run, else the newest interrupted
     run this command started (same flags; with `resume`: any), else a new run (name None,
-    given when claimed). UserError when the named run is finished, or when the run to
-    continue was saved with another configuration (unless `resume`: it keeps its own)."""
+    given when claimed). `more`: grow the named finished run by a round of `more` trials
+    per pair (or continue that round, interrupted). UserError when the named run is
+    finished (and not grown), or when the run to continue was saved with another
+    configuration (unless `resume` or `more`: it keeps its own)."""
+    if more and name is None:
+        raise UserError("--more-samples grows a finished run: name it with --name (its folder "
+                        "under --storage-path)")
     if name is not None:
-        return _named(store, _checked_name(name), cfg, resume)
+        return _named(store, _checked_name(name), cfg, resume, more)
     return _latest(store, cfg, resume) or Run(None, None, cfg, resume=False)
 
 
@@ -170,12 +199,14 @@ def _claim(store: Storage, run: Run) -> int | None:
     return None
 
 
-def _named(store: Storage, name: str, cfg: dict[str, Any], resume: bool) -> Run:
+def _named(store: Storage, name: str, cfg: dict[str, Any], resume: bool, more: int) -> Run:
     run_dir = store.local / name
     record = read_record(run_dir)
-    if record is None and resume:
-        raise UserError(f"there is no run {name!r} under {store.uri} to resume; check --name "
-                        "and --storage-path, or drop --resume to start it")
+    if record is None and (resume or more):
+        what = "grow" if more else "resume"
+        raise UserError(f"there is no run {name!r} under {store.uri} to {what}; check --name "
+                        f"and --storage-path, or drop --{'more-samples' if more else 'resume'} "
+                        "to start it")
     if record is None:
         if run_dir.is_dir() and any(run_dir.iterdir()):
             raise UserError(f"{run_dir} exists and is not a genre-ray run; pass another --name")
@@ -184,17 +215,26 @@ def _named(store: Storage, name: str, cfg: dict[str, Any], resume: bool) -> Run:
                             "from another machine (its record is in that machine's cache); "
                             "continue it from there, or pass another --name")
         return Run(name, run_dir, cfg, resume=False)
+    if record.get("format") != FORMAT and not (record["status"] == "finished" and not more):
+        raise UserError(f"run {name!r} was saved by another version of genre-ray and cannot be "
+                        f"{'grown' if more else 'continued'}; pass a new --name to start another run")
     if record["status"] == "finished":  # an older format's record has no config: no output_dir
+        if more:
+            return Run(name, run_dir, record["config"], resume=False, seen=record,
+                       rounds=(*_rounds(record), more))
         models = (record.get("config") or {}).get("run", {}).get("output_dir")
         raise UserError(f"run {name!r} is finished: its leaderboard is {run_dir / 'leaderboard.md'}"
                         + (f" and its models are in {models}" if models else "")
-                        + "; pass a new --name to start another run")
-    if record.get("format") != FORMAT:
-        raise UserError(f"run {name!r} was saved by another version of genre-ray and cannot be "
-                        "continued; pass a new --name to start another run")
-    if not resume:
+                        + "; pass a new --name to start another run, or --more-samples N to "
+                          "add N trials per pair to it")
+    rounds = _rounds(record)
+    if more and (len(rounds) == 1 or rounds[-1] != more):
+        growing = f" (its round of {rounds[-1]} more)" if len(rounds) > 1 else ""
+        raise UserError(f"run {name!r} is not finished ({record['status']}); continue it first"
+                        f"{growing}: tune_main.py --name {name} --resume, then grow it")
+    if not (resume or more):
         _require_same(name, record["config"], cfg)
-    return Run(name, run_dir, record["config"], resume=True, seen=record)
+    return Run(name, run_dir, record["config"], resume=True, seen=record, rounds=rounds)
 
 
 def _latest(store: Storage, cfg: dict[str, Any], resume: bool) -> Run | None:
@@ -204,7 +244,8 @@ def _latest(store: Storage, cfg: dict[str, Any], resume: bool) -> Run | None:
         if resume or config.command(record["config"]) == config.command(cfg):
             if not resume:
                 _require_same(run_dir.name, record["config"], cfg)
-            return Run(run_dir.name, run_dir, record["config"], resume=True, seen=record)
+            return Run(run_dir.name, run_dir, record["config"], resume=True, seen=record,
+                       rounds=_rounds(record))
     if resume:
         raise UserError(f"no interrupted run under {store.uri} to resume; drop --resume to start "
                         "a new run, or pass the --storage-path where the run lives")

@@ -123,11 +123,12 @@ def sync_hint(run_dir: Path) -> str:
     return f"W&B runs saved offline; upload them with: wandb sync {runs}"
 
 
-def log_summary(mode: str, *, project: str, run_dir: Path, name: str, columns: list[str],
-                rows: list[dict[str, Any]], files: list[Path]) -> None:
-    """One W&B run for the whole experiment (`<name>-summary`, group `summary`): the
-    leaderboard as a table and every plot (`files`' PNGs) as an image. If W&B fails (the
-    network went away during the run), one line says so: the run's results are on disk."""
+def log_summary(mode: str, *, project: str, run_dir: Path, name: str,
+                tables: dict[str, tuple[list[str], list[dict[str, Any]]]], files: list[Path]) -> None:
+    """One W&B run for the whole experiment (`<name>-summary`, group `summary`): `tables`
+    (name -> (columns, rows): the leaderboard, the Pareto fronts) as W&B tables and every
+    plot (`files`' PNGs) as an image. If W&B fails (the network went away during the run),
+    one line says so: the run's results are on disk."""
     import wandb
 
     try:
@@ -135,9 +136,10 @@ def log_summary(mode: str, *, project: str, run_dir: Path, name: str, columns: l
                          job_type="summary", dir=str(Path(run_dir).resolve()), mode=mode,
                          settings={"silent": True, "init_timeout": SUMMARY_TIMEOUT_S},
                          reinit="create_new")
-        table = wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])
+        logged = {key: wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])
+                  for key, (columns, rows) in tables.items()}
         images = {f"plots/{p.stem}": wandb.Image(str(p)) for p in files if p.suffix == ".png"}
-        run.log({"leaderboard": table, **images})
+        run.log({**logged, **images})
         run.finish()
     except wandb.errors.Error as err:
         print(f"W&B: the summary run was not logged ({str(err).splitlines()[0]}); the "

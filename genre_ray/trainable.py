@@ -35,9 +35,9 @@ import ray
 import torch
 from ray import tune
 
-from genre_ray import config
+from genre_ray import config, cost
 from genre_ray.export import CHECKPOINT_METRIC
-from genre_ray.features import FeatureSet, batch_augmentation, variant_of
+from genre_ray.features import FeatureSet, FrontEnd, batch_augmentation, unit_stats, variant_of
 from genre_ray.models import build_model
 from genre_ray.training import Diverged, Evaluation, Trainer, pick_device, seed_everything
 
@@ -99,7 +99,13 @@ def _train(keys: config.TrialKeys, cfg: config.Config, feature_ref: ray.ObjectRe
                       device=pick_device(ray.get_gpu_ids()),
                       transform=batch_augmentation(data.feature, cfg.batch_augment.of(data.feature)),
                       device_share=ray.get_runtime_context().get_assigned_resources().get("GPU", 1.0))
-    saver = BestSaver(trainer, set(keys.checkpoint_epochs))
+    spent = _cost(model, data.feature, cfg, trainer.device)
+    excluded = cost.violations(spent, cfg.search)
+    if excluded:  # pruned before training: no epoch, no checkpoint, so never exported
+        tune.report({"epoch": 0, "val_loss": math.nan, "excluded": "; ".join(excluded),
+                     **spent.metrics()})  # Tune wants the metric in every result
+        return
+    saver = BestSaver(trainer, set(keys.checkpoint_epochs), spent.metrics())
     checkpoint = tune.get_checkpoint()
     if checkpoint:
         saver.resume(load_trial_state(checkpoint))
@@ -107,6 +113,14 @@ def _train(keys: config.TrialKeys, cfg: config.Config, feature_ref: ray.ObjectRe
         trainer.fit(keys.max_epochs, saver.report)
     except Diverged as err:  # ends the trial, never retried: the same config diverges again
         saver.report_end({"epoch": trainer.epoch + 1, "val_loss": math.nan, "diverged": str(err)})
+
+
+def _cost(model: torch.nn.Module, feature: str, cfg: config.Config,
+          device: torch.device) -> cost.Cost:
+    """The trial's model served from raw segments (front end included), measured on its device."""
+    front = FrontEnd(feature, cfg.data.sample_rate, cfg.features.of(feature), unit_stats(feature))
+    samples = round(cfg.data.segment_seconds * cfg.data.sample_rate)
+    return cost.measure(cost.Served(front.to(device), model), samples, device)
 
 
 class BestSaver:
@@ -124,8 +138,10 @@ class BestSaver:
     A retried or resumed trial continues from the last checkpoint's best epoch and, its
     RNGs restored, replays the epochs after it exactly."""
 
-    def __init__(self, trainer: Trainer, checkpoint_epochs: set[int]) -> None:
+    def __init__(self, trainer: Trainer, checkpoint_epochs: set[int],
+                 constant: dict[str, Any] | None = None) -> None:
         self.trainer, self.checkpoint_epochs = trainer, checkpoint_epochs
+        self.constant = constant or {}  # reported with every epoch (the model's cost)
         self.best_loss, self.pending = math.inf, None
 
     def resume(self, state: dict[str, Any]) -> None:
@@ -133,6 +149,7 @@ class BestSaver:
         self.best_loss = state["metrics"]["val_loss"]
 
     def report(self, metrics: dict[str, float], evaluation: Evaluation) -> None:
+        metrics = {**metrics, **self.constant}
         if metrics["val_loss"] < self.best_loss:
             self.best_loss = metrics["val_loss"]
             self.pending = {"trainer": on_cpu(self.trainer.state_dict()), "metrics": metrics,
@@ -145,6 +162,7 @@ class BestSaver:
 
     def report_end(self, metrics: dict[str, Any]) -> None:
         """Report `metrics` with a checkpoint of the best state, if one is pending."""
+        metrics = {**metrics, **self.constant}
         if self.pending is None:
             tune.report(metrics)
             return

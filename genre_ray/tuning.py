@@ -18,6 +18,7 @@ search and its own early stopping:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import os
@@ -33,6 +34,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from genre_ray import cost as cost_limits
 from genre_ray.config import Config, Search, TrialKeys
 from genre_ray.ray_internals import memory_kills_fail_trials
 from genre_ray.search_space import SearchSpace
@@ -48,14 +50,18 @@ def pair_name(model: str, feature: str) -> str:
     return f"{model}_{feature}"
 
 
-FINISHED, PRUNED, FAILED = "finished", "pruned", "failed"
+FINISHED, PRUNED, FAILED, EXCLUDED = "finished", "pruned", "failed", "excluded"
+COST_KEYS = ("params", "latency_ms", "latency_ms_b64")  # cost.Cost, in every trial's results
 
 
-def outcome(last_epoch: int, max_epochs: int, failed: bool) -> str:
+def outcome(last_epoch: int, max_epochs: int, failed: bool, excluded: bool = False) -> str:
     """How a trial ended, the one rule every reader uses (Optuna's state, the leaderboard's
-    counts, the search plot): FAILED when it errored after its retries or its loss was not
+    counts, the search plot): EXCLUDED when its model broke a cost limit and it never
+    trained (cost.violations); FAILED when it errored after its retries or its loss was not
     finite (diverged); else FINISHED when it reached `max_epochs`, PRUNED when ASHA (or the
     run's end) stopped it before."""
+    if excluded:
+        return EXCLUDED
     if failed:
         return FAILED
     return FINISHED if last_epoch >= max_epochs else PRUNED
@@ -64,10 +70,13 @@ def outcome(last_epoch: int, max_epochs: int, failed: bool) -> str:
 def result_outcome(result, max_epochs: int) -> str:
     """`outcome` of a Tune `Result` (a trial of the ResultGrid)."""
     failed = bool(result.error or result.metrics.get("diverged"))
-    return outcome(int(result.metrics.get(TIME_ATTR, 0)), max_epochs, failed)
+    return outcome(int(result.metrics.get(TIME_ATTR, 0)), max_epochs, failed,
+                   bool(result.metrics.get("excluded")))
 
 
-OPTUNA_STATE = {FINISHED: TrialState.COMPLETE, PRUNED: TrialState.PRUNED, FAILED: TrialState.FAIL}
+# an excluded trial is PRUNED with its cost over a limit: TPE's constraints see it (constraints)
+OPTUNA_STATE = {FINISHED: TrialState.COMPLETE, PRUNED: TrialState.PRUNED, FAILED: TrialState.FAIL,
+                EXCLUDED: TrialState.PRUNED}
 
 
 class PrunedOptunaSearch(OptunaSearch):
@@ -97,8 +106,12 @@ class PrunedOptunaSearch(OptunaSearch):
             return super().on_trial_complete(trial_id, result, error)
         trial, result = self._ot_trials[trial_id], result or {}
         value, step = result.get(self.metric), int(result.get(TIME_ATTR, 0))
-        state = OPTUNA_STATE[outcome(step, self._max_t, error or not _finite(value))]
-        if state != TrialState.FAIL and step > self._last_step.get(trial_id, 0):
+        excluded = bool(result.get("excluded"))
+        state = OPTUNA_STATE[outcome(step, self._max_t, error or not _finite(value), excluded)]
+        cost = {key: result[key] for key in COST_KEYS if key in result}
+        if cost:
+            trial.set_user_attr("cost", cost)  # what constraints() reads
+        if state != TrialState.FAIL and not excluded and step > self._last_step.get(trial_id, 0):
             trial.report(float(value), step)  # the result Tune stopped it on: not seen above
         if state == TrialState.COMPLETE:
             self._ot_study.tell(trial, float(value), state=state)
@@ -208,21 +221,40 @@ class PairScheduler(FIFOScheduler):
         return "\n".join(f"{pair}: {s.debug_string()}" for pair, s in self._schedulers.items())
 
 
+def constraints(trial: optuna.trial.FrozenTrial, search: Search) -> list[float]:
+    """TPE's constraints_func: the trial's cost over the search's limits (> 0 violates)."""
+    return cost_limits.constraint_values(trial.user_attrs.get("cost", {}), search)
+
+
 def build_search(pairs: list[tuple[str, str]], spaces: dict[str, SearchSpace], cfg: Config,
-                 study: str, storage: optuna.storages.BaseStorage) -> tuple[PairSearcher, PairScheduler]:
+                 study: str, storage: optuna.storages.BaseStorage,
+                 round_: int = 0) -> tuple[PairSearcher, PairScheduler]:
     """The searcher and scheduler of a run over `pairs` of (model, feature), as `cfg.search`
-    says, seeded by `cfg.run.seed`; each pair's study is `<study>/<pair>` in `storage`."""
+    says, seeded by `cfg.run.seed`; each pair's study is `<study>/<pair>` in `storage`.
+
+    `round_` > 0: a run grown by `cfg.search.num_samples` more trials per pair. Each study
+    goes on (Optuna loads it: TPE models every earlier trial, none is rerun), without the
+    seed point (round 0 ran it) and with samplers seeded anew for the round; a trial an
+    interrupted driver had asked for and never told is told FAIL first.
+
+    With a cost limit (search.max_latency_ms, max_params), TPE samples under Optuna's
+    constraints: each told trial carries its cost (user attr `cost`), and one over a limit
+    (excluded, PRUNED untrained) is infeasible, so TPE learns to sample within them."""
     search, searchers, constants = cfg.search, {}, {}
+    limited = search.max_latency_ms is not None or search.max_params is not None
+    limits = functools.partial(constraints, search=search) if limited else None  # picklable
     for i, (model, feature) in enumerate(pairs):
         pair = pair_name(model, feature)
         space = spaces[model].of(feature)
         sampler = optuna.samplers.TPESampler(  # explicit: Optuna 5 changed TPE's defaults
-            seed=cfg.run.seed + i, n_startup_trials=search.n_startup_trials,
-            multivariate=True, constant_liar=True)
+            seed=cfg.run.seed + i + round_ * len(pairs), n_startup_trials=search.n_startup_trials,
+            multivariate=True, constant_liar=True, constraints_func=limits)
         searchers[pair] = PrunedOptunaSearch(
             space.distributions, metric=METRIC, mode=MODE, sampler=sampler,
-            points_to_evaluate=[space.first_point], storage=storage,
+            points_to_evaluate=None if round_ else [space.first_point], storage=storage,
             study_name=f"{study}/{pair}", max_t=search.max_epochs)
+        if round_:
+            searchers[pair].fail_orphans()
         constants[pair] = dataclasses.asdict(TrialKeys(
             pair, model, feature, search.max_epochs, cfg.run.seed, checkpoint_epochs(search)))
     budgets = {pair: search.num_samples for pair in searchers}

@@ -63,7 +63,7 @@ def test_each_graph_matches_pytorch_on_real_segments_and_predicts_the_same_genre
     for pair, pth in exports["paths"].items():
         saved, graph = export.Exported.load(pth), OnnxModel.load(pth.with_suffix(".onnx"))
         with torch.no_grad():
-            expected = onnx_export.Served(saved).eval()(segments).numpy()
+            expected = onnx_export.served(saved)(segments).numpy()
         got = per_segment(graph, segments)
         assert got.shape == (len(segments), len(GENRES)), pair
         assert np.abs(got - expected).max() <= onnx_export.TOLERANCE, pair

@@ -335,7 +335,7 @@ def _trial(model: str, feature: str, hyper: dict) -> list[torch.Tensor]:
     cfg = config.tuned(config.load(), hyper, feature)
     waves, labels = _clips()
     x = features.compute_feature(waves, feature, RATE, cfg.features.of(feature),
-                                 features._unit_stats(feature))
+                                 features.unit_stats(feature))
     training.seed_everything(0)
     net = build_model(model, tuple(x.shape[1:]), 10, dataclasses.asdict(cfg.model))
     trainer = training.Trainer(net, (x, labels), (x, labels), cfg.training, n_classes=10, epochs=2,

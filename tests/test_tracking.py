@@ -110,8 +110,8 @@ def test_a_summary_run_w_and_b_cannot_take_is_one_line_not_a_traceback(monkeypat
     monkeypatch.setenv(KEY, "x" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed_port()}")  # the network went away
     monkeypatch.setattr(tracking, "SUMMARY_TIMEOUT_S", 5)
-    tracking.log_summary("online", project="p", run_dir=tmp_path, name="r", columns=["pair"],
-                         rows=[{"pair": "MLP_waveform"}], files=[])
+    tracking.log_summary("online", project="p", run_dir=tmp_path, name="r",
+                         tables={"leaderboard": (["pair"], [{"pair": "MLP_waveform"}])}, files=[])
     out = capsys.readouterr().out
     assert re.fullmatch(rf"W&B: the summary run was not logged \(.+\); the leaderboard and plots "
                         rf"are in {re.escape(str(tmp_path))}\n", out), out

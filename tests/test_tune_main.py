@@ -127,6 +127,7 @@ def test_leaderboard_has_a_row_per_pair_ranked_by_test_track_accuracy(job):
         saved = export.Exported.load(base / "best" / f"{r['pair']}_best_model.pth")
         assert float(r["test_track_acc"]) == pytest.approx(saved.test["track_accuracy"])
         assert json.loads(r["config"]) == saved.hyper and int(r["params"]) > 0
+        assert r["pareto"] in ("yes", "no") and float(r["latency_ms"]) > 0  # its measured cost
         assert int(r["finished"]) + int(r["pruned"]) == 3
     md = (run / "leaderboard.md").read_text()
     for key in ("dataset", "split", "seed", "hardware", "libraries", "wall time"):
@@ -156,7 +157,7 @@ def test_plots_are_valid_images_of_sensible_size(job):
     base, _, _ = job
     plots = base / "runs" / "job" / "plots"
     expected = {f"{m}_{f}_{kind}.png" for m, f in PAIRS for kind in ("confusion", "curves")}
-    assert {p.name for p in plots.glob("*.png")} == expected | {"comparison.png", "search.png", "importance.png"}
+    assert {p.name for p in plots.glob("*.png")} == expected | {"comparison.png", "search.png", "importance.png", "pareto.png"}
     for png in plots.glob("*.png"):
         height, width = matplotlib.image.imread(png).shape[:2]
         assert 300 <= width <= 5000 and 300 <= height <= 5000, png.name
@@ -170,4 +171,8 @@ def test_wandb_summary_run_holds_the_leaderboard_and_plots(job):
     table = json.loads((folder / "files" / summary["summary"]["leaderboard.path"]).read_text())
     assert table["columns"] == report.COLUMNS and len(table["data"]) == len(PAIRS)
     images = {k for k in summary["summary"] if k.startswith("plots/") and k.endswith(".path")}
-    assert len(images) == len(PAIRS) * 2 + 3
+    assert len(images) == len(PAIRS) * 2 + 4  # + comparison, search, importance, pareto
+    pareto = json.loads((folder / "files" / summary["summary"]["pareto.path"]).read_text())
+    with open(base / "runs" / "job" / "pareto.csv", newline="") as f:
+        front = list(csv.DictReader(f))
+    assert pareto["columns"] == report.PARETO_COLUMNS and len(pareto["data"]) == len(front) >= 1
