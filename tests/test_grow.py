@@ -5,8 +5,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -122,3 +125,54 @@ def test_growing_needs_a_finished_run_named(grown, args, says):
     [error] = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert says in error
     assert folders(run) == before
+
+
+def test_an_interrupted_growth_is_continued_by_the_same_command(tmp_path):
+    """Ctrl-C (SIGINT to the process group) once two of the new round's trials are done;
+    the same command again finishes the round without rerunning them."""
+    make_tree(tmp_path / "data", tracks=3, seconds=11.0)
+    first = tune_main(tmp_path, "--data-dir", str(tmp_path / "data"), "--models", "MLP",
+                      "--features", "spectrogram", "--num-samples", "2", "--max-epochs", "3",
+                      "--name", "g", "--output-dir", str(tmp_path / "best"), "--wandb", "off")
+    assert first.returncode == 0, first.stderr[-3000:]
+    grow = [sys.executable, str(REPO / "tune_main.py"), "--storage-path", str(tmp_path / "runs"),
+            "--name", "g", "--more-samples", "4"]
+    round_dir = tmp_path / "runs" / "g" / "more-1"
+    with open(tmp_path / "grow.log", "w") as log:
+        proc = subprocess.Popen(grow, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        deadline = time.monotonic() + 300
+        while len(done(round_dir)) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "grow.log").read_text()
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(120) == 130, (tmp_path / "grow.log").read_text()
+    record = json.loads((tmp_path / "runs" / "g" / "run.json").read_text())
+    assert (record["status"], record["rounds"]) == ("interrupted", [2, 4])
+    before = done(round_dir)
+    kept = finished(round_dir, before)  # ended in Tune's saved state: never run again
+    assert kept
+    again = subprocess.run(grow, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "continuing interrupted run 'g'" in again.stdout
+    after = done(round_dir)
+    assert len(after) == 4 and all(after[name] == before[name] for name in kept)
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "runs" / "g" / "optuna.journal")))
+    assert len(optuna.load_study(study_name="g/MLP_spectrogram", storage=storage).trials) == 6
+    assert json.loads((tmp_path / "runs" / "g" / "run.json").read_text())["status"] == "finished"
+
+
+def done(experiment: Path) -> dict[str, str]:
+    """Trial folder -> hash of its result.json, for the trials that reported `done`."""
+    return {p.parent.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in experiment.glob("*/result.json") if '"done": true' in p.read_text()}
+
+
+def finished(experiment: Path, names) -> set[str]:
+    """Of `names`, the trials Tune's saved state holds as ended: one whose last result came
+    just before the Ctrl-C may rerun its last epoch (Tune delivers results at least once)."""
+    from ray.tune.experiment import Trial
+
+    ended = {f"{t.config['pair']}_{t.trial_id}" for t in ExperimentAnalysis(str(experiment)).trials
+             if t.status == Trial.TERMINATED}
+    return set(names) & ended
