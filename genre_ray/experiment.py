@@ -227,7 +227,8 @@ def _run(cfg: Config, checked: Checked, sets: dict[str, FeatureSet], slots: int,
     mode, max_epochs = checked.mode, cfg.search.max_epochs
     pairs = [(m, f) for m in cfg.run.models for f in cfg.run.features]
     runs.write_record(run_, "running")
-    this_round = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, num_samples=run_.rounds[-1]))
+    this_round = dataclasses.replace(  # a grown run's round: its own trials per pair
+        cfg, search=dataclasses.replace(cfg.search, num_samples=run_.rounds[-1]))
     grid, tuned = _tune(this_round, sets, pairs, checked.spaces, store, run_, mode,
                         slots, checked.need.trial)
     round_path = store.tune_path(runs.round_name(run_.name, run_.round))
