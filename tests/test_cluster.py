@@ -53,14 +53,20 @@ def test_a_shared_storage_run_on_two_nodes_tunes_and_exports(tmp_path):
 
 def test_a_trial_on_a_lost_node_is_retried_from_its_checkpoint(tmp_path):
     """ASHA's one rung is epoch 2 (grace 2 x 4 reaches max_epochs 8): a trial checkpoints
-    there, and one past it runs on to epoch 8 unstopped, so the node is lost mid-trial."""
+    there, and runs on to epoch 8, so the node is lost mid-trial. Both trials train the
+    same configuration (a one-point space) with the same seed, so neither is worse at the
+    rung and ASHA stops neither, whichever reaches it second."""
     data = make_tree(tmp_path / "data", tracks=4, seconds=40.0)  # CEL epochs of about 1 s
+    spaces = tmp_path / "spaces"
+    spaces.mkdir()
+    (spaces / "CEL.yaml").write_text("params: {learning_rate: {choice: [0.001]}}\n"
+                                     "first_point: {learning_rate: 0.001}\n")
     run = tmp_path / "runs" / "run"
     with two_node_cluster(tmp_path / "logs") as cluster:
         job = subprocess.Popen(
             tune_args(cluster, data, tmp_path, "--shared-storage", "--models", "CEL",
                       "--num-samples", "2", "--max-epochs", "8", "--grace-period", "2",
-                      "--reduction-factor", "4"),
+                      "--reduction-factor", "4", "--search-spaces", str(spaces)),
             cwd=tmp_path, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True)
         try:
@@ -77,14 +83,15 @@ def test_a_trial_on_a_lost_node_is_retried_from_its_checkpoint(tmp_path):
                       + output[-3000:])
 
 
-def _checkpointed_on(run: Path, node: subprocess.Popen) -> bool:
-    """Whether a trial running on `node` has saved a checkpoint and gone on past it (so
-    ASHA kept it: it runs until the last epoch)."""
+def _checkpointed_on(run: Path, node: subprocess.Popen, max_epochs: int = 8) -> bool:
+    """Whether a trial running on `node` has saved a checkpoint and has epochs to go. (With
+    a storage path, Tune syncs a trial's result.json there when it checkpoints, so the
+    file shows the checkpoint's epoch last.)"""
     pids = set(node_pids(node))
     for result in run.glob("*/result.json"):
         rows = [json.loads(line) for line in result.read_text().splitlines()]
-        saved = [r["epoch"] for r in rows if r.get("checkpoint_dir_name")]
-        if rows and rows[-1]["pid"] in pids and saved and rows[-1]["epoch"] > saved[-1]:
+        if (rows and rows[-1]["pid"] in pids and rows[-1]["epoch"] < max_epochs
+                and any(r.get("checkpoint_dir_name") for r in rows)):
             return True
     return False
 

@@ -54,7 +54,7 @@ def grown(tmp_path_factory):
     base = tmp_path_factory.mktemp("grow")
     make_tree(base / "data", tracks=3, seconds=11.0)
     first = tune_main(base, "--data-dir", str(base / "data"), "--models", "MLP", "CEL",
-                      "--features", "spectrogram", "--num-samples", str(FIRST), "--max-epochs", "3",
+                      "--features", "spectrogram", "--num-samples", str(FIRST), "--max-epochs", "2",
                       "--name", "g", "--output-dir", str(base / "best"), "--wandb", "offline")
     assert first.returncode == 0, first.stderr[-3000:]
     run = base / "runs" / "g"

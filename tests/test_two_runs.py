@@ -14,6 +14,8 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
 from genre_ray import export, runs
+from genre_ray.onnx_export import onnx_name
+from genre_ray.onnx_runtime import OnnxModel
 from tests.helpers import REPO, make_tree
 
 pytestmark = pytest.mark.slow  # two whole tune_main runs at once
@@ -52,5 +54,9 @@ def test_two_runs_at_once_keep_their_studies_apart_and_their_exports_whole(tmp_p
         payload = torch.load(tmp_path / "best" / export.export_name(*pair.split("_")),
                              weights_only=True)  # whole: one run's export or the other's
         assert any(payload["trial_id"] in ids for ids in trial_ids.values())
-    assert sorted(p.name for p in (tmp_path / "best").iterdir()) == \
-        sorted(export.export_name(*pair.split("_")) for pair in PAIRS)  # no temporary left
+        graph = OnnxModel.load(tmp_path / "best" / onnx_name(*pair.split("_")))  # whole too
+        meta = json.loads(graph.session.get_modelmeta().custom_metadata_map["genre_ray"])
+        assert any(meta["trial_id"] in ids for ids in trial_ids.values())
+    assert sorted(p.name for p in (tmp_path / "best").iterdir()) == sorted(  # no temporary left
+        name for pair in PAIRS for name in (export.export_name(*pair.split("_")),
+                                            onnx_name(*pair.split("_"))))
