@@ -13,6 +13,7 @@ import numpy as np
 import soundfile as sf
 
 MAX_DENOMINATOR = 1000  # of a resampling ratio: bounds the resampler's kernel (data.resampled)
+BATCH = 64  # segments per forward pass when classifying a file (either runtime): bounds memory on long files
 
 
 class Unusable(ValueError):

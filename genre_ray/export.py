@@ -21,7 +21,7 @@ import torch
 import torchaudio
 from torch import nn
 
-from genre_ray import data
+from genre_ray import audio, data
 from genre_ray.errors import UserError
 from genre_ray.features import FeatureSet, compute_feature
 from genre_ray.files import atomic_path
@@ -32,7 +32,6 @@ FORMAT = "genre-ray-model/2"  # 2: typed fields (sample_rate, segment_seconds, a
 # state it holds, its best epoch's; Tune ranks checkpoints by it. The epoch's own val_loss,
 # reported beside it, may be worse.
 CHECKPOINT_METRIC = "checkpoint_val_loss"
-BATCH = 64  # segments per forward pass when classifying: bounds memory on long files
 
 
 @dataclass
@@ -137,7 +136,7 @@ class Exported:
             raise UserError(f"the model expects input {tuple(self.input_shape)} but its own "
                             f"feature parameters give {tuple(x.shape[1:])}; the export is "
                             "damaged, export it again with tune_main.py")
-        return torch.cat([self.net(chunk).softmax(dim=1) for chunk in x.split(BATCH)]).mean(dim=0).numpy()
+        return torch.cat([self.net(chunk).softmax(dim=1) for chunk in x.split(audio.BATCH)]).mean(dim=0).numpy()
 
     def save(self, paths: list[Path]) -> None:
         """Write the export to every path in `paths`, each atomically."""

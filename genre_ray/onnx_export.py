@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 
 from genre_ray import onnx_runtime
@@ -59,7 +58,7 @@ def export_onnx(exported: Exported, segments: torch.Tensor, paths: list[Path]) -
         return f"the graph does not export ({type(err).__name__}: {_first_line(err)})"
     with torch.no_grad():
         expected = model(segments).numpy()
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = onnx_runtime.new_session(proto.SerializeToString())
     got = session.run([onnx_runtime.OUTPUT], {onnx_runtime.INPUT: segments.numpy()})[0]
     diff = float(np.abs(got - expected).max())
     if not diff <= TOLERANCE or (got.argmax(1) != expected.argmax(1)).any():

@@ -27,7 +27,15 @@ from genre_ray.errors import UserError
 FORMAT = "genre-ray-onnx/1"
 META_KEY = "genre_ray"  # the model's metadata_props entry holding the JSON document
 INPUT, OUTPUT = "segments", "probabilities"
-BATCH = 64  # segments per run: bounds memory on long files
+
+
+def new_session(model: str | bytes) -> ort.InferenceSession:
+    """An onnxruntime session of a model (its path, or its serialised bytes) on every CPU, as
+    torch's threads: onnxruntime's default took one of this machine's 2 (bench.serving:
+    0.47 -> 0.29 ms per waveform segment at batch 1)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = os.cpu_count() or 1
+    return ort.InferenceSession(model, options, providers=ort.get_available_providers())
 
 
 @dataclass(frozen=True)
@@ -49,12 +57,8 @@ class OnnxModel:
     def load(cls, path: Path) -> OnnxModel:
         """The export at `path`; UserError for a file that is not one of ours."""
         fix = "pass a .onnx exported by tune_main.py into best_models/"
-        options = ort.SessionOptions()
-        # every CPU, as torch's threads: onnxruntime's default took one of this machine's 2
-        # (bench.serving: 0.47 -> 0.29 ms per waveform segment at batch 1)
-        options.intra_op_num_threads = os.cpu_count() or 1
         try:
-            session = ort.InferenceSession(str(path), options, providers=ort.get_available_providers())
+            session = new_session(str(path))
         except Exception as err:  # onnxruntime raises its own classes for every bad file
             raise UserError(f"{path} is not an ONNX model onnxruntime reads "
                             f"({type(err).__name__}); {fix}") from None
@@ -79,6 +83,6 @@ class OnnxModel:
 
     def probabilities(self, segments: np.ndarray) -> np.ndarray:
         """The mean of the segments' probabilities: (n, samples) -> (n_classes,)."""
-        parts = [self.session.run([OUTPUT], {INPUT: segments[i:i + BATCH]})[0]
-                 for i in range(0, len(segments), BATCH)]
+        parts = [self.session.run([OUTPUT], {INPUT: segments[i:i + audio.BATCH]})[0]
+                 for i in range(0, len(segments), audio.BATCH)]
         return np.concatenate(parts).mean(axis=0)
