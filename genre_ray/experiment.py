@@ -99,7 +99,10 @@ def run(cfg: Config, session: Session = Session()) -> RunSummary:
                       "and plots are rebuilt over every trial")
             try:
                 summary = _run(cfg, checked, sets, slots, store, run_, start)
-            except Interrupted:  # Ctrl-C: its record says interrupted
+            except Interrupted:  # Ctrl-C while tuning: its record says interrupted
+                raise
+            except KeyboardInterrupt:  # Ctrl-C after tuning: the same command exports again
+                runs.write_record(run_, "interrupted")
                 raise
             except Exception as err:  # say why it ended
                 runs.write_record(run_, "failed", f"{type(err).__name__}: {err}".splitlines()[0])
@@ -222,14 +225,12 @@ def _ray(cfg: Config, session: Session, store: runs.Storage, need: capacity.Need
 
 def _run(cfg: Config, checked: Checked, sets: dict[str, FeatureSet], slots: int,
          store: runs.Storage, run_: runs.Run, start: float) -> RunSummary:
-    from genre_ray.tracking import log_summary, sync_hint
-
-    mode, max_epochs = checked.mode, cfg.search.max_epochs
+    max_epochs = cfg.search.max_epochs
     pairs = [(m, f) for m in cfg.run.models for f in cfg.run.features]
     runs.write_record(run_, "running")
     this_round = dataclasses.replace(  # a grown run's round: its own trials per pair
         cfg, search=dataclasses.replace(cfg.search, num_samples=run_.rounds[-1]))
-    grid, tuned = _tune(this_round, sets, pairs, checked.spaces, store, run_, mode,
+    grid, tuned = _tune(this_round, sets, pairs, checked.spaces, store, run_, checked.mode,
                         slots, checked.need.trial)
     round_path = store.tune_path(runs.round_name(run_.name, run_.round))
     if tuning.interrupted(round_path, run_.rounds[-1] * len(pairs), grid):
@@ -237,32 +238,50 @@ def _run(cfg: Config, checked: Checked, sets: dict[str, FeatureSet], slots: int,
         raise Interrupted(f"run {run_.name!r} was interrupted; its trials, checkpoints and "
                           "Optuna studies are saved. Run the same command again, or add "
                           f"--resume --name {run_.name}, to continue it")
-    run_dir, every = run_.dir, [*_earlier_rounds(store, run_), *grid]  # every trial of the run
+    every = [*_earlier_rounds(store, run_), *grid]  # every trial of the run
+    results, costs = _exported(every, pairs, cfg, checked, sets, run_)
+    _reported(every, results, costs, cfg, checked, sets, run_,
+              report.context(checked.data_dir, cfg.split.kind, cfg.run.seed,
+                             _sizes(next(iter(sets.values()))), tuned.hardware,
+                             time.perf_counter() - start))
+    return RunSummary(results, run_.dir, tuned.seconds, tuned.slots,
+                      None if run_.resume else tuning.utilisation(grid, tuned.seconds, tuned.slots),
+                      failures=[_failure(r) for r in every
+                                if tuning.result_outcome(r, max_epochs) == tuning.FAILED])
+
+
+def _exported(every, pairs: list[tuple[str, str]], cfg: Config, checked: Checked,
+              sets: dict[str, FeatureSet], run_: runs.Run) -> tuple[list[report.PairResult], list[dict]]:
+    """Each pair's best trial of `every` (the run's trials) exported and scored, beside its
+    seed point and importances; and every trial's cost, the Pareto front marked."""
     probe = probe_segments(checked.data_dir, cfg)  # real audio for the ONNX graphs' check
-    results = [_pair_result(every, m, f, sets, checked.output_dir, run_dir, cfg, probe)
+    results = [_pair_result(every, m, f, sets, checked.output_dir, run_.dir, cfg, probe)
                for m, f in pairs]
-    studies = tuning.optuna_storage(run_dir)  # read once: a journal is replayed when opened
+    studies = tuning.optuna_storage(run_.dir)  # read once: a journal is replayed when opened
     for row, (m, f) in zip(results, pairs):
         _searched(row, every, checked.spaces[m].of(f).first_point, studies, f"{run_.name}/{row.pair}")
     costs = report.pareto_front(_costs(every, results))
     _mark_pareto(results, costs)
-    fs = next(iter(sets.values()))
-    ctx = report.context(checked.data_dir, cfg.split.kind, cfg.run.seed, _sizes(fs),
-                         tuned.hardware, time.perf_counter() - start)
-    files = report.write_leaderboard(run_dir, results, ctx, costs)
-    files += report.write_plots(run_dir, results, fs.classes, _trials(every, max_epochs),
-                                max_epochs, costs)
-    if mode is not None:
-        log_summary(mode, project=cfg.tracking.wandb_project, run_dir=run_dir, name=run_.name,
-                    tables={"leaderboard": (report.COLUMNS, [r.row() for r in report.ranked(results)]),
-                            "pareto": (report.PARETO_COLUMNS, [t for t in costs if t["front"]])},
-                    files=files)
-    if mode == "offline":
-        print(sync_hint(run_dir))
-    return RunSummary(results, run_dir, tuned.seconds, tuned.slots,
-                      None if run_.resume else tuning.utilisation(grid, tuned.seconds, tuned.slots),
-                      failures=[_failure(r) for r in every
-                                if tuning.result_outcome(r, max_epochs) == tuning.FAILED])
+    return results, costs
+
+
+def _reported(every, results: list[report.PairResult], costs: list[dict], cfg: Config,
+              checked: Checked, sets: dict[str, FeatureSet], run_: runs.Run, ctx: dict) -> None:
+    """The run's leaderboard and plots, and its W&B summary run (unless W&B is off)."""
+    from genre_ray.tracking import log_summary, sync_hint
+
+    max_epochs = cfg.search.max_epochs
+    files = report.write_leaderboard(run_.dir, results, ctx, costs)
+    files += report.write_plots(run_.dir, results, next(iter(sets.values())).classes,
+                                _trials(every, max_epochs), max_epochs, costs)
+    if checked.mode is None:
+        return
+    log_summary(checked.mode, project=cfg.tracking.wandb_project, run_dir=run_.dir, name=run_.name,
+                tables={"leaderboard": (report.COLUMNS, [r.row() for r in report.ranked(results)]),
+                        "pareto": (report.PARETO_COLUMNS, [t for t in costs if t["front"]])},
+                files=files)
+    if checked.mode == "offline":
+        print(sync_hint(run_.dir))
 
 
 @dataclass

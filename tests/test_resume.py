@@ -269,9 +269,13 @@ def test_sigterm_stops_the_run_as_ctrl_c_does_with_one_line_and_exit_143(tmp_pat
 
 
 @pytest.mark.slow
-def test_a_run_that_fails_after_it_started_says_why_and_the_same_command_continues_it(
-        tmp_path, monkeypatch, capsys):
-    """A disk that fills as the leaderboard is written (an error no check could foresee)."""
+@pytest.mark.parametrize("stop, status, reason", [
+    (OSError(28, "No space left on device"), "failed", "OSError: [Errno 28] No space left on device"),
+    (KeyboardInterrupt(), "interrupted", None)], ids=["disk-full", "ctrl-c"])
+def test_a_run_stopped_after_tuning_says_why_and_the_same_command_continues_it(
+        tmp_path, monkeypatch, capsys, stop, status, reason):
+    """A disk that fills as the leaderboard is written (an error no check could foresee),
+    or a Ctrl-C then: the record says which, and the same command finishes the run."""
     import tune_main
     from genre_ray import report
 
@@ -281,18 +285,20 @@ def test_a_run_that_fails_after_it_started_says_why_and_the_same_command_continu
             "--name", "full", "--output-dir", str(tmp_path / "best"), "--wandb", "off"]
     write_leaderboard = report.write_leaderboard
 
-    def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
+    def stopped(*args, **kwargs):
+        raise stop
 
-    monkeypatch.setattr(report, "write_leaderboard", disk_full)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(report, "write_leaderboard", stopped)
+    with pytest.raises(SystemExit if status == "interrupted" else OSError) as first:
         tune_main.main(argv)
+    assert status == "failed" or first.value.code == 130
     record = runs.read_record(tmp_path / "runs" / "full")
-    assert (record["status"], record["reason"]) == ("failed", "OSError: [Errno 28] No space left on device")
+    assert (record["status"], record.get("reason")) == (status, reason)
     monkeypatch.setattr(report, "write_leaderboard", write_leaderboard)
     with pytest.raises(SystemExit) as done:
         tune_main.main(argv)
-    assert done.value.code == 0 and "continuing failed run 'full'" in capsys.readouterr().out
+    assert done.value.code == 0 and f"continuing {'failed' if reason else 'interrupted'} run 'full'" \
+        in capsys.readouterr().out
     assert runs.read_record(tmp_path / "runs" / "full")["status"] == "finished"
 
 
