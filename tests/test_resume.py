@@ -108,7 +108,7 @@ def changed(interrupted):
     before = tree_hash(base / "runs" / "r")
     ends = {}
     for file, old, new in [(project / "genre_ray" / "defaults.yaml", "weight_decay: 0.0", "weight_decay: 0.5"),
-                           (project / "search_spaces" / "CEL.yaml", "[0.0, 0.3]", "[0.1, 0.3]")]:
+                           (project / "search_spaces" / "CEL.yaml", "mixup: {uniform: [0.0, 0.3]}", "mixup: {uniform: [0.0, 0.2]}")]:
         text = edited(file, old, new)
         ends[file.name] = subprocess.run(command(base), cwd=base, capture_output=True, text=True,
                                          timeout=300)
