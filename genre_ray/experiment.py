@@ -240,10 +240,10 @@ def _run(cfg: Config, checked: Checked, sets: dict[str, FeatureSet], slots: int,
                           f"--resume --name {run_.name}, to continue it")
     every = [*_earlier_rounds(store, run_), *grid]  # every trial of the run
     results, costs = _exported(every, pairs, cfg, checked, sets, run_)
-    _reported(every, results, costs, cfg, checked, sets, run_,
-              report.context(checked.data_dir, cfg.split.kind, cfg.run.seed,
-                             _sizes(next(iter(sets.values()))), tuned.hardware,
-                             time.perf_counter() - start))
+    fs = next(iter(sets.values()))  # every variant has the same segments and classes
+    _reported(every, results, costs, cfg, checked, run_, fs.classes,
+              report.context(checked.data_dir, cfg.split.kind, cfg.run.seed, _sizes(fs),
+                             tuned.hardware, time.perf_counter() - start))
     return RunSummary(results, run_.dir, tuned.seconds, tuned.slots,
                       None if run_.resume else tuning.utilisation(grid, tuned.seconds, tuned.slots),
                       failures=[_failure(r) for r in every
@@ -266,14 +266,14 @@ def _exported(every, pairs: list[tuple[str, str]], cfg: Config, checked: Checked
 
 
 def _reported(every, results: list[report.PairResult], costs: list[dict], cfg: Config,
-              checked: Checked, sets: dict[str, FeatureSet], run_: runs.Run, ctx: dict) -> None:
+              checked: Checked, run_: runs.Run, classes: list[str], ctx: dict) -> None:
     """The run's leaderboard and plots, and its W&B summary run (unless W&B is off)."""
     from genre_ray.tracking import log_summary, sync_hint
 
     max_epochs = cfg.search.max_epochs
     files = report.write_leaderboard(run_.dir, results, ctx, costs)
-    files += report.write_plots(run_.dir, results, next(iter(sets.values())).classes,
-                                _trials(every, max_epochs), max_epochs, costs)
+    files += report.write_plots(run_.dir, results, classes, _trials(every, max_epochs),
+                                max_epochs, costs)
     if checked.mode is None:
         return
     log_summary(checked.mode, project=cfg.tracking.wandb_project, run_dir=run_.dir, name=run_.name,
