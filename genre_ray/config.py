@@ -43,6 +43,11 @@ FLAGS: dict[str, str] = {
     "--wandb": "tracking.wandb", "--wandb-project": "tracking.wandb_project",
 }
 
+# Where this machine keeps things, not what a run is: left out of a run's identity
+# (`digest`, `command`), and a run continued elsewhere (a new head, a resubmitted job, its
+# working folder another) takes them from the command that continues it (`here`).
+MACHINE_FIELDS = ("run.output_dir", "run.storage_path", "run.search_spaces", "run.env_file")
+
 MAX_EPOCHS = 10_000  # of a trial: beyond, a typo (an extra zero) would run for days
 Count = Annotated[int, Field(ge=0, strict=True)]  # strict: True is not 1, 2.0 is not 2
 Positive = Annotated[int, Field(ge=1, strict=True)]
@@ -302,8 +307,20 @@ def as_json(cfg: Config) -> dict[str, Any]:
 
 
 def digest(doc: Mapping[str, Any]) -> str:
-    """A short hash of a configuration's JSON (search spaces included)."""
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+    """A short hash of what a configuration (as_json's) runs: search spaces included,
+    MACHINE_FIELDS not."""
+    return hashlib.sha256(json.dumps(_identity(doc), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _identity(doc: Mapping[str, Any]) -> dict[str, Any]:
+    run = {k: v for k, v in (doc.get("run") or {}).items() if f"run.{k}" not in MACHINE_FIELDS}
+    return {**doc, "run": run}
+
+
+def here(saved: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str, Any]:
+    """The configuration `saved` with `now`'s MACHINE_FIELDS: a run continued by this command."""
+    run = {**saved["run"], **{f.split(".")[1]: now["run"][f.split(".")[1]] for f in MACHINE_FIELDS}}
+    return {**saved, "run": run}
 
 
 def changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
@@ -311,6 +328,7 @@ def changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
     flag's field, `training.learning_rate 0.001 (now 0.01)` for a file's, `search space
     CEL` for a model's search space."""
     found = []
+    saved, now = _identity(saved), _identity(now)
     for section in sorted(set(saved) | set(now)):
         old, new = saved.get(section) or {}, now.get(section) or {}
         for key in sorted(set(old) | set(new)):
@@ -383,10 +401,10 @@ def problem(section: str, key: str, value: Any) -> str | None:
 
 
 def command(doc: Mapping[str, Any]) -> dict[str, Any]:
-    """The values of a configuration's (as_json's) fields that flags set: two runs with
-    the same are the same command."""
+    """The values of a configuration's (as_json's) fields that flags set, MACHINE_FIELDS
+    left out: two runs with the same are the same command."""
     return {field: (doc.get(field.split(".")[0]) or {}).get(field.split(".")[1])
-            for field in FLAGS.values()}
+            for field in FLAGS.values() if field not in MACHINE_FIELDS}
 
 
 def cache_dir() -> Path:

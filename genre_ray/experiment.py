@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import signal
 import socket
 import time
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from genre_ray import capacity, config, export, report, runs, tuning
+from genre_ray import capacity, config, export, report, runs, storage, tuning
 from genre_ray.config import Config
 from genre_ray.data import describe_notes
 from genre_ray.errors import UserError
@@ -38,7 +39,8 @@ class Session:
 
     name: str | None = None  # None: the newest interrupted run with this configuration, or new
     resume: bool = False  # continue a run with its saved configuration
-    address: str | None = None  # a Ray cluster to join; None: a new local Ray
+    address: str | None = None  # a Ray cluster to join; None: $RAY_ADDRESS (a submitted
+    # job's cluster) if set, else a new local Ray
     shared_storage: bool = False  # the storage path is mounted on every node
     check: bool = False  # check what a run would check, and stop there (tune_main --check)
     more_samples: int = 0  # grow the finished run `name` by this many trials per pair
@@ -62,7 +64,7 @@ class RunSummary:
     tuning_s: float
     slots: int
     utilisation: float | None  # None for a continued run: its trials' times span sessions
-    copied_to: str | None = None  # remote storage: where the run's files were copied
+    copied_to: str | None = None  # URI storage: where the run's files are
     failures: list[str] = dataclasses.field(default_factory=list)  # a line per failed trial
 
 
@@ -107,8 +109,8 @@ def run(cfg: Config, session: Session = Session()) -> RunSummary:
             except Exception as err:  # say why it ended
                 runs.write_record(run_, "failed", f"{type(err).__name__}: {err}".splitlines()[0])
                 raise
-        runs.write_record(run_, "finished")
-        summary.copied_to = runs.publish(store, run_)
+            runs.write_record(run_, "finished")
+    summary.copied_to = store.tune_path(run_.name) if store.remote else None
     return summary
 
 
@@ -116,7 +118,7 @@ def check(cfg: Config, session: Session = Session()) -> str:
     """What `run` checks before it starts Ray, and nothing else: which run, the flags and
     files, the data, the memory the features need, and that --address answers. A line
     saying what would run; UserError for the first problem. Writes nothing."""
-    _require_reachable(session.address)  # first: a moment, where the data may take minutes
+    _require_reachable(cluster_address(session))  # first: a moment, where the data may take minutes
     store, chosen, cfg, checked = _prepared(cfg, session)
     pairs = len(cfg.run.models) * len(cfg.run.features)
     what = (f"continue run {chosen.name!r}" if chosen.resume else
@@ -127,18 +129,18 @@ def check(cfg: Config, session: Session = Session()) -> str:
             f"{data_gb:.2f} GB (train + val), {trial_gb:.1f} GB per trial")
 
 
-def _prepared(cfg: Config, session: Session) -> tuple[runs.Storage, runs.Run, Config, Checked]:
+def _prepared(cfg: Config, session: Session) -> tuple[storage.Storage, runs.Run, Config, Checked]:
     """The run this command works on, its configuration (saved, when it continues one) and
     what it needs, every input checked; nothing written."""
-    store = runs.storage(cfg.run.storage_path)
+    store = storage.storage(cfg.run.storage_path)
+    if store.remote:  # first: every other check reads the storage
+        store.check_writable()
     keeps_own = session.resume or bool(session.more_samples)  # the run's saved configuration
     chosen = runs.choose(store, session.name, config.as_json(resolved(cfg, keeps_own)),
                          session.resume, session.more_samples)
     cfg = config.from_json(chosen.config)
     config.cache_dir()  # UserError if the cache folder cannot be written
-    if store.remote:
-        runs.require_writable(store)
-    else:
+    if not store.remote:
         writable_folder(store.local, "--storage-path")
     return store, chosen, cfg, _check(cfg)
 
@@ -197,23 +199,24 @@ def _feature_sets(cfg: Config, checked: Checked) -> dict[str, FeatureSet]:
 
 
 @contextlib.contextmanager
-def _ray(cfg: Config, session: Session, store: runs.Storage, need: capacity.Need) -> Iterator[int]:
+def _ray(cfg: Config, session: Session, store: storage.Storage, need: capacity.Need) -> Iterator[int]:
     """Ray up (a new local one with an object store sized for the data, or the cluster
-    --address names) and checked; yields the trials that fit at once; down after."""
+    --address or $RAY_ADDRESS names) and checked; yields the trials that fit at once; down
+    after."""
     import optuna
     import ray
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per study and trial
     logging.getLogger("ray.tune.tune").addFilter(_not_tune_resume_hint)
-    _require_reachable(session.address)
-    sized = {} if session.address else \
-        {"object_store_memory": capacity.local_store_bytes(need, cfg.memory)}
+    address = cluster_address(session)
+    _require_reachable(address)
+    sized = {} if address else {"object_store_memory": capacity.local_store_bytes(need, cfg.memory)}
     on_sigterm = signal.getsignal(signal.SIGTERM)
     try:  # absent --address: a new local Ray, never a cluster an earlier `ray start` left running
-        ray.init(address=session.address or "local", include_dashboard=False,
+        ray.init(address=address or "local", include_dashboard=False,
                  configure_logging=False, **sized)
     except ConnectionError as err:  # --address auto, and no cluster runs here
-        raise UserError(f"--address {session.address}: {str(err).rstrip('.')}; start one with "
+        raise UserError(f"--address {address}: {str(err).rstrip('.')}; start one with "
                         "`ray start --head`, or drop --address to run on a new local Ray") from None
     signal.signal(signal.SIGTERM, on_sigterm)  # ray.init's exits at once (sys.exit): the command's
     try:
@@ -224,7 +227,7 @@ def _ray(cfg: Config, session: Session, store: runs.Storage, need: capacity.Need
 
 
 def _run(cfg: Config, checked: Checked, sets: dict[str, FeatureSet], slots: int,
-         store: runs.Storage, run_: runs.Run, start: float) -> RunSummary:
+         store: storage.Storage, run_: runs.Run, start: float) -> RunSummary:
     max_epochs = cfg.search.max_epochs
     pairs = [(m, f) for m in cfg.run.models for f in cfg.run.features]
     runs.write_record(run_, "running")
@@ -257,7 +260,7 @@ def _exported(every, pairs: list[tuple[str, str]], cfg: Config, checked: Checked
     probe = probe_segments(checked.data_dir, cfg)  # real audio for the ONNX graphs' check
     results = [_pair_result(every, m, f, sets, checked.output_dir, run_.dir, cfg, probe)
                for m, f in pairs]
-    studies = tuning.optuna_storage(run_.dir)  # read once: a journal is replayed when opened
+    studies = tuning.optuna_storage(run_.folder)  # read once: a journal is replayed when opened
     for row, (m, f) in zip(results, pairs):
         _searched(row, every, checked.spaces[m].of(f).first_point, studies, f"{run_.name}/{row.pair}")
     costs = report.pareto_front(_costs(every, results))
@@ -294,7 +297,7 @@ class Tuned:
 
 
 def _tune(cfg: Config, sets: dict[str, FeatureSet], pairs: list[tuple[str, str]],
-          spaces: dict, store: runs.Storage, run_: runs.Run, mode: str | None, slots: int,
+          spaces: dict, store: storage.Storage, run_: runs.Run, mode: str | None, slots: int,
           trial_bytes: int) -> tuple[Any, Tuned]:
     """One Tuner over every pair (new, or restored from the run's saved state), on the
     Ray this process joined: its ResultGrid, and how it ran."""
@@ -329,12 +332,12 @@ def _search(cfg: Config, pairs: list[tuple[str, str]], spaces: dict,
     (one left by a start that never reached its Tuner would hold its seed points a second
     time); a later round's go on with the pairs' studies in the run's journal."""
     if run_.round == 0:
-        (run_.dir / tuning.JOURNAL).unlink(missing_ok=True)
-    return tuning.build_search(pairs, spaces, cfg, run_.name, tuning.optuna_storage(run_.dir),
+        run_.folder.reset_journal()
+    return tuning.build_search(pairs, spaces, cfg, run_.name, tuning.optuna_storage(run_.folder),
                                round_=run_.round)
 
 
-def _earlier_rounds(store: runs.Storage, run_: runs.Run) -> list:
+def _earlier_rounds(store: storage.Storage, run_: runs.Run) -> list:
     """The trials (Tune Results) of the run's rounds before this command's, as saved."""
     from ray.tune import ExperimentAnalysis, ResultGrid
 
@@ -373,7 +376,7 @@ def _pair_result(grid, model: str, feature: str, sets: dict[str, FeatureSet], ou
     row.val_loss, row.val_acc = best.metrics["val_loss"], best.metrics["val_acc"]
     row.params, row.config, row.trial_id = count_parameters(net), hyper, best.trial_id
     row.epochs = int(trial.metrics.get("training_iteration", 0))
-    row.history = trial.metrics_dataframe[["epoch", "train_loss", "val_loss", "val_acc"]] \
+    row.history = tuning.history(trial)[["epoch", "train_loss", "val_loss", "val_acc"]] \
         .to_dict("records")
     return row
 
@@ -399,7 +402,7 @@ def _searched(row: report.PairResult, grid, first_point: dict[str, Any], studies
             and config.TrialKeys.split(r.config)[1] == first_point and r.metrics_dataframe is not None
             and "val_loss" in r.metrics_dataframe]
     if seed:
-        row.seed_val_loss = float(seed[0].metrics_dataframe["val_loss"].min())
+        row.seed_val_loss = float(tuning.history(seed[0])["val_loss"].min())
         row.winner = "seed point" if seed[0].metrics.get("trial_id") == row.trial_id else "searched"
     row.importance = tuning.importances(studies, study)
 
@@ -414,12 +417,12 @@ def _trials(grid, max_epochs: int) -> list[dict[str, Any]]:
     """Every trial's validation loss by epoch, for plots.search_view."""
     trials = []
     for r in grid:
-        if r.metrics_dataframe is None or "val_loss" not in r.metrics_dataframe:
+        frame = tuning.history(r)
+        if frame is None or "val_loss" not in frame:
             continue  # failed before its first epoch, or excluded untrained
         ended = tuning.result_outcome(r, max_epochs)
         trials.append({"pair": r.config["pair"], "trial_id": r.metrics.get("trial_id", ""),
-                       "epochs": r.metrics_dataframe["epoch"].tolist(),
-                       "val_loss": r.metrics_dataframe["val_loss"].tolist(),
+                       "epochs": frame["epoch"].tolist(), "val_loss": frame["val_loss"].tolist(),
                        "stopped": ended == tuning.PRUNED, "failed": ended == tuning.FAILED})
     return trials
 
@@ -430,7 +433,7 @@ def _costs(every, results: list[report.PairResult]) -> list[dict[str, Any]]:
     exported = {r.trial_id for r in results if r.trial_id}
     found = []
     for r in every:
-        frame = r.metrics_dataframe
+        frame = tuning.history(r)
         if frame is None or "val_loss" not in frame or "latency_ms" not in frame:
             continue
         loss = float(frame["val_loss"].min())
@@ -463,7 +466,7 @@ def summary_table(summary: RunSummary) -> str:
     lines.append(f"leaderboard, plots: {summary.run_dir / 'leaderboard.md'}, "
                  f"{summary.run_dir / 'plots'}/")
     if summary.copied_to:
-        lines.append(f"run files copied to {summary.copied_to}/")
+        lines.append(f"the run's files are in {summary.copied_to}/")
     if summary.failures:
         lines.append(f"{len(summary.failures)} trial(s) failed (an error's traceback is in "
                      f"{summary.run_dir}/<trial>/error.txt):")
@@ -482,7 +485,7 @@ def _exports(row: report.PairResult) -> str:
     return f"{row.export_path} {onnx}"
 
 
-def _require_shared_storage(session: Session, store: runs.Storage) -> None:
+def _require_shared_storage(session: Session, store: storage.Storage) -> None:
     """On a cluster of more than one node, every node saves its trials' checkpoints to the
     storage path: a path only this machine has would lose them. UserError before any trial."""
     import ray
@@ -494,6 +497,16 @@ def _require_shared_storage(session: Session, store: runs.Storage) -> None:
             "a path on this machine only: trials on other nodes could not save their "
             "checkpoints there. Pass a bucket (s3://..., gs://...), or a path every node mounts "
             "(NFS) and add --shared-storage")
+
+
+def cluster_address(session: Session) -> str | None:
+    """The cluster this command joins: --address, else $RAY_ADDRESS (Ray sets it to the
+    cluster's for a submitted job's command; an http:// one names a job server, for
+    `ray job submit`, not a cluster to join); None: a new local Ray."""
+    env = os.environ.get("RAY_ADDRESS", "")
+    if session.address is not None:
+        return session.address
+    return env if env and not env.startswith(("http://", "https://")) else None
 
 
 def _require_reachable(address: str | None) -> None:

@@ -1,4 +1,4 @@
-"""The one place genre-ray reaches into Ray's private internals (DESIGN.md, Style).
+"""The one place genre-ray reaches into Ray's private internals.
 
 Each patch names the private name it touches and the behaviour of the pinned Ray it
 works around; tests/test_ray_internals.py fails by name when an upgrade moves them.
@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import functools
 
+from pyarrow.fs import FileType
 from ray.air.execution._internal.actor_manager import RayActorManager
 from ray.exceptions import OutOfMemoryError, RayActorError
+from ray.train._internal import checkpoint_manager
 
 
 def memory_kills_fail_trials() -> None:
@@ -31,3 +33,25 @@ def memory_kills_fail_trials() -> None:
         original(self, tracked_actor_task, exception)
 
     RayActorManager._actor_task_failed = _actor_task_failed
+
+
+def deleted_checkpoints_stay_deleted() -> None:
+    """Let Tune drop a checkpoint that is already gone, without an error.
+
+    A driver killed without saving (SIGKILL, a lost head) leaves Tune's last saved state
+    naming checkpoints it deleted afterwards (a trial keeps the best two). Continued from
+    that state, the pinned Tune's `_CheckpointManager.register_checkpoint` deletes them
+    again through `checkpoint_manager._delete_fs_path`, which raises FileNotFoundError for
+    a missing path before its own error handling: a traceback per checkpoint, and the
+    trial's new checkpoint left out of the next experiment snapshot. A missing path is
+    deleted already. Idempotent."""
+    original = checkpoint_manager._delete_fs_path
+    if hasattr(original, "__wrapped__"):
+        return
+
+    @functools.wraps(original)
+    def _delete_fs_path(fs, fs_path: str) -> None:
+        if fs.get_file_info(fs_path).type != FileType.NotFound:
+            original(fs=fs, fs_path=fs_path)
+
+    checkpoint_manager._delete_fs_path = _delete_fs_path

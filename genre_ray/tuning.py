@@ -17,6 +17,7 @@ search and its own early stopping:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
@@ -36,12 +38,12 @@ from ray.tune.search.optuna import OptunaSearch
 
 from genre_ray import cost as cost_limits
 from genre_ray.config import Config, Search, TrialKeys
-from genre_ray.ray_internals import memory_kills_fail_trials
+from genre_ray.ray_internals import deleted_checkpoints_stay_deleted, memory_kills_fail_trials
 from genre_ray.search_space import SearchSpace
+from genre_ray.storage import JOURNAL, RunFolder, Storage, StorageError
 
 METRIC, MODE = "val_loss", "min"
 TIME_ATTR = "training_iteration"  # one per epoch
-JOURNAL = "optuna.journal"  # in the run folder
 MAX_FAILURES = 2  # retries of a failed trial (lost node, out of memory), from its checkpoint
 KEEP_CHECKPOINTS = 2  # per trial, the best by its state's loss (make_tuner says why not 1)
 
@@ -74,6 +76,16 @@ def result_outcome(result, max_epochs: int) -> str:
                    bool(result.metrics.get("excluded")))
 
 
+def history(result):
+    """A trial's results by epoch (a Tune `Result`'s metrics_dataframe), each epoch once,
+    its last report: a trial continued from a checkpoint (a lost node, a lost driver)
+    reports the epochs after that checkpoint again. None if it reported none."""
+    frame = result.metrics_dataframe
+    if frame is None or TIME_ATTR not in frame:
+        return frame
+    return frame.drop_duplicates(TIME_ATTR, keep="last").reset_index(drop=True)
+
+
 # an excluded trial is PRUNED with its cost over a limit: TPE's constraints see it (constraints)
 OPTUNA_STATE = {FINISHED: TrialState.COMPLETE, PRUNED: TrialState.PRUNED, FAILED: TrialState.FAIL,
                 EXCLUDED: TrialState.PRUNED}
@@ -93,6 +105,8 @@ class PrunedOptunaSearch(OptunaSearch):
         self._told_step: dict[str, int] = {}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._completed_trials:  # told before the driver was lost (reconcile)
+            return
         step = self._last_step[trial_id] = result.get(TIME_ATTR, 0)
         # a step told before: a trial restarted from an earlier checkpoint (or from scratch)
         # after a lost node or a restore; Optuna keeps the first value of a step
@@ -102,7 +116,9 @@ class PrunedOptunaSearch(OptunaSearch):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+        if trial_id in self._completed_trials:  # told before the driver was lost (reconcile)
+            return
+        if trial_id not in self._ot_trials:
             return super().on_trial_complete(trial_id, result, error)
         trial, result = self._ot_trials[trial_id], result or {}
         value, step = result.get(self.metric), int(result.get(TIME_ATTR, 0))
@@ -129,14 +145,26 @@ class PrunedOptunaSearch(OptunaSearch):
         self._last_step.pop(trial_id, None)
         self._told_step.pop(trial_id, None)
 
-    def fail_orphans(self) -> None:
-        """Tell FAIL the study's trials this searcher does not know: asked of Optuna after
-        its last save, by a driver killed before it could save again (Ctrl-C saves first).
-        No Tune trial will finish them; left RUNNING, they would skew TPE's constant liar."""
-        known = {trial.number for trial in self._ot_trials.values()}
-        for orphan in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if orphan.number not in known:
-                self._ot_study.tell(orphan.number, state=TrialState.FAIL)
+    def reconcile(self) -> None:
+        """Make the study and this searcher agree after a restore. A driver killed without
+        saving (SIGKILL, a lost head) leaves Tune's last saved state behind the study: the
+        study's RUNNING trials this searcher does not know were asked for after that state
+        and no Tune trial will finish them (left RUNNING, they would skew TPE's constant
+        liar): told FAIL. Trials it knows that the study has finished, or lacks (the journal
+        behind the state), are not told again: Tune reruns them from their checkpoints, and
+        their results reach the leaderboard, not the study a second time."""
+        study = {trial.number: trial for trial in self._ot_study.get_trials(deepcopy=False)}
+        known = {}
+        for trial_id, trial in list(self._ot_trials.items()):
+            frozen = study.get(trial.number)
+            if frozen is None or frozen.state.is_finished():
+                self._completed_trials.add(trial_id)
+                self._forget(trial_id)
+            else:
+                known[trial.number] = trial_id
+        for number, frozen in study.items():
+            if frozen.state == TrialState.RUNNING and number not in known:
+                self._ot_study.tell(number, state=TrialState.FAIL)
 
 
 def _finite(value: Any) -> bool:
@@ -151,9 +179,10 @@ class PairSearcher(Searcher):
     """
 
     def __init__(self, searchers: dict[str, PrunedOptunaSearch], budgets: dict[str, int],
-                 constants: dict[str, dict[str, Any]]) -> None:
+                 constants: dict[str, dict[str, Any]], storage: RunStorage | None = None) -> None:
         super().__init__(metric=METRIC, mode=MODE)
         self._searchers, self._budgets, self._constants = searchers, budgets, constants
+        self._storage = storage  # its journal goes to the run's storage before each save
         self._started: Counter[str] = Counter()
         self._owner: dict[str, str] = {}
 
@@ -182,6 +211,12 @@ class PairSearcher(Searcher):
             self._searchers[self._owner.pop(trial_id)].on_trial_complete(trial_id, result, error)
 
     def save(self, checkpoint_path: str) -> None:
+        """Tune saves this with its experiment state, then puts both in the storage: the
+        journal goes first, so a state restored from the storage never names a trial the
+        journal there lacks."""
+        if self._storage is not None:
+            with contextlib.suppress(StorageError):  # the run's keeper stops the run if it lasts
+                self._storage.journal.flush()
         with open(checkpoint_path, "wb") as f:
             pickle.dump(self.__dict__, f)
 
@@ -189,7 +224,7 @@ class PairSearcher(Searcher):
         with open(checkpoint_path, "rb") as f:
             self.__dict__.update(pickle.load(f))
         for searcher in self._searchers.values():
-            searcher.fail_orphans()
+            searcher.reconcile()
 
 
 class PairScheduler(FIFOScheduler):
@@ -254,7 +289,7 @@ def build_search(pairs: list[tuple[str, str]], spaces: dict[str, SearchSpace], c
             points_to_evaluate=None if round_ else [space.first_point], storage=storage,
             study_name=f"{study}/{pair}", max_t=search.max_epochs)
         if round_:
-            searchers[pair].fail_orphans()
+            searchers[pair].reconcile()
         constants[pair] = dataclasses.asdict(TrialKeys(
             pair, model, feature, search.max_epochs, cfg.run.seed, checkpoint_epochs(search)))
     budgets = {pair: search.num_samples for pair in searchers}
@@ -262,7 +297,8 @@ def build_search(pairs: list[tuple[str, str]], spaces: dict[str, SearchSpace], c
     scheduler = PairScheduler({pair: ASHAScheduler(
         metric=METRIC, mode=MODE, time_attr=TIME_ATTR, max_t=search.max_epochs,
         grace_period=grace, reduction_factor=search.reduction_factor) for pair in searchers})
-    return PairSearcher(searchers, budgets, constants), scheduler
+    return PairSearcher(searchers, budgets, constants,
+                        storage if isinstance(storage, RunStorage) else None), scheduler
 
 
 def checkpoint_epochs(search: Search) -> list[int]:
@@ -280,12 +316,39 @@ def _trial_name(trial) -> str:
     return f"{trial.config['pair']}_{trial.trial_id}"
 
 
-def optuna_storage(run_dir: Path) -> optuna.storages.BaseStorage:
-    """The run's Optuna storage: a journal file, readable with optuna.load_study."""
-    from optuna.storages.journal import JournalFileBackend
+class RunJournal(JournalFileBackend):
+    """The run's Optuna journal: Optuna's journal file in the run's folder, kept in the
+    run's storage (`flush`: its new lines as one more part, storage.RunFolder). Pickled as
+    its run, so a searcher restored on another machine (a new head) writes that
+    machine's copy, pulled from the storage."""
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.JournalStorage(JournalFileBackend(str(run_dir / JOURNAL)))
+    def __init__(self, folder: RunFolder) -> None:
+        folder.dir.mkdir(parents=True, exist_ok=True)
+        super().__init__(str(folder.dir / JOURNAL))
+        self.folder = folder
+
+    def __reduce__(self):
+        return RunJournal, (self.folder,)
+
+    def flush(self) -> None:
+        self.folder.push_appended()
+
+
+class RunStorage(optuna.storages.JournalStorage):
+    """The JournalStorage of a RunJournal, which it names (`journal`)."""
+
+    def __init__(self, journal: RunJournal) -> None:
+        super().__init__(journal)
+        self.journal = journal
+
+
+def optuna_storage(where: Path | RunFolder) -> RunStorage:
+    """The run's Optuna storage: its journal (a RunFolder's, or a folder's on this machine),
+    readable with optuna.load_study."""
+    if isinstance(where, Path):
+        local = Storage(str(where.parent.resolve()), where.parent.resolve())
+        where = local.folder(where.name)
+    return RunStorage(RunJournal(where))
 
 
 def importances(storage: optuna.storages.BaseStorage, study_name: str) -> dict[str, float]:
@@ -341,13 +404,7 @@ def make_tuner(feature_refs: dict[str, Any], searcher: PairSearcher, scheduler: 
 
     from genre_ray.export import CHECKPOINT_METRIC
 
-    memory_kills_fail_trials()
-    # Tune's default loggers are CSV, JSON and TensorBoard. The run reads progress.csv and
-    # result.json (ResultGrid, plots) and logs to W&B, never to TensorBoard, whose writer
-    # flushes its event file at every result: a quarter of the driver's CPU per trial
-    # (400 -> 300 ms at 200 trials over 32 slots, bench/control_plane.py's trainable).
-    # Process-wide, as Tune reads it at fit time; a user's own setting is kept.
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    _prepare_tune()
     return tune.Tuner(
         _trainable(feature_refs, settings, cpus_per_trial, gpus_per_trial, memory_per_trial,
                    trainable),
@@ -364,6 +421,23 @@ def make_tuner(feature_refs: dict[str, Any], searcher: PairSearcher, scheduler: 
             failure_config=tune.FailureConfig(max_failures=MAX_FAILURES)))
 
 
+def _prepare_tune() -> None:
+    """What every Tuner of a run needs, new or restored: ray_internals' patches, and
+    Tune's settings read from the environment at fit time (process-wide; a user's own
+    setting is kept)."""
+    memory_kills_fail_trials()
+    deleted_checkpoints_stay_deleted()
+    # Tune's default loggers are CSV, JSON and TensorBoard. The run reads progress.csv and
+    # result.json (ResultGrid, plots) and logs to W&B, never to TensorBoard, whose writer
+    # flushes its event file at every result: a quarter of the driver's CPU per trial
+    # (400 -> 300 ms at 200 trials over 32 slots, bench/control_plane.py's trainable).
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # Tune warns when it snapshots the experiment more often than every 5 s, which two
+    # checkpoints kept per trial (KEEP_CHECKPOINTS, make_tuner says why) makes it do with short epochs:
+    # chosen, so not worth a warning per snapshot.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+
 def restore_tuner(path: str, feature_refs: dict[str, Any], settings: Config,
                   cpus_per_trial: float, gpus_per_trial: float, memory_per_trial: int = 0):
     """The Tuner of an interrupted run at `path` (Tune's experiment folder): finished
@@ -373,7 +447,7 @@ def restore_tuner(path: str, feature_refs: dict[str, Any], settings: Config,
     `settings` the run's saved configuration."""
     from ray import tune
 
-    memory_kills_fail_trials()
+    _prepare_tune()
     return tune.Tuner.restore(path, _trainable(feature_refs, settings, cpus_per_trial,
                                                gpus_per_trial, memory_per_trial),
                               resume_unfinished=True, resume_errored=False)

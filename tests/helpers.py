@@ -65,6 +65,11 @@ def make_tree(root: Path, *, layout: str = "genres_original", ext: str = ".wav",
     return root
 
 
+def record_of(run_dir: Path) -> dict:
+    """The record (run.json) of the run whose folder is `run_dir`."""
+    return json.loads((Path(run_dir) / "run.json").read_text())
+
+
 def run_module(*args: str, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m ARGS` as a user would; returns the completed process (text output)."""
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True,

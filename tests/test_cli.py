@@ -10,6 +10,7 @@ import yaml
 import tune_main
 from genre_ray import config, experiment, runs
 from genre_ray.errors import UserError
+from genre_ray.storage import storage
 
 
 def spec(argv: list[str]) -> dict:
@@ -86,7 +87,8 @@ def test_config_replays_a_runs_configuration_and_flags_beside_it_win(tmp_path):
             "--grace-period", "3", "--seed", "7", "--output-dir", str(tmp_path / "best")]
     (tmp_path / "c.yaml").write_text("training: {weight_decay: 0.01}\n")
     first = spec([*argv, "--config", str(tmp_path / "c.yaml")])
-    runs.write_record(runs.Run("r", tmp_path / "r", first, resume=False), "finished")
+    folder = storage(str(tmp_path)).folder("r")
+    runs.write_record(runs.Run("r", first, resume=False, folder=folder), "finished")
     record = tmp_path / "r" / runs.RECORD
     assert spec(["--config", str(record)]) == first
     assert spec(["--config", str(record), "--num-samples", "2"])["search"]["num_samples"] == 2

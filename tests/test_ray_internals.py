@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 
+import pytest
+
 from ray.air.execution._internal.actor_manager import RayActorManager
 from ray.exceptions import OutOfMemoryError, RayActorError
 
@@ -32,3 +34,30 @@ def test_a_memory_kill_reaches_tune_as_an_actor_death(monkeypatch):
     ray_internals.memory_kills_fail_trials()  # idempotent: not wrapped twice
     assert inspect.unwrap(RayActorManager._actor_task_failed) is not RayActorManager._actor_task_failed
     assert RayActorManager._actor_task_failed.__wrapped__.__name__ == "<lambda>"
+
+
+def test_tune_still_deletes_checkpoints_through_the_function_the_patch_wraps(tmp_path):
+    from pyarrow.fs import LocalFileSystem
+    from ray.train._internal import checkpoint_manager
+
+    original = inspect.unwrap(checkpoint_manager._delete_fs_path)
+    assert list(inspect.signature(original).parameters) == ["fs", "fs_path"]
+    assert "_delete_fs_path(fs=checkpoint.filesystem" in inspect.getsource(checkpoint_manager)
+    with pytest.raises(FileNotFoundError):  # what the patch works around
+        original(fs=LocalFileSystem(), fs_path=str(tmp_path / "gone"))
+
+
+def test_a_checkpoint_already_deleted_is_deleted_without_an_error(tmp_path):
+    from pyarrow.fs import LocalFileSystem
+    from ray.train._internal import checkpoint_manager
+
+    ray_internals.deleted_checkpoints_stay_deleted()
+    ray_internals.deleted_checkpoints_stay_deleted()  # idempotent
+    delete = checkpoint_manager._delete_fs_path
+    assert delete.__wrapped__ is inspect.unwrap(delete)
+    kept = tmp_path / "checkpoint_000001"
+    kept.mkdir()
+    (kept / "trial_state.pt").write_bytes(b"x")
+    delete(fs=LocalFileSystem(), fs_path=str(tmp_path / "checkpoint_000000"))  # gone: no error
+    delete(fs=LocalFileSystem(), fs_path=str(kept))
+    assert not kept.exists()

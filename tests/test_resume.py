@@ -26,7 +26,8 @@ from ray.tune.experiment import Trial
 from genre_ray import config, export, runs
 from genre_ray.errors import UserError
 from genre_ray.search_space import load_space
-from tests.helpers import REPO, make_tree, read_run
+from genre_ray.storage import Storage, storage
+from tests.helpers import REPO, make_tree, read_run, record_of
 
 MODELS, SAMPLES = ["MLP", "CEL"], 6
 
@@ -139,8 +140,8 @@ def test_ctrl_c_stops_the_run_within_30_s_with_its_state_saved(interrupted):
     assert code == 130 and seconds < 30, log[-3000:]
     assert "interrupted" in log and "--resume --name r" in log
     run_dir = base / "runs" / "r"
-    assert runs.read_record(run_dir)["status"] == "interrupted"
-    assert runs.tune_state_exists(runs.storage(str(base / "runs")), "r")
+    assert record_of(run_dir)["status"] == "interrupted"
+    assert runs.tune_state_exists(storage(str(base / "runs")), "r")
     assert 0 < len(finished) < len(MODELS) * SAMPLES  # stopped before its end, after some ended
     assert not (base / "best").exists() or not any((base / "best").iterdir())
     for folder in (run_dir / "wandb").glob("offline-run-*"):
@@ -162,7 +163,7 @@ def test_a_changed_defaults_yaml_or_search_space_stops_the_same_command_naming_t
 @pytest.mark.slow
 def test_resume_continues_with_the_configuration_the_run_was_started_with(resumed):
     base, out, _ = resumed
-    record = runs.read_record(base / "runs" / "r")
+    record = record_of(base / "runs" / "r")
     assert record["config"]["training"]["weight_decay"] == 0.0  # not the edited 0.5
     assert record["config_hash"] == config.digest(record["config"])
 
@@ -179,7 +180,7 @@ def test_the_continued_run_does_not_rerun_finished_trials(interrupted, resumed):
     new_wandb = set(run_dir.glob("wandb/offline-run-*")) - set(wandb_before)
     rerun = {read_run(f)["id"] for f in new_wandb} & {t.rsplit("_", 1)[1] for t in finished}
     assert not rerun
-    assert runs.read_record(run_dir)["status"] == "finished"
+    assert record_of(run_dir)["status"] == "finished"
 
 
 @pytest.mark.slow
@@ -242,7 +243,7 @@ def test_ctrl_c_while_every_trial_is_running_is_still_an_interruption(tmp_path):
     os.killpg(proc.pid, signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out[-3000:]
-    assert runs.read_record(tmp_path / "runs" / "live")["status"] == "interrupted"
+    assert record_of(tmp_path / "runs" / "live")["status"] == "interrupted"
     assert not (tmp_path / "best").exists()
 
 
@@ -264,8 +265,8 @@ def test_sigterm_stops_the_run_as_ctrl_c_does_with_one_line_and_exit_143(tmp_pat
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143 and "Traceback" not in err, err[-3000:]
     assert err.strip().splitlines()[-1].startswith("run 'term' was interrupted"), err[-3000:]
-    assert runs.read_record(tmp_path / "runs" / "term")["status"] == "interrupted"
-    assert runs.tune_state_exists(runs.storage(str(tmp_path / "runs")), "term")
+    assert record_of(tmp_path / "runs" / "term")["status"] == "interrupted"
+    assert runs.tune_state_exists(storage(str(tmp_path / "runs")), "term")
 
 
 @pytest.mark.slow
@@ -292,14 +293,14 @@ def test_a_run_stopped_after_tuning_says_why_and_the_same_command_continues_it(
     with pytest.raises(SystemExit if status == "interrupted" else OSError) as first:
         tune_main.main(argv)
     assert status == "failed" or first.value.code == 130
-    record = runs.read_record(tmp_path / "runs" / "full")
+    record = record_of(tmp_path / "runs" / "full")
     assert (record["status"], record.get("reason")) == (status, reason)
     monkeypatch.setattr(report, "write_leaderboard", write_leaderboard)
     with pytest.raises(SystemExit) as done:
         tune_main.main(argv)
     assert done.value.code == 0 and f"continuing {'failed' if reason else 'interrupted'} run 'full'" \
         in capsys.readouterr().out
-    assert runs.read_record(tmp_path / "runs" / "full")["status"] == "finished"
+    assert record_of(tmp_path / "runs" / "full")["status"] == "finished"
 
 
 # Which run a command picks: records and locks written by the module itself.
@@ -313,8 +314,8 @@ def doc(**values) -> dict:
 SPEC = doc()
 
 
-def make_run(store: runs.Storage, name: str, status: str, spec: dict, age: float) -> runs.Run:
-    run = runs.Run(name, store.local / name, spec, resume=False)
+def make_run(store: Storage, name: str, status: str, spec: dict, age: float) -> runs.Run:
+    run = runs.Run(name, spec, resume=False)
     with runs.claimed(store, run):
         runs.write_record(run, status)
     stamp = time.time() - age
@@ -323,7 +324,7 @@ def make_run(store: runs.Storage, name: str, status: str, spec: dict, age: float
 
 
 def test_without_a_name_the_newest_interrupted_run_with_these_settings_continues(tmp_path):
-    store = runs.storage(str(tmp_path))
+    store = storage(str(tmp_path))
     make_run(store, "old", "interrupted", SPEC, age=300)
     make_run(store, "newer", "interrupted", SPEC, age=200)
     make_run(store, "other", "interrupted", doc(**{"search.max_epochs": 9}), age=100)
@@ -339,7 +340,7 @@ def test_without_a_name_the_newest_interrupted_run_with_these_settings_continues
 
 
 def test_a_run_held_by_another_process_is_neither_chosen_nor_claimed(tmp_path):
-    store = runs.storage(str(tmp_path))
+    store = storage(str(tmp_path))
     make_run(store, "busy", "interrupted", SPEC, age=0)
     holder = subprocess.Popen(
         [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR);"
@@ -348,7 +349,7 @@ def test_a_run_held_by_another_process_is_neither_chosen_nor_claimed(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "held"
         assert runs.choose(store, None, SPEC, resume=False).name is None
-        with pytest.raises(UserError, match="running in another process"):
+        with pytest.raises(UserError, match="running in another driver"):
             with runs.claimed(store, runs.choose(store, "busy", SPEC, resume=False)):
                 pass
     finally:
@@ -357,7 +358,7 @@ def test_a_run_held_by_another_process_is_neither_chosen_nor_claimed(tmp_path):
 
 
 def test_a_named_run_with_other_settings_is_refused_with_the_difference(tmp_path):
-    store = runs.storage(str(tmp_path))
+    store = storage(str(tmp_path))
     make_run(store, "r", "interrupted", SPEC, age=0)
     five = doc(**{"search.max_epochs": 5})
     with pytest.raises(UserError, match=r"--max-epochs 3 \(now 5\).*--resume"):
@@ -367,31 +368,8 @@ def test_a_named_run_with_other_settings_is_refused_with_the_difference(tmp_path
         runs.choose(store, "x", SPEC, resume=True)
 
 
-@pytest.mark.slow
-def test_a_uri_storage_path_gets_the_trials_and_a_copy_of_the_run_files(tmp_path):
-    """file:// goes the way of s3:// and gs://: Tune writes trials to the URI; genre-ray's
-    own files are written under the cache and copied there at the end."""
-    make_tree(tmp_path / "data", tracks=3, seconds=6.0)
-    uri = (tmp_path / "bucket").as_uri()
-    out = subprocess.run(
-        [sys.executable, str(REPO / "tune_main.py"), "--data-dir", str(tmp_path / "data"),
-         "--models", "MLP", "--features", "spectrogram", "--num-samples", "2", "--max-epochs", "2",
-         "--storage-path", uri, "--name", "u", "--output-dir", str(tmp_path / "best"),
-         "--wandb", "offline"], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    remote = tmp_path / "bucket" / "u"
-    assert f"run files copied to {uri}/u/" in out.stdout
-    assert len(list(remote.glob("MLP_spectrogram_*/checkpoint_*/*.pt"))) == 2  # Tune's
-    assert (remote / "tuner.pkl").is_file()
-    for name in ("leaderboard.md", "run.json", "optuna.journal", "plots/search.png",
-                 "best_models/MLP_spectrogram_best_model.pth"):
-        assert (remote / name).is_file(), name  # ours
-    assert not (remote / runs.LOCK).exists()
-    assert json.loads((remote / "run.json").read_text())["status"] == "finished"
-
-
 def test_a_run_taken_by_another_process_between_choice_and_lock_is_refused(tmp_path):
-    store = runs.storage(str(tmp_path))
+    store = storage(str(tmp_path))
     chosen = runs.choose(store, "r", SPEC, resume=False)  # no such run yet: a new one
     make_run(store, "r", "interrupted", SPEC, age=0)  # another process ran it meanwhile
     with pytest.raises(UserError, match="another process"):
@@ -400,26 +378,26 @@ def test_a_run_taken_by_another_process_between_choice_and_lock_is_refused(tmp_p
 
 
 def test_a_run_saved_by_another_format_is_not_continued(tmp_path):
-    store = runs.storage(str(tmp_path))
+    store = storage(str(tmp_path))
     run = make_run(store, "old", "interrupted", SPEC, age=0)
-    record = runs.read_record(run.dir)
+    record = record_of(run.dir)
     (run.dir / runs.RECORD).write_text(json.dumps({**record, "format": runs.FORMAT - 1}))
     assert runs.choose(store, None, SPEC, resume=False).name is None
     with pytest.raises(UserError, match="another version of genre-ray"):
         runs.choose(store, "old", SPEC, resume=False)
 
 
-def test_a_name_taken_in_remote_storage_by_another_machine_is_refused(tmp_path):
-    store = runs.storage((tmp_path / "bucket").as_uri())  # its local cache holds no record
+def test_a_folder_in_the_storage_that_is_not_a_run_is_refused(tmp_path):
+    store = storage((tmp_path / "bucket").as_uri())
     saved = tmp_path / "bucket" / "r"
     saved.mkdir(parents=True)
     (saved / "experiment_state-2026-01-01_00-00-00.json").write_text("{}")
-    with pytest.raises(UserError, match="already exists at .*another machine"):
+    with pytest.raises(UserError, match="exists and is not a genre-ray run"):
         runs.choose(store, "r", SPEC, resume=False)
     assert runs.choose(store, "s", SPEC, resume=False).name == "s"
 
 
 def test_a_run_name_goes_before_a_storage_uri_query():
-    store = runs.Storage("s3://bucket/runs?endpoint_override=localhost:9000", Path("/cache/x"))
+    store = Storage("s3://bucket/runs?endpoint_override=localhost:9000", Path("/cache/x"))
     assert store.tune_path("r") == "s3://bucket/runs/r?endpoint_override=localhost:9000"
-    assert runs.Storage("/data/runs", Path("/data/runs")).tune_path("r") == "/data/runs/r"
+    assert Storage("/data/runs", Path("/data/runs")).tune_path("r") == "/data/runs/r"

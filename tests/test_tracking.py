@@ -21,12 +21,11 @@ from genre_ray import config, tuning
 from genre_ray.errors import UserError
 from genre_ray.export import CHECKPOINT_METRIC
 from genre_ray.features import build_features
-from genre_ray.runs import read_record
 from genre_ray.search_space import load_space
 from genre_ray.tracking import resolve_mode, sync_hint, wandb_callback
 from genre_ray.tuning import build_search
 from genre_ray.trainable import load_trial_state, share
-from tests.helpers import REPO, make_tree, read_runs
+from tests.helpers import REPO, make_tree, read_runs, record_of
 
 KEY = "WANDB_API_KEY"
 
@@ -131,7 +130,7 @@ def test_a_run_with_a_key_in_env_and_no_network_logs_offline_and_finishes(no_key
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "logging offline instead" in out.stdout and "Traceback" not in out.stderr
-    assert read_record(tmp_path / "runs" / "r")["status"] == "finished"
+    assert record_of(tmp_path / "runs" / "r")["status"] == "finished"
     assert list((tmp_path / "runs" / "r" / "wandb").glob("offline-run-*"))
     assert (tmp_path / "best" / "MLP_spectrogram_best_model.pth").is_file()
 

@@ -16,7 +16,7 @@ from optuna.storages.journal import JournalFileBackend
 from genre_ray import export, runs
 from genre_ray.onnx_export import onnx_name
 from genre_ray.onnx_runtime import OnnxModel
-from tests.helpers import REPO, make_tree
+from tests.helpers import REPO, make_tree, record_of
 
 pytestmark = pytest.mark.slow  # two whole tune_main runs at once
 
@@ -40,7 +40,7 @@ def test_two_runs_at_once_keep_their_studies_apart_and_their_exports_whole(tmp_p
     assert len(run_dirs) == 2
     trial_ids = {}
     for run_dir in run_dirs:
-        assert runs.read_record(run_dir)["status"] == "finished"
+        assert record_of(run_dir)["status"] == "finished"
         storage = JournalStorage(JournalFileBackend(str(run_dir / "optuna.journal")))
         names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage))
         assert names == sorted(f"{run_dir.name}/{pair}" for pair in PAIRS)  # its own only
