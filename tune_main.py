@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from genre_ray import config, experiment
+from genre_ray import config, experiment, runs
 from genre_ray.errors import UserError, exit_on_user_error
 from genre_ray.files import read_text
 from genre_ray.tracking import MODES
@@ -135,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     stopped_by = [signal.SIGINT]
 
-    def terminate(signum: int, _frame) -> None:  # kill, schedulers, container stops
+    def terminate(signum: int, _frame) -> None:  # kill, schedulers, `ray job stop`, pods
         stopped_by[0] = signum
+        runs.stopping()  # recorded at once: a SIGKILL may follow
         signal.raise_signal(signal.SIGINT)  # stop as Ctrl-C does: Tune saves, then Interrupted
 
     signal.signal(signal.SIGTERM, terminate)

@@ -210,6 +210,12 @@ def _ray(cfg: Config, session: Session, store: storage.Storage, need: capacity.N
     logging.getLogger("ray.tune.tune").addFilter(_not_tune_resume_hint)
     address = cluster_address(session)
     _require_reachable(address)
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # a submitted job's driver
+        # It starts in the job's working folder, which Ray deletes and unpacks anew when
+        # another job of the same code sets up (seen with Ray 2.60: Tune's os.getcwd()
+        # failed at the end of a run). Every path of the run is absolute by now.
+        config.cache_dir().mkdir(parents=True, exist_ok=True)
+        os.chdir(config.cache_dir())
     sized = {} if address else {"object_store_memory": capacity.local_store_bytes(need, cfg.memory)}
     on_sigterm = signal.getsignal(signal.SIGTERM)
     try:  # absent --address: a new local Ray, never a cluster an earlier `ray start` left running

@@ -49,6 +49,9 @@ class Lease:
     def keep(self) -> None:
         pass
 
+    def cut(self, seconds: float) -> None:
+        """End the lease `seconds` from now, and renew it no more (a stopping driver)."""
+
     def release(self) -> None:
         pass
 
@@ -125,13 +128,15 @@ class _S3Lease(Lease):
     key: str
     etag: str
     run: str
+    where: str  # the storage path, for messages
     owner: str = field(default_factory=lambda: uuid.uuid4().hex)
     renewed: float = field(default_factory=time.monotonic)
+    ending: bool = False
 
     @classmethod
     def take(cls, store: Storage, name: str, new: bool) -> _S3Lease | None:
         client, bucket, key = _s3_object(store, name)
-        lease = cls(client, bucket, key, "", name)
+        lease = cls(client, bucket, key, "", name, store.uri)
         held = _call(store, "read the lease of", name, lambda: _get(client, bucket, key))
         if held is not None:
             body, etag = held
@@ -153,11 +158,19 @@ class _S3Lease(Lease):
         return _who(held[0]) if held and held[0]["expires"] > time.time() else None
 
     def keep(self) -> None:
-        if time.monotonic() - self.renewed >= RENEW_S:
+        if not self.ending and time.monotonic() - self.renewed >= RENEW_S:
             if not self._put({"IfMatch": self.etag}):
                 raise Lost(f"run {self.run!r} was taken over by another driver: this one could "
                            f"not renew its lease for {TTL_S:.0f} s; its results so far are saved")
             self.renewed = time.monotonic()
+
+    def _unwritable(self, err: Exception) -> StorageError:
+        return StorageError(f"cannot write the lease of run {self.run!r} in --storage-path "
+                            f"{self.where} ({describe(err)})")
+
+    def cut(self, seconds: float) -> None:
+        self.ending = True
+        self._put({"IfMatch": self.etag}, seconds)
 
     def release(self) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -167,21 +180,22 @@ class _S3Lease(Lease):
         except (BotoCoreError, ClientError):
             pass  # it expires by itself
 
-    def _put(self, condition: dict[str, str]) -> bool:
-        """Write the lease under `condition`; False if S3 says it no longer holds."""
+    def _put(self, condition: dict[str, str], seconds: float = TTL_S) -> bool:
+        """Write the lease, to end `seconds` from now, under `condition`; False if S3 says
+        it no longer holds."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         body = {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
-                "expires": time.time() + TTL_S}
+                "expires": time.time() + seconds}
         try:
             answer = self.client.put_object(Bucket=self.bucket, Key=self.key,
                                             Body=json.dumps(body).encode(), **condition)
         except ClientError as err:
             if err.response["Error"]["Code"] in ("PreconditionFailed", "ConditionalRequestConflict"):
                 return False
-            raise StorageError(f"cannot write the lease of run {self.run!r} ({describe(err)})") from None
+            raise self._unwritable(err) from None
         except BotoCoreError as err:  # the endpoint does not answer
-            raise StorageError(f"cannot write the lease of run {self.run!r} ({describe(err)})") from None
+            raise self._unwritable(err) from None
         self.etag, self.expires = answer["ETag"], body["expires"]
         return True
 

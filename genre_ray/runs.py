@@ -9,7 +9,7 @@ its status and rounds. One driver at a time holds a run (lease.py). So:
   SIGTERM, `ray job stop`, a killed driver, a lost head) or `failed` (an error after it
   started, its `reason` kept): the same command continues it, from this machine or any
   other that reaches the storage, if the configuration is still the same (where this
-  machine keeps things, config.MACHINE_FIELDS, is the command's own); if defaults.yaml,
+  machine keeps things, config.MACHINE_FIELDS, is the command's); if defaults.yaml,
   a search-space file or a --config file changed since, it stops naming the change;
   `--resume` continues it as it was saved;
 - a finished run is not run again: its name says where its results are; `--more-samples
@@ -46,6 +46,7 @@ from genre_ray.storage import LOCK, RECORD, RunFolder, Storage, StorageError
 # continued. 5: the Optuna journal is pickled as its run (tuning.RunJournal).
 FORMAT = 5
 SYNC_S = 2.0  # a URI storage gets the run's changed files this often
+STOPPING_S = 10.0  # a run told to stop (`stopping`) may be taken over this long after
 GIVE_UP_S = 10.0  # the storage failing this long stops the run (trials fail at their next
 # checkpoint meanwhile), long before the lease it can no longer renew ends
 
@@ -120,8 +121,8 @@ def choose(store: Storage, name: str | None, cfg: dict[str, Any], resume: bool,
     given when claimed). `more`: grow the named finished run by a round of `more` trials
     per pair (or continue that round, interrupted). UserError when the named run is
     finished (and not grown), or when the run to continue was saved with another
-    configuration (unless `resume` or `more`: it keeps its own). A run continued keeps
-    this command's MACHINE_FIELDS."""
+    configuration (unless `resume` or `more`: it keeps its own). A run the same command
+    continues takes this command's MACHINE_FIELDS."""
     if more and name is None:
         raise UserError("--more-samples grows a finished run: name it with --name (its folder "
                         "under --storage-path)")
@@ -129,7 +130,8 @@ def choose(store: Storage, name: str | None, cfg: dict[str, Any], resume: bool,
         chosen = _named(store, _checked_name(name), cfg, resume, more)
     else:
         chosen = _latest(store, cfg, resume) or Run(None, cfg, resume=False)
-    chosen.config = config.here(chosen.config, cfg)
+    if not (resume or more):  # the same command, on this machine or another
+        chosen.config = config.here(chosen.config, cfg)
     return chosen
 
 
@@ -256,6 +258,20 @@ def _claim(store: Storage, run: Run) -> lease.Lease:
             held.release()
 
 
+_HELD: set[_Keeper] = set()  # the runs this process holds, for `stopping`
+
+
+def stopping() -> None:
+    """A stop was asked for (SIGTERM: `kill`, `ray job stop`, a pod's deletion): every run
+    this process holds is recorded `interrupted` now, and its lease cut to end STOPPING_S
+    from now, so that if a SIGKILL follows before Tune has saved and stopped (`ray job
+    stop` sends one 3 s after SIGTERM unless RAY_JOB_STOP_WAIT_TIME_S says otherwise),
+    the run is still recorded so and the same command continues it soon after. Done by a
+    thread: a signal handler must not wait for a lock the code it interrupted holds."""
+    for keeper in list(_HELD):
+        threading.Thread(target=keeper.cut_short, name="genre-ray-stopping", daemon=True).start()
+
+
 class _Keeper:
     """While a run is held (a URI storage): every SYNC_S seconds its lease renewed and its
     files put in the storage. When the storage has not been reached for GIVE_UP_S seconds
@@ -273,15 +289,24 @@ class _Keeper:
         if self.run.folder.store.remote:
             for thread in self.threads:
                 thread.start()
+        _HELD.add(self)
         return self
 
     def __exit__(self, *exc) -> None:
+        _HELD.discard(self)
         self.stop.set()
         for thread in self.threads:
             if thread.is_alive():
                 thread.join(timeout=SYNC_S)  # one hung in the storage is a daemon: left
         if self.run.lost is not None and exc[0] is not None:
             raise self.run.lost from None  # why the run stopped, in place of the Ctrl-C
+
+    def cut_short(self) -> None:
+        """`stopping`'s work for this run (a storage error is the keeper's to report)."""
+        with contextlib.suppress(StorageError):
+            if self.run.seen is not None or (self.run.dir / RECORD).is_file():
+                write_record(self.run, "interrupted")
+            self.held.cut(STOPPING_S)
 
     def _keep(self) -> None:
         while not self.stop.wait(SYNC_S):

@@ -31,21 +31,29 @@ class Cluster:
     env: dict[str, str]  # RAY_AUTH_MODE=token: what every process that joins needs
     head: subprocess.Popen
     worker: subprocess.Popen
+    jobs: str | None = None  # the job server's http://127.0.0.1:PORT, if it runs one
 
 
 @contextlib.contextmanager
-def two_node_cluster(logs: Path, head_cpus: int = 1, worker_cpus: int = 1) -> Iterator[Cluster]:
-    """Start the head and one worker node, wait until both are alive, stop both after."""
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+def two_node_cluster(logs: Path, head_cpus: int = 1, worker_cpus: int = 1, jobs: bool = False,
+                     env: dict[str, str] | None = None) -> Iterator[Cluster]:
+    """Start the head and one worker node, wait until both are alive, stop both after.
+    `jobs`: the head runs the dashboard and its job server, on 127.0.0.1 only. `env`: the
+    nodes' environment (every process they start inherits it), os.environ by default."""
+    env = {**(env or os.environ), "RAY_AUTH_MODE": "token"}
     address = f"127.0.0.1:{free_port()}"
+    server = f"http://127.0.0.1:{free_port()}" if jobs else None
+    dashboard = ["--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+                 "--dashboard-port", server.rsplit(":", 1)[1]] if jobs else \
+        ["--include-dashboard", "false"]
     nodes: list[subprocess.Popen] = []
     try:
         nodes.append(start_node(["--head", "--port", address.split(":")[1], "--num-cpus",
-                             str(head_cpus), "--include-dashboard", "false"], env, logs / "head.log"))
+                                 str(head_cpus), *dashboard], env, logs / "head.log"))
         nodes.append(start_node(["--address", address, "--num-cpus", str(worker_cpus)], env,
                             logs / "worker.log"))
         wait_for_nodes(address, 2, env)
-        yield Cluster(address, env, *nodes)
+        yield Cluster(address, env, *nodes, jobs=server)
     finally:
         for node in reversed(nodes):
             kill_node(node)

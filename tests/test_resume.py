@@ -339,6 +339,22 @@ def test_without_a_name_the_newest_interrupted_run_with_these_settings_continues
         assert run.name.startswith("tune-") and (run.dir / runs.LOCK).is_file()
 
 
+def test_the_same_command_from_another_folder_continues_the_run_writing_where_it_says(tmp_path):
+    """Where a machine keeps things (a new head, a resubmitted job's working folder) is not
+    what a run is: the command continues the run and writes where it says now; --resume
+    keeps the run's own."""
+    store = storage(str(tmp_path))
+    make_run(store, "r", "interrupted", SPEC, age=0)
+    elsewhere = doc(**{"run.output_dir": "/y", "run.search_spaces": "/job/search_spaces"})
+    chosen = runs.choose(store, None, elsewhere, resume=False)
+    assert (chosen.name, chosen.resume) == ("r", True)
+    assert chosen.config["run"]["output_dir"] == "/y" and chosen.config["search"] == SPEC["search"]
+    assert runs.choose(store, "r", elsewhere, resume=True).config["run"]["output_dir"] == "/x"
+    other = doc(**{"run.output_dir": "/y", "search.max_epochs": 9})
+    with pytest.raises(UserError, match=r"--max-epochs 3 \(now 9\)\)"):  # what it runs: refused
+        runs.choose(store, "r", other, resume=False)
+
+
 def test_a_run_held_by_another_process_is_neither_chosen_nor_claimed(tmp_path):
     store = storage(str(tmp_path))
     make_run(store, "busy", "interrupted", SPEC, age=0)

@@ -1,0 +1,278 @@
+"""A run kept in its storage, as a team runs one: a bucket (s3:// on a real S3 server on
+127.0.0.1, tests/s3.py, through pyarrow's S3 filesystem as on AWS) and, the same way, a
+file:// folder. One run is taken through every stop a cluster knows, each continued by
+the same command from a new empty working folder and a new cache (a fresh head):
+
+1. SIGINT mid-tuning (Ctrl-C, `ray job stop`);
+2. SIGKILL mid-tuning (a lost head: nothing could be saved or copied);
+3. the storage stopped mid-run (the server gone; for file://, its folder replaced by a file);
+4. the run finished.
+
+Then what the storage holds is checked: no finished trial ran again, the studies hold
+every trial, the exports are what the trials say is best, and the exports, leaderboard
+and plots are in the storage. Bad storage paths are refused before anything is written."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+import pyarrow.fs as pafs
+import pytest
+from optuna.trial import TrialState
+
+from genre_ray import export
+from tests.helpers import REPO, make_tree
+from tests.s3 import S3, s3_server
+
+pytestmark = pytest.mark.slow  # whole runs of tune_main.py
+PAIRS, SAMPLES, EPOCHS = ["MLP_spectrogram", "CEL_spectrogram"], 4, 12
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    with s3_server(tmp_path_factory.mktemp("s3")) as server:
+        yield server
+
+
+@dataclass
+class Where:
+    """A storage under test: its URI, the environment that reaches it, and how to stop
+    and restart it."""
+
+    uri: str
+    env: dict[str, str]
+    s3: S3 | None = None
+    away: Path | None = None  # file://: where its folder waits while it is stopped
+    _fs: tuple = field(default=None, repr=False)
+
+    @property
+    def fs(self) -> tuple[pafs.FileSystem, str]:
+        if self._fs is None:
+            if self.s3:
+                key, secret = self.s3.keys["writer"]
+                host = self.s3.endpoint.removeprefix("http://")
+                fs = pafs.S3FileSystem(access_key=key, secret_key=secret, region="us-east-1",
+                                       endpoint_override=host, scheme="http")
+                self._fs = (fs, self.uri.removeprefix("s3://"))
+            else:
+                self._fs = pafs.FileSystem.from_uri(self.uri)
+        return self._fs
+
+    def read(self, relative: str) -> bytes | None:
+        fs, root = self.fs
+        if fs.get_file_info(f"{root}/{relative}").type != pafs.FileType.File:
+            return None
+        with fs.open_input_stream(f"{root}/{relative}") as f:
+            return f.read()
+
+    def files(self, relative: str) -> list[str]:
+        fs, root = self.fs
+        found = fs.get_file_info(pafs.FileSelector(f"{root}/{relative}", recursive=True,
+                                                   allow_not_found=True))
+        return [info.path.removeprefix(f"{root}/") for info in found if info.type == pafs.FileType.File]
+
+    def stop(self) -> None:
+        if self.s3:
+            self.s3.relay.stop()
+        else:
+            folder = Path(self.uri.removeprefix("file://"))
+            folder.rename(self.away)
+            folder.write_text("not a folder: the storage is away")
+
+    def start(self) -> None:
+        if self.s3:
+            self.s3.relay.start()
+        else:
+            folder = Path(self.uri.removeprefix("file://"))
+            folder.unlink()
+            self.away.rename(folder)
+
+    def end_lease(self, name: str) -> None:
+        """As if the lease of a driver that is gone had run out (an flock ends with its process)."""
+        if self.s3:
+            client, bucket = self.s3.client(), self.uri.removeprefix("s3://").split("/")[0]
+            key = f"{self.uri.removeprefix(f's3://{bucket}/')}/{name}/.lease"
+            body = json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+            client.put_object(Bucket=bucket, Key=key, Body=json.dumps({**body, "expires": 0}))
+
+
+@pytest.fixture(scope="module", params=["s3", "file"])
+def where(request, tmp_path_factory, s3) -> Where:
+    base = tmp_path_factory.mktemp(f"storage-{request.param}")
+    if request.param == "s3":
+        return Where(s3.bucket(f"runs-{int(time.time() * 1000)}") + "/runs", s3.env(), s3)
+    return Where((base / "bucket" / "runs").as_uri(), dict(os.environ), away=base / "away")
+
+
+def command(data: Path, uri: str) -> list[str]:
+    return [sys.executable, str(REPO / "tune_main.py"), "--data-dir", str(data),
+            "--models", "MLP", "CEL", "--features", "spectrogram", "--num-samples", str(SAMPLES),
+            "--max-epochs", str(EPOCHS), "--storage-path", uri, "--name", "chain",
+            "--output-dir", "best", "--wandb", "offline"]
+
+
+def done(where: Where) -> dict[str, str]:
+    """Trial folder -> hash of its result.json in the storage, for trials that ended."""
+    found = {}
+    for path in where.files("chain"):
+        if path.endswith("/result.json") and path.count("/") == 2:
+            data = where.read(path) or b""
+            if b'"done": true' in data:
+                found[path.split("/")[1]] = hashlib.sha256(data).hexdigest()
+    return found
+
+
+def ended_in_state(where: Where) -> set[str]:
+    """Trials the experiment state in the storage holds as ended (TERMINATED or ERROR)."""
+    states = sorted(p for p in where.files("chain") if p.count("/") == 1
+                    and p.split("/")[1].startswith("experiment_state"))
+    state = json.loads(where.read(states[-1]))
+    ended = set()
+    for trial, _ in state["trial_data"]:
+        trial = json.loads(trial)
+        if trial["status"] in ("TERMINATED", "ERROR"):
+            ended.add(f"{trial['config']['pair']}_{trial['trial_id']}")
+    return ended
+
+
+@dataclass
+class Stage:
+    code: int
+    out: str
+    err: str
+    finished: dict[str, str]  # trial -> result.json hash: ended in the state it left
+    status: str  # of the run's record in the storage, after it
+
+
+def stage(where: Where, data: Path, base: Path, name: str, stop=None, when=None) -> Stage:
+    """The command from a new empty working folder with a new cache (a fresh head); `stop`
+    (a signal, or "storage") once `when(where)` holds."""
+    cwd = base / name
+    cwd.mkdir()
+    env = {**where.env, "GENRE_RAY_CACHE": str(base / f"cache-{name}")}
+    with open(cwd / "out.log", "w+") as out, open(cwd / "err.log", "w+") as err:
+        proc = subprocess.Popen(command(data, where.uri), cwd=cwd, env=env, stdout=out,
+                                stderr=err, start_new_session=True)
+        deadline = time.monotonic() + 300
+        while stop is not None and not when(where):
+            assert proc.poll() is None and time.monotonic() < deadline, (cwd / "err.log").read_text()[-3000:]
+            time.sleep(0.3)
+        if stop == "storage":
+            where.stop()
+        elif stop is not None:
+            os.killpg(proc.pid, stop)
+        code = proc.wait(300)
+    if stop == "storage":
+        where.start()
+    if stop in (signal.SIGKILL, "storage"):
+        where.end_lease("chain")
+    finished = {t: h for t, h in done(where).items() if t in ended_in_state(where)}
+    status = json.loads(where.read("chain/run.json"))["status"]
+    return Stage(code, (cwd / "out.log").read_text(), (cwd / "err.log").read_text(), finished, status)
+
+
+@pytest.fixture(scope="module")
+def chain(where, tmp_path_factory) -> dict[str, Stage]:
+    base = tmp_path_factory.mktemp("heads")
+    data = make_tree(base / "data", tracks=3, seconds=11.0)
+    stages = {"sigint": stage(where, data, base, "sigint", signal.SIGINT, lambda w: len(done(w)) >= 2)}
+    more = len(stages["sigint"].finished) + 2
+    stages["sigkill"] = stage(where, data, base, "sigkill", signal.SIGKILL,
+                              lambda w: len(done(w)) >= more)
+    more = len(done(where)) + 1
+    stages["storage"] = stage(where, data, base, "storage", "storage", lambda w: len(done(w)) >= more)
+    stages["end"] = stage(where, data, base, "end")
+    return stages
+
+
+def test_sigint_records_the_run_interrupted_in_its_storage(where, chain):
+    first = chain["sigint"]
+    assert first.code == 130, first.err[-3000:]
+    assert first.err.strip().splitlines()[-1].startswith("run 'chain' was interrupted")
+    assert first.status == "interrupted"
+    assert 0 < len(first.finished) < len(PAIRS) * SAMPLES
+
+
+def test_a_fresh_head_continues_without_rerunning_a_finished_trial(chain):
+    for before, after in [("sigint", "sigkill"), ("sigkill", "storage"), ("storage", "end")]:
+        assert "continuing interrupted run 'chain'" in chain[after].out or \
+            "continuing failed run 'chain'" in chain[after].out, chain[after].err[-2000:]
+        kept = {t: h for t, h in chain[after].finished.items() if t in chain[before].finished}
+        assert kept == chain[before].finished, (before, after)  # not one result more
+    assert len(chain["end"].finished) == len(PAIRS) * SAMPLES
+
+
+def test_a_killed_driver_loses_only_the_epochs_after_its_trials_last_checkpoints(where, chain):
+    assert chain["sigkill"].code == -signal.SIGKILL
+    rungs = {0, 2, 4, 8, 12}  # grace 2 x reduction 2^k, and the last epoch: where trials checkpoint
+    reran = 0
+    for trial in chain["end"].finished:
+        rows = list(csv.DictReader(io.StringIO(where.read(f"chain/{trial}/progress.csv").decode())))
+        epochs = [int(row["training_iteration"]) for row in rows]
+        for i in range(1, len(epochs)):
+            if epochs[i] <= epochs[i - 1]:  # continued from a checkpoint: it starts after one
+                assert epochs[i] - 1 in rungs, (trial, epochs)
+                reran += epochs[i - 1] - epochs[i] + 1
+    assert reran <= 2 * EPOCHS  # at most the two trials running at each stop
+
+
+def test_a_stopped_storage_ends_the_run_with_one_line_and_leaves_it_continuable(chain):
+    stopped = chain["storage"]
+    assert stopped.code == 2, stopped.err[-3000:]
+    last = stopped.err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "--storage-path" in last and "run the same command" in last
+    assert chain["end"].code == 0, chain["end"].err[-3000:]
+
+
+def test_the_finished_run_has_its_exports_reports_and_whole_studies_in_the_storage(where, chain):
+    files = set(where.files("chain"))
+    for name in ("leaderboard.md", "leaderboard.csv", "pareto.csv", "plots/search.png",
+                 "plots/importance.png", *(f"best_models/{p}_best_model.{ext}"
+                                           for p in PAIRS for ext in ("pth", "onnx"))):
+        assert f"chain/{name}" in files, name
+    assert not any(name.endswith(".lease") for name in files)  # released (an flock ends with its process)
+    assert json.loads(where.read("chain/run.json"))["status"] == "finished"
+    assert any(name.startswith("chain/wandb/offline-run-") for name in files)
+    with tempfile.TemporaryDirectory() as folder:
+        journal = Path(folder, "optuna.journal")
+        journal.write_bytes(where.read("chain/optuna.journal"))  # whole, at the end
+        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+        for pair in PAIRS:
+            trials = optuna.load_study(study_name=f"chain/{pair}", storage=storage).trials
+            assert not [t for t in trials if t.state == TrialState.RUNNING]
+            told = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+            assert len(told) == SAMPLES, [t.state for t in trials]
+            best = min(v for t in told for v in t.intermediate_values.values())
+            with tempfile.NamedTemporaryFile(suffix=".pth") as pth:
+                pth.write(where.read(f"chain/best_models/{pair}_best_model.pth"))
+                pth.flush()
+                assert export.Exported.load(Path(pth.name)).val["val_loss"] == pytest.approx(best)
+
+
+@pytest.mark.parametrize("user, uri, says", [
+    ("writer", "s3://no-such-bucket/runs", "NO_SUCH_BUCKET"),
+    ("nobody", "s3://{bucket}/runs", "INVALID_ACCESS_KEY_ID"),
+    ("reader", "s3://{bucket}/runs", "ACCESS_DENIED"),
+    ("writer", "nope://{bucket}/runs", "not a storage URI this machine can use"),
+], ids=["missing-bucket", "wrong-credentials", "read-only-credentials", "unknown-scheme"])
+def test_a_storage_path_that_cannot_be_used_is_refused_before_anything(s3, tmp_path, user, uri, says):
+    bucket = f"refuse-{user}-{int(time.time() * 1000)}"
+    s3.bucket(bucket)
+    out = subprocess.run([sys.executable, str(REPO / "tune_main.py"), "--storage-path",
+                          uri.format(bucket=bucket), "--models", "MLP", "--wandb", "off"],
+                         cwd=tmp_path, env={**s3.env(user), "GENRE_RAY_CACHE": str(tmp_path / "cache")},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: ") and says in out.stderr
+    assert not s3.objects(bucket) and not list(tmp_path.iterdir())  # nothing written
