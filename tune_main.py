@@ -101,7 +101,8 @@ def parse(argv: list[str] | None = None) -> tuple[config.Config, experiment.Sess
         p.add_argument(flag, dest=field, default=base[section][key], help=text,
                        metavar=key.upper(), **options)
     p.add_argument("--address", help="Ray cluster to join: auto, HOST:PORT or ray://HOST:PORT "
-                                     "(absent: start a local Ray)")
+                                     "(absent: $RAY_ADDRESS, as Ray sets it for a submitted "
+                                     "job, else a new local Ray)")
     p.add_argument("--shared-storage", action="store_true",
                    help="the storage path is mounted on every node of the cluster (NFS); "
                         "needed to run on more than one node with a path rather than a bucket")

@@ -283,14 +283,28 @@ def _reported(every, results: list[report.PairResult], costs: list[dict], cfg: C
     files = report.write_leaderboard(run_.dir, results, ctx, costs)
     files += report.write_plots(run_.dir, results, classes, _trials(every, max_epochs),
                                 max_epochs, costs)
+    run_.folder.sync()  # the exports and reports in the storage now, where W&B references them
     if checked.mode is None:
         return
     log_summary(checked.mode, project=cfg.tracking.wandb_project, run_dir=run_.dir, name=run_.name,
                 tables={"leaderboard": (report.COLUMNS, [r.row() for r in report.ranked(results)]),
                         "pareto": (report.PARETO_COLUMNS, [t for t in costs if t["front"]])},
-                files=files)
+                files=files, models=[_model_files(row, run_) for row in results if row.export_path])
     if checked.mode == "offline":
         print(sync_hint(run_.dir))
+
+
+def _model_files(row: report.PairResult, run_: runs.Run):
+    """A pair's export for W&B: the storage's copies by reference with a URI storage path
+    (uploaded once already), else the files on this machine."""
+    from genre_ray.tracking import ModelFiles
+
+    files = [path for path in (row.export_path, row.onnx_path) if path is not None]
+    store = run_.folder.store
+    if store.remote:
+        base = store.tune_path(run_.name).partition("?")[0]
+        files = [f"{base}/best_models/{path.name}" for path in files]
+    return ModelFiles(row.pair, row.row(), [str(f) for f in files])
 
 
 @dataclass

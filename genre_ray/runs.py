@@ -144,6 +144,8 @@ def _checked_name(name: str) -> str:
 
 
 def _named(store: Storage, name: str, cfg: dict[str, Any], resume: bool, more: int) -> Run:
+    if (who := lease.holder(store, name)) is not None:  # now, not after Ray and the features
+        raise lease.Busy(lease.busy_message(name, who))
     record = read_record(store, name)
     if record is None and (resume or more):
         what = "grow" if more else "resume"
@@ -175,8 +177,6 @@ def _named(store: Storage, name: str, cfg: dict[str, Any], resume: bool, more: i
                         f"{growing}: tune_main.py --name {name} --resume, then grow it")
     if not (resume or more):
         _require_same(name, record["config"], cfg)
-    if (who := lease.holder(store, name)) is not None:  # now, not after Ray and the features
-        raise lease.Busy(lease.busy_message(name, who))
     return Run(name, record["config"], resume=True, seen=record, rounds=rounds)
 
 
@@ -307,6 +307,8 @@ class _Keeper:
             if self.run.seen is not None or (self.run.dir / RECORD).is_file():
                 write_record(self.run, "interrupted")
             self.held.cut(STOPPING_S)
+            if self.held.expires is not None:  # then another driver may hold the run
+                self.run.folder.close_at(self.held.expires - 1.0)
 
     def _keep(self) -> None:
         while not self.stop.wait(SYNC_S):

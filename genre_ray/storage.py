@@ -202,19 +202,29 @@ class RunFolder:
         self._pushed: dict[str, tuple[int, int]] = {}  # file -> (size, mtime_ns) pushed
         self._offset = 0  # bytes of the journal in the storage
         self._parts = 0  # parts of the journal in the storage
+        self._until = float("inf")  # no write to the storage after this time (close_at)
 
     def __reduce__(self):
         return _reopened, (self.store.uri, self.name)
 
+    def close_at(self, when: float) -> None:
+        """Write nothing more to the storage after `when` (seconds since the epoch): a
+        stopping driver's lease ends then, and another may hold the run."""
+        self._until = min(self._until, when)
+
+    @property
+    def _writing(self) -> bool:
+        return self.store.remote and time.time() < self._until
+
     def push(self, relative: str) -> None:
         """Put one file of the run's folder in the storage now."""
-        if self.store.remote:
+        if self._writing:
             with self._lock:
                 self._push(relative)
 
     def sync(self) -> None:
         """Put every file changed since it was last pushed, and the journal's new bytes."""
-        if not self.store.remote:
+        if not self._writing:
             return
         with self._lock:
             for relative in self._changed():
@@ -224,7 +234,7 @@ class RunFolder:
     def push_appended(self, wait_s: float = 10.0) -> None:
         """Put the journal's bytes written since its last part as one more part; not if
         another push holds the folder beyond `wait_s` seconds (a storage that hangs)."""
-        if self.store.remote and self._lock.acquire(timeout=wait_s):
+        if self._writing and self._lock.acquire(timeout=wait_s):
             try:
                 self._push_appended()
             finally:
@@ -233,7 +243,7 @@ class RunFolder:
     def compact(self) -> None:
         """Put the journal whole (`optuna.journal` in the storage, what optuna.load_study
         reads) and remove its parts."""
-        if self.store.remote and (self.dir / JOURNAL).is_file():
+        if self._writing and (self.dir / JOURNAL).is_file():
             with self._lock:
                 self._compact()
 
@@ -249,7 +259,7 @@ class RunFolder:
                     tmp.write_bytes(data or b"")
             self._offset = (self.dir / JOURNAL).stat().st_size
             self._parts = len(self.store.listing(f"{self.name}/{JOURNAL}{PARTS}"))
-            self._pushed = {}
+            self._pushed, self._until = {}, float("inf")
 
     def reset(self) -> None:
         """Start a new run: no file of an earlier run of this name left on this machine
@@ -258,7 +268,7 @@ class RunFolder:
             with self._lock:
                 shutil.rmtree(self.dir, ignore_errors=True)
                 self.dir.mkdir(parents=True)
-                self._pushed, self._offset, self._parts = {}, 0, 0
+                self._pushed, self._offset, self._parts, self._until = {}, 0, 0, float("inf")
 
     def reset_journal(self) -> None:
         """Start the run's journal anew, here and in the storage."""

@@ -22,6 +22,7 @@ import socket
 import threading
 import time
 import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
 from queue import Queue
 from typing import Any
@@ -123,12 +124,25 @@ def sync_hint(run_dir: Path) -> str:
     return f"W&B runs saved offline; upload them with: wandb sync {runs}"
 
 
+@dataclass(frozen=True)
+class ModelFiles:
+    """A pair's export as a W&B model artifact: its name (the pair), its leaderboard row as
+    metadata, and its files: local paths to upload, or URIs (s3://, gs://, file://) of the
+    storage's copies, logged as references (W&B records each one's digest, uploads nothing)."""
+
+    pair: str
+    metadata: dict[str, Any]
+    files: list[str]
+
+
 def log_summary(mode: str, *, project: str, run_dir: Path, name: str,
-                tables: dict[str, tuple[list[str], list[dict[str, Any]]]], files: list[Path]) -> None:
+                tables: dict[str, tuple[list[str], list[dict[str, Any]]]], files: list[Path],
+                models: list[ModelFiles] = ()) -> None:
     """One W&B run for the whole experiment (`<name>-summary`, group `summary`): `tables`
-    (name -> (columns, rows): the leaderboard, the Pareto fronts) as W&B tables and every
-    plot (`files`' PNGs) as an image. If W&B fails (the network went away during the run),
-    one line says so: the run's results are on disk."""
+    (name -> (columns, rows): the leaderboard, the Pareto fronts) as W&B tables, every
+    plot (`files`' PNGs) as an image, and each pair's export (`models`) as a model artifact
+    with aliases `best` and the run's name. If W&B fails (the network went away during
+    the run), one line says so: the run's results are on disk."""
     import wandb
 
     try:
@@ -140,10 +154,24 @@ def log_summary(mode: str, *, project: str, run_dir: Path, name: str,
                   for key, (columns, rows) in tables.items()}
         images = {f"plots/{p.stem}": wandb.Image(str(p)) for p in files if p.suffix == ".png"}
         run.log({**logged, **images})
+        for model in models:
+            run.log_artifact(_artifact(model), aliases=["best", name])
         run.finish()
     except wandb.errors.Error as err:
         print(f"W&B: the summary run was not logged ({str(err).splitlines()[0]}); the "
               f"leaderboard and plots are in {run_dir}", flush=True)
+
+
+def _artifact(model: ModelFiles) -> Any:
+    import wandb
+
+    artifact = wandb.Artifact(model.pair, type="model", metadata=model.metadata)
+    for file in model.files:
+        if "://" in file:
+            artifact.add_reference(file, name=file.rsplit("/", 1)[-1])
+        else:
+            artifact.add_file(file)
+    return artifact
 
 
 def confusion_chart(confusion: list[list[float]], classes: list[str]) -> Any:

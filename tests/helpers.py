@@ -78,10 +78,11 @@ def run_module(*args: str, cwd: Path = REPO, env: dict | None = None) -> subproc
 
 def read_run(folder: Path) -> dict:
     """One W&B run folder as W&B's own reader (`wandb leet inspect --json`) decodes it:
-    the run record (id, group, tags, resume), history rows, the final summary, the exit record."""
+    the run record (id, group, tags, resume), history rows, the final summary, the exit
+    record, and the artifacts it logged (each with its manifest)."""
     cli = [str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json", str(folder)]
     out = subprocess.run(cli, capture_output=True, text=True, check=True).stdout
-    run = {"history": [], "summary": {}, "exit": None}
+    run = {"history": [], "summary": {}, "exit": None, "artifacts": []}
     for record in map(json.loads, out.splitlines()):
         kind, body = record["type"], record.get(record["type"])
         if kind == "run":
@@ -93,6 +94,8 @@ def read_run(folder: Path) -> dict:
             run["summary"].update(body.get("update", {}))  # nested keys joined with "."
         elif kind == "exit":
             run["exit"] = body
+        elif kind == "artifact":
+            run["artifacts"].append(body)
     return run
 
 

@@ -32,17 +32,11 @@ import pytest
 from optuna.trial import TrialState
 
 from genre_ray import export
-from tests.helpers import REPO, make_tree
-from tests.s3 import S3, s3_server
+from tests.helpers import REPO, make_tree, read_run
+from tests.s3 import S3
 
 pytestmark = pytest.mark.slow  # whole runs of tune_main.py
 PAIRS, SAMPLES, EPOCHS = ["MLP_spectrogram", "CEL_spectrogram"], 4, 12
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    with s3_server(tmp_path_factory.mktemp("s3")) as server:
-        yield server
 
 
 @dataclass
@@ -153,6 +147,7 @@ class Stage:
     err: str
     finished: dict[str, str]  # trial -> result.json hash: ended in the state it left
     status: str  # of the run's record in the storage, after it
+    cache: Path  # the head's cache: its working copy of the run's files
 
 
 def stage(where: Where, data: Path, base: Path, name: str, stop=None, when=None) -> Stage:
@@ -179,7 +174,8 @@ def stage(where: Where, data: Path, base: Path, name: str, stop=None, when=None)
         where.end_lease("chain")
     finished = {t: h for t, h in done(where).items() if t in ended_in_state(where)}
     status = json.loads(where.read("chain/run.json"))["status"]
-    return Stage(code, (cwd / "out.log").read_text(), (cwd / "err.log").read_text(), finished, status)
+    return Stage(code, (cwd / "out.log").read_text(), (cwd / "err.log").read_text(), finished,
+                 status, base / f"cache-{name}")
 
 
 @pytest.fixture(scope="module")
@@ -276,3 +272,38 @@ def test_a_storage_path_that_cannot_be_used_is_refused_before_anything(s3, tmp_p
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: ") and says in out.stderr
     assert not s3.objects(bucket) and not list(tmp_path.iterdir())  # nothing written
+
+
+def test_a_second_driver_on_a_run_in_the_bucket_is_refused_with_one_line(s3, tmp_path, monkeypatch):
+    from genre_ray import lease
+    from genre_ray.storage import storage
+
+    for key, value in s3.env().items():
+        monkeypatch.setenv(key, value)
+    uri = s3.bucket(f"held-{int(time.time() * 1000)}") + "/runs"
+    held = lease.take(storage(uri), "held")  # the first driver, as far as the bucket tells
+    try:
+        out = subprocess.run([sys.executable, str(REPO / "tune_main.py"), "--storage-path", uri,
+                              "--name", "held", "--models", "MLP", "--wandb", "off"], cwd=tmp_path,
+                             env={**s3.env(), "GENRE_RAY_CACHE": str(tmp_path / "cache")},
+                             capture_output=True, text=True, timeout=120)
+    finally:
+        held.release()
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr[-3000:]
+    assert out.stderr.startswith("error: run 'held' is running in another driver (host ")
+    assert not s3.objects(uri.removeprefix("s3://").split("/")[0], "runs/held/")  # nothing of it
+
+
+
+def test_the_wandb_model_artifacts_reference_the_storages_exports(where, chain):
+    """With a bucket the artifact references the bucket's copy (W&B records its digest,
+    uploads nothing again); file:// is a bucket too."""
+    folders = chain["end"].cache.glob("runs/*/chain/wandb/offline-run-*")
+    (summary,) = [r for r in map(read_run, folders) if r["group"] == "summary"]
+    models = {a["name"]: a for a in summary["artifacts"] if a["type"] == "model"}
+    assert set(models) == set(PAIRS)
+    for artifact in models.values():
+        assert {"best", "chain"} <= set(artifact["aliases"])
+        for entry in artifact["manifest"]["contents"]:
+            assert entry["ref"] == f"{where.uri}/chain/best_models/{entry['path']}" and entry["digest"]
+            assert int(entry["size"]) == len(where.read(f"chain/best_models/{entry['path']}"))

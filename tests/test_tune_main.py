@@ -2,7 +2,9 @@
 real Optuna, real W&B offline; then what it leaves behind."""
 from __future__ import annotations
 
+import base64
 import csv
+import hashlib
 import json
 import re
 import subprocess
@@ -176,3 +178,22 @@ def test_wandb_summary_run_holds_the_leaderboard_and_plots(job):
     with open(base / "runs" / "job" / "pareto.csv", newline="") as f:
         front = list(csv.DictReader(f))
     assert pareto["columns"] == report.PARETO_COLUMNS and len(pareto["data"]) == len(front) >= 1
+
+
+def test_each_pairs_export_is_a_wandb_model_artifact_of_the_summary_run(job):
+    base, _, _ = job
+    (summary,) = [r for r in read_runs(base / "runs" / "job").values() if r["group"] == "summary"]
+    models = {a["name"]: a for a in summary["artifacts"] if a["type"] == "model"}
+    with open(base / "runs" / "job" / "leaderboard.csv", newline="") as f:
+        rows = {row["pair"]: row for row in csv.DictReader(f)}
+    assert set(models) == {f"{m}_{f}" for m, f in PAIRS}
+    for pair, artifact in models.items():
+        assert {"best", "job"} <= set(artifact["aliases"])
+        metadata = json.loads(artifact["metadata"])
+        assert metadata["trial_id"] == rows[pair]["trial_id"] and metadata["pair"] == pair
+        entries = {e["path"]: e for e in artifact["manifest"]["contents"]}
+        assert set(entries) == {f"{pair}_best_model.pth", f"{pair}_best_model.onnx"}
+        for name, entry in entries.items():
+            data = (base / "best" / name).read_bytes()
+            assert entry["digest"] == base64.b64encode(hashlib.md5(data).digest()).decode()
+            assert int(entry["size"]) == len(data)

@@ -1,0 +1,144 @@
+"""What keeping a run in its storage costs, and what a lost head costs, in one bench run.
+
+    python -m bench.storage            # the default run (python tune_main.py); ~30 min on 2 cores
+    python -m bench.storage --smoke    # one pair on a tiny synthetic set: checks the bench
+
+1. Wall time of the default run (W&B off) with --storage-path a local path, a file://
+   URI and s3:// on a local S3 server (moto's server mode, tests/s3.py, through pyarrow's
+   S3 filesystem as on AWS), one after the other on one warmed cache. Ratios over the
+   local path; goals: file:// <= 1.03, s3:// <= 1.10.
+2. A lost head: the default run on s3:// SIGKILLed (driver and its local Ray) once half
+   its trials ended, then the same command from a new cache and folder. Epochs trained
+   again: each continued trial's epochs reported a second time (Tune's progress.csv),
+   plus the epochs of trials the continuation could not know (the Optuna trials it told
+   FAIL), over the run's epochs. Goal <= 0.1.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pyarrow.fs as pafs
+from optuna.trial import TrialState
+
+from bench.common import context
+from genre_ray.synthetic import generate
+from tests.s3 import s3_server
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ["--models", "MLP", "--features", "spectrogram", "--num-samples", "4", "--max-epochs", "4"]
+
+
+def tune_main(work: Path, cache: Path, env: dict[str, str], storage: str, flags: list[str],
+              kill_when=None) -> tuple[float, int]:
+    """tune_main.py from the new folder `work` with `storage`: (wall seconds, exit code);
+    SIGKILLed (its process group: the driver and the Ray it started) once `kill_when()`."""
+    work.mkdir(parents=True)
+    cmd = [sys.executable, str(ROOT / "tune_main.py"), "--wandb", "off", "--name", "bench",
+           "--storage-path", storage, "--output-dir", str(work / "best_models"), *flags]
+    start = time.perf_counter()
+    with open(work / "log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=work, stdout=log, stderr=subprocess.STDOUT,
+                                env={**env, "GENRE_RAY_CACHE": str(cache)}, start_new_session=True)
+        while kill_when is not None and proc.poll() is None and not kill_when():
+            time.sleep(1)
+        if kill_when is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        code = proc.wait()
+    if code not in (0, -signal.SIGKILL):
+        sys.exit(f"tune_main.py exited {code}: see {work / 'log'}\n{(work / 'log').read_text()[-3000:]}")
+    return time.perf_counter() - start, code
+
+
+class Bucket:
+    """The run `bench` in an S3 bucket, read as the bench's own client (pyarrow)."""
+
+    def __init__(self, s3, name: str) -> None:
+        key, secret = s3.keys["writer"]
+        self.fs = pafs.S3FileSystem(access_key=key, secret_key=secret, region="us-east-1",
+                                    endpoint_override=s3.endpoint.removeprefix("http://"),
+                                    scheme="http")
+        self.root = f"{name}/runs/bench"
+
+    def read(self, relative: str) -> bytes:
+        with self.fs.open_input_stream(f"{self.root}/{relative}") as f:
+            return f.read()
+
+    def trials(self) -> list[str]:
+        infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+        return [i.base_name for i in infos if i.type == pafs.FileType.Directory
+                and "_" in i.base_name and not i.base_name.startswith(".")]
+
+    def ended(self) -> int:
+        return sum(b'"done": true' in self._maybe(f"{t}/result.json") for t in self.trials())
+
+    def _maybe(self, relative: str) -> bytes:
+        try:
+            return self.read(relative)
+        except OSError:
+            return b""
+
+
+def epochs(bucket: Bucket) -> tuple[int, int]:
+    """(epochs the run keeps, epochs trained again) after a continued run."""
+    kept = again = 0
+    for trial in bucket.trials():
+        rows = list(csv.DictReader(io.StringIO(bucket._maybe(f"{trial}/progress.csv").decode())))
+        steps = [int(r["training_iteration"]) for r in rows]
+        kept, again = kept + len(set(steps)), again + len(steps) - len(set(steps))
+    with tempfile.NamedTemporaryFile(suffix=".journal") as journal:
+        journal.write(bucket.read("optuna.journal"))
+        journal.flush()
+        studies = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(journal.name))
+        for summary in optuna.get_all_study_summaries(studies):
+            for t in optuna.load_study(study_name=summary.study_name, storage=studies).trials:
+                if t.state == TrialState.FAIL:  # asked for after the last saved state: lost
+                    again += len(t.intermediate_values)
+    return kept, again
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="a tiny run: checks the bench")
+    args = parser.parse_args()
+    print(context())
+    with tempfile.TemporaryDirectory(prefix="bench-storage-") as tmp, \
+            s3_server(Path(tmp) / "s3") as s3:
+        tmp, env, cache = Path(tmp), s3.env(), Path(tmp) / "cache"
+        flags = []
+        if args.smoke:
+            flags = ["--data-dir", str(generate(tmp / "data", 3, seed=0, seconds=10.0)), *SMOKE]
+        tune_main(tmp / "warm-up", cache, env, str(tmp / "warm-runs"),
+                  [*flags, "--num-samples", "1", "--max-epochs", "1"])
+        stores = {"path": str(tmp / "runs"), "file://": (tmp / "file-runs").as_uri(),
+                  "s3://": s3.bucket("timed") + "/runs"}
+        walls = {kind: tune_main(tmp / kind.strip(":/"), cache, env, uri, flags)[0]
+                 for kind, uri in stores.items()}
+        for kind, wall in walls.items():
+            print(f"default run, storage {kind:<8} {wall:7.0f} s")
+        print(f"file:// over a path: {walls['file://'] / walls['path']:.3f} (goal <= 1.03)")
+        print(f"s3:// over a path:   {walls['s3://'] / walls['path']:.3f} (goal <= 1.10)")
+
+        uri, bucket = s3.bucket("killed") + "/runs", Bucket(s3, "killed")
+        half = (4 if args.smoke else 30) // 2  # trials of the run
+        tune_main(tmp / "lost-head", tmp / "cache-lost", env, uri, flags,
+                  kill_when=lambda: bucket.ended() >= half)
+        time.sleep(max(0.0, json.loads(bucket.read(".lease"))["expires"] - time.time()))
+        tune_main(tmp / "new-head", tmp / "cache-new", env, uri, flags)
+        kept, again = epochs(bucket)
+        print(f"SIGKILLed driver: {again} epoch(s) trained again over the run's {kept}: "
+              f"{again / kept:.3f} (goal <= 0.1)")
+
+
+if __name__ == "__main__":
+    main()
