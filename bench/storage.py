@@ -122,7 +122,7 @@ def main() -> None:
                   [*flags, "--num-samples", "1", "--max-epochs", "1"])
         stores = {"path": str(tmp / "runs"), "file://": (tmp / "file-runs").as_uri(),
                   "s3://": s3.bucket("timed") + "/runs"}
-        walls = {kind: tune_main(tmp / kind.strip(":/"), cache, env, uri, flags)[0]
+        walls = {kind: tune_main(tmp / f"timed-{kind.strip(':/')}", cache, env, uri, flags)[0]
                  for kind, uri in stores.items()}
         for kind, wall in walls.items():
             print(f"default run, storage {kind:<8} {wall:7.0f} s")

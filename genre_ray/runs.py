@@ -232,8 +232,8 @@ def claimed(store: Storage, run: Run) -> Iterator[Run]:
             run.folder.pull()
         with _Keeper(run, held):
             yield run
-        run.folder.sync()
-        run.folder.compact()
+            run.folder.sync()
+            run.folder.compact()
     finally:
         held.release()
 
@@ -298,6 +298,8 @@ class _Keeper:
         for thread in self.threads:
             if thread.is_alive():
                 thread.join(timeout=SYNC_S)  # one hung in the storage is a daemon: left
+        if isinstance(exc[1], StorageError):  # met by the run itself, not by this keeper
+            self._lose(exc[1])
         if self.run.lost is not None and exc[0] is not None:
             raise self.run.lost from None  # why the run stopped, in place of the Ctrl-C
 
@@ -330,16 +332,21 @@ class _Keeper:
                     f"{GIVE_UP_S:.0f} s"))
 
     def _give_up(self, err: StorageError) -> None:
+        if self._lose(err):
+            _thread.interrupt_main(signal.SIGINT)
+
+    def _lose(self, err: StorageError) -> bool:
+        """Record in `run.lost` that the storage failed (with how to continue), once."""
         with self.once:
             if self.run.lost is not None:
-                return
+                return False
             ends = self.held.expires
             after = "" if ends is None else \
                 time.strftime(" after %H:%M:%S UTC, when this driver's lease ends", time.gmtime(ends))
             self.run.lost = StorageError(f"{err}. The run stopped; what the storage held is "
                                          f"kept: run the same command again once it can be "
                                          f"written{after}")
-        _thread.interrupt_main(signal.SIGINT)
+            return True
 
 
 def tune_state_exists(store: Storage, name: str) -> bool:

@@ -84,12 +84,24 @@ def test_a_trial_on_a_lost_node_is_retried_from_its_checkpoint(tmp_path):
 
 
 def _both_checkpointed(run: Path, trials: int = 2) -> bool:
-    """Whether each of the run's `trials` has saved its rung's checkpoint and not its last:
-    both have epochs to go, whichever node each runs on. A trial's checkpoints reach the
-    storage path as it saves them; its result.json only when Tune syncs, so it is no guide."""
+    """Whether each of the run's `trials` has saved its rung's checkpoint and not its last
+    (both have epochs to go, whichever node each runs on), and the driver has received the
+    rung's result, so that Tune knows the checkpoint to restore. A trial's checkpoints reach
+    the storage path as it saves them; the driver writes the results it receives to its
+    staging folder in the Ray session (the storage's result.json only when Tune syncs)."""
     folders = [d for d in run.glob("CEL_spectrogram_*") if d.is_dir()]
     return len(folders) == trials and all(
-        (d / "checkpoint_000000").is_dir() and not (d / "checkpoint_000001").exists() for d in folders)
+        (d / "checkpoint_000000").is_dir() and not (d / "checkpoint_000001").exists()
+        and _received(d.name, epoch=2) for d in folders)
+
+
+def _received(trial: str, epoch: int) -> bool:
+    """Whether the driver has received the trial's result of `epoch`."""
+    for log in Path("/tmp/ray").glob(f"session_*/artifacts/*/run/driver_artifacts/{trial}/result.json"):
+        if any(json.loads(line)["training_iteration"] >= epoch for line in log.read_text().splitlines()
+               if line.endswith("}")):
+            return True
+    return False
 
 
 def _wait_until(condition, timeout: float) -> None:

@@ -182,7 +182,7 @@ def test_wandb_summary_run_holds_the_leaderboard_and_plots(job):
 
 def test_each_pairs_export_is_a_wandb_model_artifact_of_the_summary_run(job):
     base, _, _ = job
-    (summary,) = [r for r in read_runs(base / "runs" / "job").values() if r["group"] == "summary"]
+    (summary,) = [r for _, r in read_runs(base / "runs" / "job").values() if r["group"] == "summary"]
     models = {a["name"]: a for a in summary["artifacts"] if a["type"] == "model"}
     with open(base / "runs" / "job" / "leaderboard.csv", newline="") as f:
         rows = {row["pair"]: row for row in csv.DictReader(f)}
