@@ -22,7 +22,8 @@ from typing import Iterator
 # Ray's CLI through this interpreter: its `ray` script need not sit beside it (a --target
 # install, a system Python with a user-site Ray).
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
-CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")  # what `ray start` leaves for ray.init()
+RAY_TMP = Path("/tmp/ray")  # Ray's temp folder: its sessions and what `ray start` leaves
+CURRENT_CLUSTER = RAY_TMP / "ray_current_cluster"  # for ray.init() to join
 
 
 @dataclass

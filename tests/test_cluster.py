@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import kill_node, two_node_cluster
+from tests.cluster import RAY_TMP, kill_node, two_node_cluster
 from tests.helpers import REPO, make_tree
 
 pytestmark = pytest.mark.slow  # real multi-node Ray clusters
@@ -96,10 +96,11 @@ def _both_checkpointed(run: Path, trials: int = 2) -> bool:
 
 
 def _received(trial: str, epoch: int) -> bool:
-    """Whether the driver has received the trial's result of `epoch`."""
-    for log in Path("/tmp/ray").glob(f"session_*/artifacts/*/run/driver_artifacts/{trial}/result.json"):
-        if any(json.loads(line)["training_iteration"] >= epoch for line in log.read_text().splitlines()
-               if line.endswith("}")):
+    """Whether the driver has received the trial's result of `epoch` (read from its whole
+    lines: the one it may be writing is left)."""
+    for log in RAY_TMP.glob(f"session_*/artifacts/*/run/driver_artifacts/{trial}/result.json"):
+        if any(json.loads(line)["training_iteration"] >= epoch
+               for line in log.read_text().split("\n")[:-1]):
             return True
     return False
 
