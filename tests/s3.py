@@ -52,11 +52,13 @@ class S3:
         return f"s3://{name}"
 
     def objects(self, bucket: str, prefix: str = "") -> dict[str, bytes]:
-        """Key -> content of every object under `prefix`."""
+        """Key -> content of every object under `prefix` (one a running job deletes between
+        the listing and its reading, as Tune deletes a trial's older checkpoints, is left)."""
         client, found = self.client(), {}
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             for item in page.get("Contents", []):
-                found[item["Key"]] = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+                with contextlib.suppress(client.exceptions.NoSuchKey):
+                    found[item["Key"]] = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
         return found
 
 
