@@ -11,6 +11,7 @@ from pyarrow.fs import FileType
 from ray.air.execution._internal.actor_manager import RayActorManager
 from ray.exceptions import OutOfMemoryError, RayActorError
 from ray.train._internal import checkpoint_manager
+from ray.tune.execution.tune_controller import TuneController
 
 
 def memory_kills_fail_trials() -> None:
@@ -39,7 +40,7 @@ def deleted_checkpoints_stay_deleted() -> None:
     """Let Tune drop a checkpoint that is already gone, without an error.
 
     A driver killed without saving (SIGKILL, a lost head) leaves Tune's last saved state
-    naming checkpoints it deleted afterwards (a trial keeps the best two). Continued from
+    naming checkpoints it deleted afterwards (a trial keeps the best three). Continued from
     that state, the pinned Tune's `_CheckpointManager.register_checkpoint` deletes them
     again through `checkpoint_manager._delete_fs_path`, which raises FileNotFoundError for
     a missing path before its own error handling: a traceback per checkpoint, and the
@@ -55,3 +56,31 @@ def deleted_checkpoints_stay_deleted() -> None:
             original(fs=fs, fs_path=fs_path)
 
     checkpoint_manager._delete_fs_path = _delete_fs_path
+
+
+def snapshots_name_kept_checkpoints() -> None:
+    """Snapshot the experiment one trial checkpoint before Tune can delete the checkpoint
+    the last snapshot names.
+
+    The pinned `TuneController._create_checkpoint_manager` forces an experiment snapshot
+    after every `num_to_keep` checkpoints of a trial (`_ExperimentCheckpointManager.
+    _sync_every_n_trial_checkpoints`), yet `_CheckpointManager.register_checkpoint` deletes
+    the oldest kept checkpoint at that same checkpoint, before the forced snapshot reaches
+    the storage. A driver killed in between (SIGKILL, a lost head) leaves a snapshot that
+    names a deleted checkpoint, and the continued trial fails in `Trainable.restore` ("does
+    not exist on storage anymore"; seen on S3 in tests/test_storage.py). Forced every
+    `num_to_keep - 1` checkpoints (at least 1), the snapshot names a checkpoint that the
+    next deletion keeps. Idempotent."""
+    original = TuneController._create_checkpoint_manager
+    if hasattr(original, "__wrapped__"):
+        return
+
+    @functools.wraps(original)
+    def _create_checkpoint_manager(self):
+        manager = original(self)
+        keep = self._trial_checkpoint_config.num_to_keep
+        if keep is not None:
+            manager._sync_every_n_trial_checkpoints = max(1, keep - 1)
+        return manager
+
+    TuneController._create_checkpoint_manager = _create_checkpoint_manager

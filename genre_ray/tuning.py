@@ -38,14 +38,15 @@ from ray.tune.search.optuna import OptunaSearch
 
 from genre_ray import cost as cost_limits
 from genre_ray.config import Config, Search, TrialKeys
-from genre_ray.ray_internals import deleted_checkpoints_stay_deleted, memory_kills_fail_trials
+from genre_ray.ray_internals import (deleted_checkpoints_stay_deleted, memory_kills_fail_trials,
+                                     snapshots_name_kept_checkpoints)
 from genre_ray.search_space import SearchSpace
 from genre_ray.storage import JOURNAL, RunFolder, Storage, StorageError
 
 METRIC, MODE = "val_loss", "min"
 TIME_ATTR = "training_iteration"  # one per epoch
 MAX_FAILURES = 2  # retries of a failed trial (lost node, out of memory), from its checkpoint
-KEEP_CHECKPOINTS = 2  # per trial, the best by its state's loss (make_tuner says why not 1)
+KEEP_CHECKPOINTS = 3  # per trial, the best by its state's loss (make_tuner says why not fewer)
 
 
 def pair_name(model: str, feature: str) -> str:
@@ -390,14 +391,16 @@ def make_tuner(feature_refs: dict[str, Any], searcher: PairSearcher, scheduler: 
     checkpoints its best state, and only when it improved, so the best is also the latest,
     which is what a resume needs).
 
-    Why two kept, not one: with `num_to_keep=1` Tune snapshots the whole experiment
-    (every trial's state, the searcher) after every checkpoint, never to point at a
-    deleted one, and a snapshot costs more as trials accumulate. bench/control_plane.py
-    (32 logical slots, 0.5 s epochs, 150 s): one kept, the driver's CPU per trial went
-    87 -> 402 ms over 400 trials (utilisation 24 %); two kept, 37 -> 74 ms over 730
-    trials (42 %, the rest is 32 workers on 2 cores), one driver core then starting 17
-    trials/s. A trial checkpoints only at ASHA's rungs and its last epoch
-    (trainable.BestSaver), so two is a few MB to ~340 MB (MLP on waveforms with Adam).
+    Why three kept: Tune snapshots the whole experiment (every trial's state, the
+    searcher) after every `num_to_keep - 1` checkpoints of a trial
+    (ray_internals.snapshots_name_kept_checkpoints), so that a snapshot never names a
+    deleted checkpoint, and a snapshot costs more as trials accumulate.
+    bench/control_plane.py (32 logical slots, 0.5 s epochs, 150 s): a snapshot after every
+    checkpoint, the driver's CPU per trial went 87 -> 402 ms over 400 trials (utilisation
+    24 %); after every second, 37 -> 74 ms over 730 trials (42 %, the rest is 32 workers on
+    2 cores), one driver core then starting 17 trials/s. A trial checkpoints only at ASHA's
+    rungs and its last epoch (trainable.BestSaver), so three is a few MB to ~510 MB (MLP on
+    waveforms with Adam).
     """
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
@@ -427,6 +430,7 @@ def _prepare_tune() -> None:
     setting is kept)."""
     memory_kills_fail_trials()
     deleted_checkpoints_stay_deleted()
+    snapshots_name_kept_checkpoints()
     # Tune's default loggers are CSV, JSON and TensorBoard. The run reads progress.csv and
     # result.json (ResultGrid, plots) and logs to W&B, never to TensorBoard, whose writer
     # flushes its event file at every result: a quarter of the driver's CPU per trial

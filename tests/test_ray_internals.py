@@ -61,3 +61,41 @@ def test_a_checkpoint_already_deleted_is_deleted_without_an_error(tmp_path):
     delete(fs=LocalFileSystem(), fs_path=str(tmp_path / "checkpoint_000000"))  # gone: no error
     delete(fs=LocalFileSystem(), fs_path=str(kept))
     assert not kept.exists()
+
+
+def _forces_after(create, keep: int) -> int:
+    """After how many checkpoints of one trial the experiment checkpoint manager that
+    `create` makes (as TuneController does, with `num_to_keep=keep`) forces a snapshot."""
+    from types import SimpleNamespace
+
+    from ray import tune
+
+    controller = SimpleNamespace(_storage=None, _checkpoint_period="auto",
+                                 _trial_checkpoint_config=tune.CheckpointConfig(num_to_keep=keep))
+    manager, trial = create(controller), object()
+    for checkpoints in range(1, keep + 2):
+        manager.on_trial_checkpoint(trial)
+        if manager._should_force_sync_up:
+            return checkpoints
+    raise AssertionError(f"no snapshot forced after {keep + 1} checkpoints")
+
+
+def test_tune_still_snapshots_only_at_the_checkpoint_that_deletes_the_named_one():
+    from ray.train._internal import checkpoint_manager
+    from ray.tune.execution.tune_controller import TuneController
+
+    original = inspect.unwrap(TuneController._create_checkpoint_manager)
+    assert _forces_after(original, keep=3) == 3  # what the patch works around
+    assert "self._checkpoint_results[: -self._checkpoint_config.num_to_keep]" in \
+        inspect.getsource(checkpoint_manager)  # ... deleted at that same checkpoint
+
+
+def test_a_snapshot_is_forced_one_checkpoint_before_a_deletion():
+    from ray.tune.execution.tune_controller import TuneController
+
+    ray_internals.snapshots_name_kept_checkpoints()
+    ray_internals.snapshots_name_kept_checkpoints()  # idempotent
+    create = TuneController._create_checkpoint_manager
+    assert create.__wrapped__ is inspect.unwrap(create)
+    assert _forces_after(create, keep=3) == 2
+    assert _forces_after(create, keep=1) == 1
