@@ -127,6 +127,14 @@ def done(where: Where) -> dict[str, str]:
     return found
 
 
+def checkpoints(where: Where) -> set[str]:
+    """The trials' checkpoint folders in the storage (each trial's worker writes them there
+    as it reaches them; a trial's result.json reaches the storage only with the driver's syncs)."""
+    folders = (path.split("/")[:3] for path in where.files("chain"))
+    return {"/".join(parts) for parts in folders
+            if len(parts) == 3 and parts[2].startswith("checkpoint_")}
+
+
 def ended_in_state(where: Where) -> set[str]:
     """Trials the experiment state in the storage holds as ended (TERMINATED or ERROR)."""
     states = sorted(p for p in where.files("chain") if p.count("/") == 1
@@ -183,11 +191,12 @@ def chain(where, tmp_path_factory) -> dict[str, Stage]:
     base = tmp_path_factory.mktemp("heads")
     data = make_tree(base / "data", tracks=3, seconds=11.0)
     stages = {"sigint": stage(where, data, base, "sigint", signal.SIGINT, lambda w: len(done(w)) >= 2)}
-    more = len(stages["sigint"].finished) + 2
-    stages["sigkill"] = stage(where, data, base, "sigkill", signal.SIGKILL,
-                              lambda w: len(done(w)) >= more)
-    more = len(done(where)) + 1
-    stages["storage"] = stage(where, data, base, "storage", "storage", lambda w: len(done(w)) >= more)
+    # Each fresh head is stopped by its own progress (new checkpoints: the workers write them
+    # to the storage as they reach them) early enough to leave it trials to run.
+    for name, stop, progress in [("sigkill", signal.SIGKILL, 2), ("storage", "storage", 1)]:
+        before = checkpoints(where)
+        stages[name] = stage(where, data, base, name, stop,
+                             lambda w: len(checkpoints(w) - before) >= progress)
     stages["end"] = stage(where, data, base, "end")
     return stages
 
