@@ -4,8 +4,8 @@
     python tune_main.py --data-dir ~/data/gtzan --address auto --gpus-per-trial 0.25
 
 Every setting has its default in genre_ray/defaults.yaml; a --config file of the same
-sections overrides them, and the flags override both (genre_ray.config.FLAGS: which
-field each flag sets).
+sections overrides them, and the flags override both (genre_ray.config.FLAGS: each flag,
+the field it sets and its help).
 """
 from __future__ import annotations
 
@@ -18,40 +18,9 @@ from typing import Any
 
 import yaml
 
-from genre_ray import config, experiment, runs
+from genre_ray import config, experiment, report, runs
 from genre_ray.errors import UserError, exit_on_user_error
 from genre_ray.files import read_text
-from genre_ray.tracking import MODES
-
-# Help of each flag that sets a configuration field (config.FLAGS), and its argparse
-# options beside type and default.
-HELP: dict[str, tuple[str, dict[str, Any]]] = {
-    "--data-dir": ("GTZAN folder (absent: the embedded dataset)", {}),
-    "--models": ("architectures to tune, as words or commas: CEL MLP2 or CEL,MLP2", {"nargs": "+"}),
-    "--features": ("waveform, spectrogram, or both (words or commas)", {"nargs": "+"}),
-    "--num-samples": ("trials per pair", {"type": int}),
-    "--max-epochs": ("epochs per trial (ASHA max_t)", {"type": int}),
-    "--grace-period": ("ASHA: epochs before a trial can be stopped", {"type": int}),
-    "--reduction-factor": ("ASHA: keep the best 1/REDUCTION_FACTOR of the trials at each rung",
-                           {"type": int}),
-    "--n-startup-trials": ("TPE: random trials per pair before it models the space", {"type": int}),
-    "--max-latency-ms": ("a trial whose model takes longer per 5 s segment (batch 1, on its "
-                         "device, features included) ends untrained", {"type": float}),
-    "--max-params": ("a trial whose model has more parameters ends untrained", {"type": int}),
-    "--cpus-per-trial": ("CPUs Ray reserves for each trial (its torch threads)", {"type": float}),
-    "--gpus-per-trial": ("fractional: 0.25 puts four trials on a GPU", {"type": float}),
-    "--storage-path": ("runs live in STORAGE_PATH/NAME; a path or s3://, gs://, file:// URI", {}),
-    "--split": ("random | fault-filtered | JSON split file", {}),
-    "--wandb": ("auto: online with a WANDB_API_KEY (environment or .env), else offline",
-                {"choices": MODES}),
-    "--wandb-project": ("W&B project of the runs", {}),
-    "--seed": ("seeds the split, the augmentation, TPE and every trial", {"type": int}),
-    "--output-dir": ("where {model}_{feature}_best_model.pth land", {}),
-    "--search-spaces": ("folder of <MODEL>.yaml search-space files (absent: search_spaces/)", {}),
-    "--cache-gb": ("the feature cache's bound: least recently used entries beyond it are removed",
-                   {"type": float}),
-}
-
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a flag's default once, and none where absence is described in its help."""
@@ -95,11 +64,11 @@ def parse(argv: list[str] | None = None) -> tuple[config.Config, experiment.Sess
     file = from_file(known.config) if known.config else None
     loaded = config.load(file, source=f"--config {known.config}")
     base = config.as_json(loaded)
-    for flag, field in config.FLAGS.items():
-        section, key = field.split(".")
-        text, options = HELP[flag]
-        p.add_argument(flag, dest=field, default=base[section][key], help=text,
-                       metavar=key.upper(), **options)
+    for name, flag in config.FLAGS.items():
+        section, key = flag.field.split(".")
+        p.add_argument(name, dest=flag.field, default=base[section][key], help=flag.help,
+                       metavar=key.upper(), type=flag.type, nargs="+" if flag.many else None,
+                       choices=flag.choices)
     p.add_argument("--address", help="Ray cluster to join: auto, HOST:PORT or ray://HOST:PORT "
                                      "(absent: $RAY_ADDRESS, as Ray sets it for a submitted "
                                      "job, else a new local Ray)")
@@ -114,19 +83,19 @@ def parse(argv: list[str] | None = None) -> tuple[config.Config, experiment.Sess
     p.add_argument("--resume", action="store_true",
                    help="continue the run --name names, or the newest interrupted run under "
                         "--storage-path, with the configuration it was started with")
-    p.add_argument("--more-samples", type=int, default=0, metavar="N",
+    p.add_argument("--more-samples", type=int, metavar="N",
                    help="grow the finished run --name names by N trials per pair: its Optuna "
                         "studies go on, and its exports, leaderboard and plots are rebuilt over "
                         "every trial (it keeps its own configuration, as --resume does)")
     args = vars(p.parse_args(argv))
-    if args["more_samples"] < 0:
+    if args["more_samples"] is not None and args["more_samples"] < 1:
         raise UserError(f"--more-samples must be >= 1, got {args['more_samples']}")
-    values = {field: args[field] for field in config.FLAGS.values()}
+    values = {flag.field: args[flag.field] for flag in config.FLAGS.values()}
     for field in ("run.models", "run.features"):
         values[field] = listed(values[field])
     cfg = config.replaced(loaded, values)
     return cfg, experiment.Session(args["name"], args["resume"], args["address"],
-                                   args["shared_storage"], args["check"], args["more_samples"])
+                                   args["shared_storage"], args["check"], args["more_samples"] or 0)
 
 
 @exit_on_user_error
@@ -154,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a stop outside tuning: what Tune saved is kept
         print("interrupted; run the same command again to continue", file=sys.stderr)
         return 128 + stopped_by[0]
-    print(experiment.summary_table(summary))
+    print(report.summary_table(summary))
     print(f"wall time {time.perf_counter() - start:.0f} s")
     return 0
 

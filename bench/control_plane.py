@@ -108,11 +108,11 @@ def landscape(pairs: list[tuple[str, str]], epoch_s: float, seed: int = 0) -> di
 
 
 def synthetic_trial(config: dict[str, Any], feature_refs: dict[str, Any],
-                    settings: Config) -> None:
+                    run_cfg: Config) -> None:
     """A function trainable that reports as the real one does (every epoch; a checkpoint
     at ASHA's rungs and the last epoch when it improved since the last one, as
     trainable.BestSaver; a resume from it) and does no work: sleeps, then reports a loss
-    computed from `config`; the run's `settings` go unused. Imports
+    computed from `config`; the run's `run_cfg` goes unused. Imports
     inside: it is pickled by value from the driver and must not pull torch or the rest
     of genre_ray into every worker."""
     import json
@@ -176,22 +176,22 @@ class WallBudget(tune.Stopper):
         return time.monotonic() > self.deadline
 
 
-def settings_for(args, num_samples: int) -> Config:
+def cfg_for(args, num_samples: int) -> Config:
     return config.load(values={"search.num_samples": num_samples, "search.max_epochs": args.epochs,
                                "run.seed": 0})
 
 
 def run_tuner(pairs, args, folder: Path, label: str, keep: int) -> dict[str, Any]:
     """One Tuner over `pairs` with the synthetic trainable, for at most --budget-s."""
-    settings = settings_for(args, math.ceil(args.trials / len(pairs)))
-    searcher, scheduler = tuning.build_search(pairs, {m: load_space(m) for m, _ in pairs}, settings,
+    cfg = cfg_for(args, math.ceil(args.trials / len(pairs)))
+    searcher, scheduler = tuning.build_search(pairs, {m: load_space(m) for m, _ in pairs}, cfg,
                                               label, tuning.optuna_storage(folder / label))
     searcher.__class__ = TimedPairSearcher
     SUGGEST_TIMES.clear()
     DRIVER_CPU.clear()
-    tuner = tuning.make_tuner(landscape(pairs, args.epoch_s), searcher, scheduler, settings,
+    tuner = tuning.make_tuner(landscape(pairs, args.epoch_s), searcher, scheduler, cfg,
                               storage_path=str(folder), name=label,
-                              num_trials=settings.search.num_samples * len(pairs), cpus_per_trial=1,
+                              num_trials=cfg.search.num_samples * len(pairs), cpus_per_trial=1,
                               gpus_per_trial=0, max_concurrent=args.slots, verbose=0,
                               stop=WallBudget(args.budget_s), trainable=synthetic_trial,
                               keep_checkpoints=keep or None)
@@ -229,13 +229,13 @@ def suggest_curve(model: str, feature: str, n: int, args, folder: Path,
     (s) of pickling the searcher's state at the end (what PairSearcher.save writes at
     every experiment snapshot)."""
     run_dir = folder / f"curve-{'journal' if storage is None else 'memory'}"
-    settings = settings_for(args, n)
-    searcher, _ = tuning.build_search([(model, feature)], {model: load_space(model)}, settings,
+    cfg = cfg_for(args, n)
+    searcher, _ = tuning.build_search([(model, feature)], {model: load_space(model)}, cfg,
                                       run_dir.name, storage or tuning.optuna_storage(run_dir))
     searcher.__class__ = TimedPairSearcher
     SUGGEST_TIMES.clear()
     rng, running = random.Random(0), []
-    grace = settings.search.grace_period
+    grace = cfg.search.grace_period
     for i in range(n):
         searcher.suggest(f"curve_{i}")
         running.append(f"curve_{i}")

@@ -86,14 +86,14 @@ def throughput(fs: FeatureSet, refs: dict, layout: Layout, precision: str, epoch
                folder: Path) -> float:
     """Segments/s of `layout` in `precision`, as the module docstring defines it."""
     run_dir = folder / f"{layout.trials}-{precision}"
-    settings = config.load(values={
+    cfg = config.load(values={
         "search.num_samples": layout.trials, "search.max_epochs": epochs,
         "search.grace_period": epochs, "search.reduction_factor": 2,
         "search.n_startup_trials": 1, "run.seed": 0})
     searcher, scheduler = tuning.build_search(
-        [(MODEL, FEATURE)], {MODEL: one_point_space(precision)}, settings, run_dir.name,
+        [(MODEL, FEATURE)], {MODEL: one_point_space(precision)}, cfg, run_dir.name,
         tuning.optuna_storage(run_dir))
-    grid = tuning.fit(refs, searcher, scheduler, settings, storage_path=str(folder), name=run_dir.name,
+    grid = tuning.fit(refs, searcher, scheduler, cfg, storage_path=str(folder), name=run_dir.name,
                       num_trials=layout.trials, cpus_per_trial=layout.cpus,
                       gpus_per_trial=layout.gpus, max_concurrent=layout.trials, verbose=0)
     if grid.errors:

@@ -2,7 +2,7 @@
 
     python -m bench.ray_overhead [--epochs 6] [--cpus 2] [--wandb offline|off]
 
-For CEL on spectrograms and MLP on waveforms at the seed's settings, the same model
+For CEL on spectrograms and MLP on waveforms at the seed's cfg, the same model
 trains for `--epochs` epochs three times: with the plain loop (`Trainer.fit`, what
 `python -m genre_ray.training` runs), then as one trial of the real Tuner (features from
 the object store, a report every epoch, checkpoints at ASHA's rungs and the last epoch, W&B logging),
@@ -56,14 +56,14 @@ def trial_epochs(model_name: str, fs: FeatureSet, epochs: int, cpus: int, wandb:
     """Seconds per epoch (Tune's time_this_iter_s) of one trial of the real Tuner."""
     pair = [(model_name, fs.feature)]
     run_dir = folder / tuning.pair_name(model_name, fs.feature)
-    settings = config.load(values={
+    cfg = config.load(values={
         "search.num_samples": 1, "search.max_epochs": epochs, "search.grace_period": epochs,
         "search.reduction_factor": 2, "search.n_startup_trials": 1, "run.seed": 0})
-    searcher, scheduler = tuning.build_search(pair, {model_name: load_space(model_name)}, settings,
+    searcher, scheduler = tuning.build_search(pair, {model_name: load_space(model_name)}, cfg,
                                               run_dir.name, tuning.optuna_storage(run_dir))
     callbacks = (wandb_callback("offline", project="bench", run_dir=run_dir, classes=fs.classes)
                  if wandb == "offline" else [])
-    grid = tuning.fit({fs.variant: share(fs)}, searcher, scheduler, settings, storage_path=str(folder),
+    grid = tuning.fit({fs.variant: share(fs)}, searcher, scheduler, cfg, storage_path=str(folder),
                       name=run_dir.name, num_trials=1, cpus_per_trial=cpus, gpus_per_trial=0,
                       max_concurrent=1, callbacks=callbacks, verbose=0)
     return grid[0].metrics_dataframe["time_this_iter_s"].tolist()

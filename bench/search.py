@@ -31,7 +31,7 @@ from ray.tune.schedulers import FIFOScheduler
 
 from bench.common import context
 from genre_ray import config, tuning
-from genre_ray.experiment import feature_variants
+from genre_ray.checks import feature_variants
 from genre_ray.features import build_variants
 from genre_ray.search_space import load_space
 from genre_ray.synthetic import embedded_dataset
@@ -60,10 +60,10 @@ class EpochBudget(tune.Stopper):
         return len(self.seen) >= self.budget
 
 
-def random_fifo(model: str, feature: str, settings: config.Config, study: str,
+def random_fifo(model: str, feature: str, cfg: config.Config, study: str,
                 storage: optuna.storages.BaseStorage):
     """The baseline's searcher and scheduler: random configurations, every one trained fully."""
-    pair, search, seed = tuning.pair_name(model, feature), settings.search, settings.run.seed
+    pair, search, seed = tuning.pair_name(model, feature), cfg.search, cfg.run.seed
     searcher = tuning.PrunedOptunaSearch(
         load_space(model).of(feature).distributions, metric=tuning.METRIC, mode=tuning.MODE,
         sampler=optuna.samplers.RandomSampler(seed=seed + RANDOM_STREAM),
@@ -84,15 +84,15 @@ def epochs_in_order(grid) -> list[tuple[float, float]]:
 
 def search(kind: str, model: str, feature: str, args, ref, folder: Path,
            slots: int) -> list[tuple[float, float]]:
-    settings = config.load(values={
+    cfg = config.load(values={
         "search.max_epochs": args.max_epochs, "run.seed": args.seed,
         "search.num_samples": args.trials if kind == "random" else 10 * args.trials})
     storage = tuning.optuna_storage(folder / kind)
-    searcher, scheduler = (random_fifo(model, feature, settings, kind, storage) if kind == "random" else
-                           tuning.build_search([(model, feature)], {model: load_space(model)}, settings,
+    searcher, scheduler = (random_fifo(model, feature, cfg, kind, storage) if kind == "random" else
+                           tuning.build_search([(model, feature)], {model: load_space(model)}, cfg,
                                                kind, storage))
-    grid = tuning.fit(ref, searcher, scheduler, settings, storage_path=str(folder), name=kind,
-                      num_trials=settings.search.num_samples, cpus_per_trial=1, gpus_per_trial=0,
+    grid = tuning.fit(ref, searcher, scheduler, cfg, storage_path=str(folder), name=kind,
+                      num_trials=cfg.search.num_samples, cpus_per_trial=1, gpus_per_trial=0,
                       max_concurrent=slots, verbose=0,
                       stop=EpochBudget(args.trials * args.max_epochs))
     for result in grid.errors:

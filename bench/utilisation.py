@@ -20,7 +20,7 @@ import ray
 
 from bench.common import context
 from genre_ray import config, tuning
-from genre_ray.experiment import feature_variants
+from genre_ray.checks import feature_variants
 from genre_ray.features import build_variants
 from genre_ray.search_space import load_space
 from genre_ray.synthetic import embedded_dataset
@@ -30,15 +30,15 @@ from genre_ray.trainable import share
 SEARCH_KEYS = ("num_samples", "max_epochs", "grace_period", "reduction_factor", "n_startup_trials")
 
 
-def tune(pairs: list[tuple[str, str]], refs: dict, classes: list[str], settings: config.Config,
+def tune(pairs: list[tuple[str, str]], refs: dict, classes: list[str], cfg: config.Config,
          run_dir: Path, slots: int) -> tuple[float, float]:
     """(busy trial-seconds, wall seconds) of one Tuner over `pairs`."""
     spaces = {model: load_space(model) for model, _ in pairs}
-    searcher, scheduler = tuning.build_search(pairs, spaces, settings, run_dir.name,
+    searcher, scheduler = tuning.build_search(pairs, spaces, cfg, run_dir.name,
                                               tuning.optuna_storage(run_dir))
     start = time.perf_counter()
-    grid = tuning.fit(refs, searcher, scheduler, settings, storage_path=str(run_dir.parent),
-                      name=run_dir.name, num_trials=settings.search.num_samples * len(pairs),
+    grid = tuning.fit(refs, searcher, scheduler, cfg, storage_path=str(run_dir.parent),
+                      name=run_dir.name, num_trials=cfg.search.num_samples * len(pairs),
                       cpus_per_trial=1, gpus_per_trial=0, max_concurrent=slots, verbose=0,
                       callbacks=wandb_callback("offline", project="bench", run_dir=run_dir,
                                                classes=classes))
@@ -55,10 +55,10 @@ def main() -> None:
         parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=getattr(default.search, key))
     args = parser.parse_args()
     values = {f"search.{key}": getattr(args, key) for key in SEARCH_KEYS}
-    settings = config.replaced(default, {**values, "run.seed": 0})
+    cfg = config.replaced(default, {**values, "run.seed": 0})
     pairs = [(m, f) for m in args.models for f in args.features]
     spaces = {model: load_space(model) for model in args.models}
-    sets = build_variants(embedded_dataset(), feature_variants(pairs, spaces, settings), settings)
+    sets = build_variants(embedded_dataset(), feature_variants(pairs, spaces, cfg), cfg)
     classes = next(iter(sets.values())).classes
     ray.init(address="local", include_dashboard=False, configure_logging=False)
     print(context())
@@ -66,8 +66,8 @@ def main() -> None:
         slots = int(ray.cluster_resources()["CPU"])
         refs = {fs.variant: share(fs) for fs in sets.values()}
         with tempfile.TemporaryDirectory() as tmp:
-            busy, wall = tune(pairs, refs, classes, settings, Path(tmp) / "together", slots)
-            seq = [tune([pair], refs, classes, settings, Path(tmp) / f"seq-{i}", slots)
+            busy, wall = tune(pairs, refs, classes, cfg, Path(tmp) / "together", slots)
+            seq = [tune([pair], refs, classes, cfg, Path(tmp) / f"seq-{i}", slots)
                    for i, pair in enumerate(pairs)]
     finally:
         ray.shutdown()

@@ -9,8 +9,8 @@ by q/p and resamples from p to q, where p/q is the fraction with a small denomin
 nearest to 2**(k/12). torchaudio's PitchShift resamples from int(sr / 2**(-k/12)) to
 sr instead, whose reduced ratio is huge for most k (23361:22050 has gcd 3 at k=1), so
 its resampling kernel is (7350, ~7800) and costs ~7,800 multiply-adds per sample
-(DESIGN pitfall 18); p/q = 89/84 costs ~100 and is 0.1 cent off 2**(1/12) (with
-q <= 100, no step from -12 to 12 is more than 2 cents off).
+(docs/design.md#pitfall-pitchshift-resampling-cost); p/q = 89/84 costs ~100 and is 0.1
+cent off 2**(1/12) (with q <= 100, no step from -12 to 12 is more than 2 cents off).
 
 The phase vocoder accumulates unit phasors (a cumulative complex product) instead of
 angles: the same output as torchaudio.functional.phase_vocoder up to rounding (the
@@ -39,7 +39,7 @@ import torch
 import torchaudio.functional as AF
 
 N_FFT_STRETCH = 1024  # STFT sizes at 22,050 Hz (46 ms, 23 ms), scaled with the sample rate:
-N_FFT_PITCH = 512     # the former time_stretch's and torchaudio's PitchShift's defaults
+N_FFT_PITCH = 512     # torchaudio's PitchShift's default
 BASE_RATE = 22050
 RATE_STEP = 0.005     # augment's stretch rates are multiples of this: 21 rates in [1.1, 1.2]
 MAX_DENOMINATOR = 100  # bound of q in the resampling ratio p/q of a pitch shift

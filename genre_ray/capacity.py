@@ -1,7 +1,7 @@
 """Memory preflight: do the feature data and the trials fit the cluster's nodes?
 
 Each node that runs trials holds one copy of every feature's train and val arrays in
-its object store, read in place by all its trials (DESIGN.md pitfall 13), and each trial
+its object store, read in place by all its trials (docs/design.md#pitfall-object-store-zero-copy), and each trial
 adds its own private memory: its Python, torch and Ray worker, the model, the optimiser
 state and a batch (`trial_gb` in defaults.yaml `memory`, measured by bench/memory.py).
 Before any trial, per node:

@@ -1,7 +1,7 @@
 """The run's configuration: typed, frozen, built once and passed down.
 
 `load()` reads genre_ray/defaults.yaml, lays a `--config` file's sections over it, then
-the flags' values (`FLAGS`: the one place a flag maps to a field), and checks every
+the flags' values (`FLAGS`: each flag, its field and its help), and checks every
 field's type and range in one pass (pydantic validates the dataclasses): a bad value is
 one UserError naming its flag or its `section.key`. No other module reads defaults.yaml;
 each stage takes the sections it needs. `as_json` is what a run's `run.json` keeps, and
@@ -28,19 +28,53 @@ from genre_ray.errors import UserError
 DEFAULTS_FILE = Path(__file__).with_name("defaults.yaml")
 CACHE_DIR = "~/.cache/genre-ray"  # where datasets and feature caches live; $GENRE_RAY_CACHE wins
 
-# Each tune_main.py flag and the field it sets. A field without a flag is set in
+WANDB_MODES = ("auto", "online", "offline", "off")
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A tune_main.py flag: the field it sets (its default is the field's), its help, and
+    how argparse reads it (`many`: one or more words)."""
+
+    field: str
+    help: str
+    type: type | None = None
+    many: bool = False
+    choices: tuple[str, ...] | None = None
+
+
+# Each tune_main.py flag that sets a field, declared once. A field without a flag is set in
 # defaults.yaml or a --config file.
-FLAGS: dict[str, str] = {
-    "--data-dir": "run.data_dir", "--models": "run.models", "--features": "run.features",
-    "--output-dir": "run.output_dir", "--storage-path": "run.storage_path",
-    "--search-spaces": "run.search_spaces", "--seed": "run.seed", "--cache-gb": "run.cache_gb",
-    "--split": "split.kind",
-    "--num-samples": "search.num_samples", "--max-epochs": "search.max_epochs",
-    "--grace-period": "search.grace_period", "--reduction-factor": "search.reduction_factor",
-    "--n-startup-trials": "search.n_startup_trials", "--max-latency-ms": "search.max_latency_ms",
-    "--max-params": "search.max_params",
-    "--cpus-per-trial": "resources.cpus_per_trial", "--gpus-per-trial": "resources.gpus_per_trial",
-    "--wandb": "tracking.wandb", "--wandb-project": "tracking.wandb_project",
+FLAGS: dict[str, Flag] = {
+    "--data-dir": Flag("run.data_dir", "GTZAN folder (absent: the embedded dataset)"),
+    "--models": Flag("run.models", "architectures to tune, as words or commas: CEL MLP2 or CEL,MLP2",
+                     many=True),
+    "--features": Flag("run.features", "waveform, spectrogram, or both (words or commas)", many=True),
+    "--num-samples": Flag("search.num_samples", "trials per pair", int),
+    "--max-epochs": Flag("search.max_epochs", "epochs per trial (ASHA max_t)", int),
+    "--grace-period": Flag("search.grace_period", "ASHA: epochs before a trial can be stopped", int),
+    "--reduction-factor": Flag("search.reduction_factor", "ASHA: keep the best 1/REDUCTION_FACTOR "
+                               "of the trials at each rung", int),
+    "--n-startup-trials": Flag("search.n_startup_trials", "TPE: random trials per pair before it "
+                               "models the space", int),
+    "--max-latency-ms": Flag("search.max_latency_ms", "a trial whose model takes longer per 5 s "
+                             "segment (batch 1, on its device, features included) ends untrained", float),
+    "--max-params": Flag("search.max_params", "a trial whose model has more parameters ends untrained", int),
+    "--cpus-per-trial": Flag("resources.cpus_per_trial", "CPUs Ray reserves for each trial (its torch "
+                             "threads)", float),
+    "--gpus-per-trial": Flag("resources.gpus_per_trial", "fractional: 0.25 puts four trials on a GPU", float),
+    "--storage-path": Flag("run.storage_path", "runs live in STORAGE_PATH/NAME; a path or s3://, gs://, "
+                           "file:// URI"),
+    "--split": Flag("split.kind", "random | fault-filtered | JSON split file"),
+    "--wandb": Flag("tracking.wandb", "auto: online with a WANDB_API_KEY (environment or .env), else "
+                    "offline", choices=WANDB_MODES),
+    "--wandb-project": Flag("tracking.wandb_project", "W&B project of the runs"),
+    "--seed": Flag("run.seed", "seeds the split, the augmentation, TPE and every trial", int),
+    "--output-dir": Flag("run.output_dir", "where {model}_{feature}_best_model.pth land"),
+    "--search-spaces": Flag("run.search_spaces", "folder of <MODEL>.yaml search-space files (absent: "
+                            "search_spaces/)"),
+    "--cache-gb": Flag("run.cache_gb", "the feature cache's bound: least recently used entries beyond "
+                       "it are removed", float),
 }
 
 # Where this machine keeps things, not what a run is: left out of a run's identity
@@ -60,7 +94,7 @@ _STRICT = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 @dataclass(frozen=True)
-class Run:
+class RunSection:
     """What the run tunes, where its data comes from and where its results go."""
 
     __pydantic_config__ = _STRICT
@@ -202,7 +236,7 @@ class Resources:
 @dataclass(frozen=True)
 class Tracking:
     __pydantic_config__ = _STRICT
-    wandb: Literal["auto", "online", "offline", "off"]
+    wandb: Literal[WANDB_MODES]
     wandb_project: Text
 
 
@@ -219,10 +253,10 @@ class Memory:
 @dataclass(frozen=True)
 class Config:
     """One run's whole configuration. `spaces`: each tuned model's search space as read
-    (its file with `extends` applied), filled in by `experiment.resolved`."""
+    (its file with `extends` applied), filled in by `checks.resolved`."""
 
     __pydantic_config__ = _STRICT
-    run: Run
+    run: RunSection
     data: Data
     split: Split
     features: Features
@@ -259,7 +293,7 @@ class TrialKeys:
 
 _ADAPTER = pydantic.TypeAdapter(Config)
 _SECTIONS = {name: hint for name, hint in typing.get_type_hints(Config).items() if name != "spaces"}
-_FIELD_FLAGS = {field: flag for flag, field in FLAGS.items()}
+_FIELD_FLAGS = {f.field: flag for flag, f in FLAGS.items()}
 
 
 @functools.cache
@@ -403,8 +437,8 @@ def problem(section: str, key: str, value: Any) -> str | None:
 def command(doc: Mapping[str, Any]) -> dict[str, Any]:
     """The values of a configuration's (as_json's) fields that flags set, MACHINE_FIELDS
     left out: two runs with the same are the same command."""
-    return {field: (doc.get(field.split(".")[0]) or {}).get(field.split(".")[1])
-            for field in FLAGS.values() if field not in MACHINE_FIELDS}
+    fields = [flag.field for flag in FLAGS.values() if flag.field not in MACHINE_FIELDS]
+    return {field: (doc.get(field.split(".")[0]) or {}).get(field.split(".")[1]) for field in fields}
 
 
 def cache_dir() -> Path:

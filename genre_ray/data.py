@@ -61,7 +61,7 @@ class Scan:
 
 
 @dataclass
-class Split:
+class SegmentSplit:
     """Segments of one split. waves: (n, samples); labels, track: (n,) int64."""
 
     waves: torch.Tensor
@@ -72,10 +72,10 @@ class Split:
 
 @dataclass
 class SegmentSet:
-    """A dataset cut into segments: one Split per name in SPLITS."""
+    """A dataset cut into segments: one SegmentSplit per name in SPLITS."""
 
     classes: list[str]
-    splits: dict[str, Split]
+    splits: dict[str, SegmentSplit]
     sample_rate: int
     skipped: list[tuple[Path, str]]  # (file, reason)
     ignored: list[Path]
@@ -229,7 +229,7 @@ class Plan:
         _require_tracks(self.track_ids, "usable ")
         _require_every_genre(set().union(*self.labels_in.values()), self.classes, self.cutter.skipped)
         empty = torch.zeros(0, dtype=torch.long)
-        splits = {n: Split(torch.zeros(0, self.cutter.length), empty, empty, self.track_ids[n])
+        splits = {n: SegmentSplit(torch.zeros(0, self.cutter.length), empty, empty, self.track_ids[n])
                   for n in SPLITS}
         return SegmentSet(self.classes, splits, self.sample_rate, self.cutter.skipped,
                           self.found.ignored, missing_tracks(self.found.tracks, self.split),
@@ -377,8 +377,8 @@ def _read_split_file(path: Path) -> dict[str, list[str]]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"split file {path} is not valid JSON ({err}); write "
                         "{\"train\": [...], \"val\": [...], \"test\": [...]} of track ids") from None
-    if not isinstance(lists, dict) or set(lists) != set(SPLITS) or \
-            not all(isinstance(v, list) for v in lists.values()):
+    if not isinstance(lists, dict) or set(lists) != set(SPLITS) or not all(
+            isinstance(ids, list) and all(isinstance(i, str) for i in ids) for ids in lists.values()):
         raise UserError(f"split file {path} must hold exactly the keys train, val and test, "
                         "each a list of track ids such as \"blues.00029\"")
     return lists

@@ -1,9 +1,11 @@
 """Stage export: each pair's best checkpoint becomes `{model}_{feature}_best_model.pth`.
 
 Best means the lowest validation loss over every epoch of every trial of the pair (not
-the last epoch: Tune's `get_best_result` defaults to that). The file holds the model's
-state dict and plain metadata only, so `torch.load(path, weights_only=True)` reads it
-and `rebuild` turns it back into a working model; it never runs pickled code.
+the last epoch: Tune's `get_best_result` defaults to that), read from the run's trial
+records (trials.TrialRecord). The export is scored once on the test split, which no
+trial and no selection ever touched, and carries those scores. The file holds the
+model's state dict and plain metadata only, so `torch.load(path, weights_only=True)`
+reads it and `rebuild` turns it back into a working model; it never runs pickled code.
 """
 from __future__ import annotations
 
@@ -14,18 +16,20 @@ import platform
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torchaudio
 from torch import nn
 
-from genre_ray import audio, data
+from genre_ray import audio, config, data
 from genre_ray.errors import UserError
-from genre_ray.features import FeatureSet, compute_feature
+from genre_ray.features import FeatureSet, FeatureSplit, compute_feature, variant_of
 from genre_ray.files import atomic_path
-from genre_ray.models import build_model
+from genre_ray.models import build_model, count_parameters
+from genre_ray.training import evaluate, track_accuracy
+from genre_ray.trials import TrialRecord
 
 FORMAT = "genre-ray-model/2"  # 2: typed fields (sample_rate, segment_seconds, arch) at the top
 # Reported by a trial with each checkpoint (trainable.BestSaver): the validation loss of the
@@ -44,23 +48,48 @@ class Best:
     state_dict: dict[str, torch.Tensor]
 
 
-def best_of_pair(results: Iterable, load_state) -> Best | None:
-    """The lowest-val-loss checkpoint over one pair's trials (Tune `Result`s), or None.
+def best_of_pair(records: list[TrialRecord], load_state: Callable[[Any], dict]) -> Best | None:
+    """The lowest-val-loss checkpoint over one pair's trial records, or None.
 
     `load_state(checkpoint)` returns the trial's saved state (trainable.load_trial_state):
     the best epoch's model and metrics, which a checkpoint may have saved epochs later
-    (trainable.BestSaver); Tune's checkpoint metrics are those of the epoch it was saved
-    at, with the state's loss as CHECKPOINT_METRIC.
+    (trainable.BestSaver); a record's checkpoint loss is that state's.
     """
     best: Best | None = None
-    for result in results:
-        for checkpoint, metrics in result.best_checkpoints:
-            loss = metrics.get(CHECKPOINT_METRIC, math.inf)
+    for record in records:
+        for checkpoint, loss in record.checkpoints:
             if math.isfinite(loss) and (best is None or loss < best.metrics["val_loss"]):
                 state = load_state(checkpoint)
-                best = Best(result.metrics.get("trial_id", ""), dict(result.config),
-                            dict(state["metrics"]), state["trainer"]["model"])
+                best = Best(record.trial_id, dict(record.config), dict(state["metrics"]),
+                            state["trainer"]["model"])
     return best
+
+
+@dataclass
+class TestScores:
+    """Scores on the test split; confusion[i][j]: segments of class i predicted as j."""
+
+    accuracy: float
+    track_accuracy: float
+    macro_f1: float
+    confusion: list[list[int]]
+
+    def summary(self) -> dict[str, float]:
+        return {"accuracy": self.accuracy, "track_accuracy": self.track_accuracy,
+                "macro_f1": self.macro_f1}
+
+
+def test_scores(model: nn.Module, split: FeatureSplit, n_classes: int) -> TestScores:
+    """Score `model` (eval mode) on a split's segments and tracks: accuracy per segment,
+    per track (the argmax of its segments' mean probability), macro F1, confusion."""
+    from sklearn.metrics import f1_score  # here: importing it takes a second, and every command imports this module
+
+    result = evaluate(model, split.x, split.labels, n_classes)
+    predicted = result.probs.argmax(dim=1)
+    f1 = f1_score(split.labels.numpy(), predicted.numpy(), labels=list(range(n_classes)),
+                  average="macro", zero_division=0)
+    return TestScores(result.accuracy, track_accuracy(result.probs, split.track, split.labels),
+                      float(f1), result.confusion.tolist())
 
 
 @dataclass(frozen=True)
@@ -178,3 +207,36 @@ class Exported:
 
 def export_name(model: str, feature: str) -> str:
     return f"{model}_{feature}_best_model.pth"
+
+
+@dataclass(frozen=True)
+class PairExport:
+    """A pair's export: the saved model, its test scores, its size, and its files (the
+    .pth in --output-dir; the ONNX graph beside it, or why there is none)."""
+
+    exported: Exported
+    scores: TestScores
+    params: int
+    path: Path
+    onnx_path: Path | None = None
+    onnx_problem: str = ""
+
+
+def export_pair(records: list[TrialRecord], sets: dict[str, FeatureSet], cfg: config.Config,
+                folders: list[Path], load_state: Callable[[Any], dict]) -> PairExport | None:
+    """The best checkpoint of one pair's `records` as an export, scored on the test split of
+    the feature variant it trained on (`sets`: variant name -> set), saved into every
+    folder of `folders` (the first is --output-dir); None if no trial saved a checkpoint."""
+    best = best_of_pair(records, load_state)
+    if best is None:
+        return None
+    _, hyper = config.TrialKeys.split(best.config)
+    trained = config.tuned(cfg, hyper, best.config["feature"])
+    fs = sets[variant_of(trained, best.config["feature"])]
+    exported = Exported.of(best, fs, dataclasses.asdict(trained.model), hyper)
+    net = exported.rebuild()
+    scores = test_scores(net, fs.splits["test"], len(fs.classes))
+    exported = dataclasses.replace(exported, test=scores.summary())
+    name = export_name(exported.model, fs.feature)
+    exported.save([folder / name for folder in folders])
+    return PairExport(exported, scores, count_parameters(net), folders[0] / name)

@@ -7,7 +7,8 @@ The graph is cost.Served: the feature front end (features.FrontEnd: standardisat
 MelSpectrogram + AmplitudeToDB and the training split's per-band statistics), the
 network and the softmax, so onnxruntime alone serves it (genre_ray.onnx_runtime). The
 export's metadata (onnx_runtime.META_KEY) is a JSON document: classes, cutting rule,
-feature parameters, searched hyperparameters, scores, and the check below.
+feature parameters, searched hyperparameters, scores, the check below, and the graph's
+SHA-256 (onnx_runtime.graph_digest), which serving checks.
 
 Checked before it is written: onnxruntime runs the graph on real segments and every
 probability must be within TOLERANCE of PyTorch's on the same segments, with the same
@@ -17,6 +18,7 @@ reason is returned and the .pth stays the pair's export.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -28,7 +30,7 @@ import torch
 
 from genre_ray import onnx_runtime
 from genre_ray.cost import Served
-from genre_ray.export import Exported
+from genre_ray.export import Exported, PairExport
 from genre_ray.features import FrontEnd
 from genre_ray.files import atomic_path
 
@@ -64,14 +66,25 @@ def export_onnx(exported: Exported, segments: torch.Tensor, paths: list[Path]) -
     if not diff <= TOLERANCE or (got.argmax(1) != expected.argmax(1)).any():
         return (f"onnxruntime's probabilities differ from PyTorch's by {diff:.2g} on "
                 f"{len(segments)} segments (tolerance {TOLERANCE:g})")
+    check = {"segments": len(segments), "max_abs_diff": diff, "tolerance": TOLERANCE}
     onnx.helper.set_model_props(proto, {onnx_runtime.META_KEY: json.dumps(
-        _metadata(exported, {"segments": len(segments), "max_abs_diff": diff,
-                             "tolerance": TOLERANCE}))})
+        {**_metadata(exported, check), "graph_sha256": onnx_runtime.graph_digest(proto)})})
     data = proto.SerializeToString()
     for path in paths:
         with atomic_path(path) as tmp:
             Path(tmp).write_bytes(data)
     return None
+
+
+def export_pair_onnx(pair: PairExport, segments: torch.Tensor, folders: list[Path]) -> PairExport:
+    """`pair` with its ONNX graph written into `folders` (its path in the first), or with why
+    it could not be: then no graph of an earlier run is left there beside the new .pth."""
+    paths = [folder / onnx_name(pair.exported.model, pair.exported.feature) for folder in folders]
+    problem = export_onnx(pair.exported, segments, paths)
+    if problem:
+        for path in paths:
+            path.unlink(missing_ok=True)
+    return dataclasses.replace(pair, onnx_path=None if problem else paths[0], onnx_problem=problem or "")
 
 
 def _graph(model: Served, segments: torch.Tensor) -> onnx.ModelProto:

@@ -1,9 +1,9 @@
-"""Stage report: held-out test scores, the leaderboard and the plots of a run.
+"""Stage report: the leaderboard and the plots of a run, from its trial records
+(trials.TrialRecord) and its pairs' exports (export.PairExport) only.
 
-Each pair's exported model is scored once on the test split, which no trial and no
-selection ever touched: accuracy per segment, per track (a track's class is the argmax
-of its segments' mean probability), macro F1 and the confusion matrix. The leaderboard
-ranks the pairs by test track accuracy; `<run>/leaderboard.md` holds it with the run's
+Each pair's export carries its test scores (export.test_scores): accuracy per segment,
+per track (a track's class is the argmax of its segments' mean probability), macro F1
+and the confusion matrix. The leaderboard ranks the pairs by test track accuracy; `<run>/leaderboard.md` holds it with the run's
 context, `<run>/leaderboard.csv` the same rows, and `tune_main.py` prints it. Plots land
 in `<run>/plots/`: per pair its test confusion matrix and its best trial's learning
 curves; for the run, validation vs test accuracy of every pair, every trial's
@@ -20,19 +20,18 @@ import csv
 import io
 import json
 import math
-import os
 import platform
 from collections import Counter
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
 from genre_ray import cost, plots
-from genre_ray.features import FeatureSplit
+from genre_ray.config import TrialKeys
+from genre_ray.export import PairExport, TestScores
 from genre_ray.files import atomic_path
-from genre_ray.training import evaluate, track_accuracy
+from genre_ray.trials import COST_KEYS, EXCLUDED, FAILED, FINISHED, PRUNED, TrialRecord, of_pair
 
 COLUMNS = ["pair", "test_track_acc", "test_acc", "test_macro_f1", "val_acc", "val_loss",
            "seed_val_loss", "winner", "params", "latency_ms", "pareto", "epochs", "finished",
@@ -41,20 +40,6 @@ COLUMNS = ["pair", "test_track_acc", "test_acc", "test_macro_f1", "val_acc", "va
 PARETO_COLUMNS = ["feature", "pair", "trial_id", "val_loss", "latency_ms", "latency_ms_b64",
                   "params", "exported"]
 LIBRARIES = ("torch", "torchaudio", "ray", "optuna", "wandb")
-
-
-@dataclass
-class TestScores:
-    """Scores on the test split; confusion[i][j]: segments of class i predicted as j."""
-
-    accuracy: float
-    track_accuracy: float
-    macro_f1: float
-    confusion: list[list[int]]
-
-    def summary(self) -> dict[str, float]:
-        return {"accuracy": self.accuracy, "track_accuracy": self.track_accuracy,
-                "macro_f1": self.macro_f1}
 
 
 @dataclass
@@ -100,16 +85,75 @@ class PairResult:
                 "importance": json.dumps(self.importance)}
 
 
-def test_scores(model: nn.Module, split: FeatureSplit, n_classes: int) -> TestScores:
-    """Score `model` (eval mode) on a split's segments and tracks."""
-    from sklearn.metrics import f1_score  # here: importing it takes a second, and every command imports this module
+@dataclass
+class RunSummary:
+    """Per-pair results (leaderboard rows), and how busy the Tuner kept its trial slots."""
 
-    result = evaluate(model, split.x, split.labels, n_classes)
-    predicted = result.probs.argmax(dim=1)
-    f1 = f1_score(split.labels.numpy(), predicted.numpy(), labels=list(range(n_classes)),
-                  average="macro", zero_division=0)
-    return TestScores(result.accuracy, track_accuracy(result.probs, split.track, split.labels),
-                      float(f1), result.confusion.tolist())
+    pairs: list[PairResult]
+    run_dir: Path
+    tuning_s: float
+    slots: int
+    utilisation: float | None  # None for a continued run: its trials' times span sessions
+    copied_to: str | None = None  # URI storage: where the run's files are
+    failures: list[str] = dataclasses.field(default_factory=list)  # a line per failed trial
+
+
+def pair_results(pairs: list[str], records: list[TrialRecord], exports: dict[str, PairExport | None],
+                 first_points: dict[str, dict[str, Any]], importances: dict[str, dict[str, float]],
+                 per_trial: tuple[float, float]) -> tuple[list[PairResult], list[dict[str, Any]]]:
+    """The leaderboard's rows, one per pair of `pairs`, and every trial's cost marked on its
+    feature's Pareto front (pareto_front). `per_trial`: (CPUs, GPUs) each trial held."""
+    exported = {e.exported.trial_id for e in exports.values() if e}
+    costs = pareto_front(trial_costs(records, exported))
+    by_trial = {t["trial_id"]: t for t in costs}
+    rows = [pair_result(pair, of_pair(records, pair), exports.get(pair), first_points[pair],
+                        importances.get(pair, {}), per_trial, by_trial) for pair in pairs]
+    return rows, costs
+
+
+def pair_result(pair: str, records: list[TrialRecord], export: PairExport | None,
+                first_point: dict[str, Any], importance: dict[str, float],
+                per_trial: tuple[float, float], costs: dict[str, dict[str, Any]]) -> PairResult:
+    """A pair's leaderboard row: its trials' outcomes and cost, its export, and whether the
+    seed point (the search space's first_point) or a searched configuration won."""
+    ended = Counter(r.outcome for r in records)
+    busy = sum(r.busy_s for r in records)
+    trial_id = export.exported.trial_id if export else ""
+    seed = [r for r in records if TrialKeys.split(r.config)[1] == first_point and r.scored]
+    row = PairResult(pair, ended[FINISHED], ended[PRUNED], ended[FAILED], busy * per_trial[0],
+                     busy * per_trial[1], excluded=ended[EXCLUDED], importance=importance,
+                     seed_val_loss=seed[0].best_val_loss if seed else math.nan,
+                     winner=("seed point" if seed[0].trial_id == trial_id else "searched") if seed else "")
+    if export is None:
+        return row
+    best = next(r for r in records if r.trial_id == trial_id)
+    exported, cost_ = export.exported, costs.get(trial_id)
+    return dataclasses.replace(
+        row, export_path=export.path, onnx_path=export.onnx_path, onnx_problem=export.onnx_problem,
+        val_loss=exported.val["val_loss"], val_acc=exported.val["val_acc"], test=export.scores,
+        params=export.params, config=exported.hyper, trial_id=trial_id, epochs=best.last_epoch,
+        history=[{k: e[k] for k in ("epoch", "train_loss", "val_loss", "val_acc")} for e in best.epochs],
+        latency_ms=cost_["latency_ms"] if cost_ else math.nan,
+        pareto=("yes" if cost_["front"] else "no") if cost_ else "")
+
+
+def trial_costs(records: list[TrialRecord], exported: set[str]) -> list[dict[str, Any]]:
+    """Each trial that trained and measured its cost: its pair, feature, best validation
+    loss and cost, and whether it is its pair's export (`exported`: those trial ids)."""
+    found = []
+    for r in records:
+        if r.scored and set(COST_KEYS) <= set(r.cost) and math.isfinite(r.best_val_loss):
+            found.append({"feature": r.feature, "pair": r.pair, "trial_id": r.trial_id,
+                          "val_loss": r.best_val_loss, "exported": r.trial_id in exported, **r.cost})
+    return found
+
+
+def search_trials(records: list[TrialRecord]) -> list[dict[str, Any]]:
+    """Every trial's validation loss by epoch, as plots.search_view takes them."""
+    return [{"pair": r.pair, "trial_id": r.trial_id, "epochs": [e["epoch"] for e in r.epochs],
+             "val_loss": [e["val_loss"] for e in r.epochs], "stopped": r.outcome == PRUNED,
+             "failed": r.outcome == FAILED}
+            for r in records if r.scored]  # not those that failed or were excluded untrained
 
 
 def ranked(results: list[PairResult]) -> list[PairResult]:
@@ -219,23 +263,33 @@ def write_plots(run_dir: Path, results: list[PairResult], classes: list[str],
     return paths
 
 
-def hardware(nodes: list[dict[str, Any]]) -> str:
-    """The driver's machine and the Ray cluster's nodes (`ray.nodes()`), in words. GPUs
-    are read from the nodes' resources, not this process's CUDA: a cluster's head (the
-    driver) usually has none."""
-    alive = [node["Resources"] for node in nodes if node["Alive"]]
-    kinds = Counter()
-    for node in alive:
-        for key in node:
-            if key.startswith("accelerator_type:"):
-                kinds[key.removeprefix("accelerator_type:")] += int(node.get("GPU", 0))
-    named = f" ({', '.join(f'{n} x {kind}' for kind, n in sorted(kinds.items()))})" if kinds else ""
-    total = {kind: sum(node.get(kind, 0) for node in alive) for kind in ("CPU", "GPU")}
-    return (f"driver: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-            f"Ray cluster: {len(alive)} node(s), {total['CPU']:g} CPUs, {total['GPU']:g} GPUs{named}")
-
-
 def _cell(value: Any) -> str:
     if isinstance(value, float):
         return "-" if math.isnan(value) else f"{value:.3f}"
     return "-" if value is None else str(value)
+
+
+def summary_table(summary: RunSummary) -> str:
+    """What tune_main.py prints at the end of a run: the leaderboard, exports, utilisation."""
+    lines = [table(summary.pairs), ""]
+    lines += [f"{r.pair:<22}{_exports(r)}" for r in summary.pairs]
+    lines.append(f"leaderboard, plots: {summary.run_dir / 'leaderboard.md'}, "
+                 f"{summary.run_dir / 'plots'}/")
+    if summary.copied_to:
+        lines.append(f"the run's files are in {summary.copied_to}/")
+    if summary.failures:
+        lines.append(f"{len(summary.failures)} trial(s) failed (an error's traceback is in "
+                     f"{summary.run_dir}/<trial>/error.txt):")
+        lines += [f"  {line}" for line in summary.failures]
+    busy = "continued run" if summary.utilisation is None else \
+        f"busy {summary.utilisation:.0%} of the time"
+    lines.append(f"tuning took {summary.tuning_s:.0f} s on {summary.slots} trial slots, {busy}")
+    return "\n".join(lines)
+
+
+def _exports(row: PairResult) -> str:
+    """A pair's export files, or why it has none."""
+    if row.export_path is None:
+        return "no export: no trial finished an epoch"
+    onnx = f"+ {row.onnx_path.suffix}" if row.onnx_path else f"(no .onnx: {row.onnx_problem})"
+    return f"{row.export_path} {onnx}"

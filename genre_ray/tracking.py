@@ -11,34 +11,29 @@ Each trial is logged through this callback only, never `setup_wandb` in the trai
 (both would write the run with id = trial id). Files go to `<run_dir>/wandb/` via an
 absolute `dir=`, not into Ray's session dir, whose copy to storage happens before the
 runs finish. Runs are written from threads of the driver, not from Ray's per-trial actors
-(see `_TrialLogger`).
+(internals.WandbThreadLogger says why).
 """
 from __future__ import annotations
 
-import logging
 import os
 import shlex
 import socket
-import threading
-import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from queue import Queue
 from typing import Any
 
-from ray.air.integrations.wandb import WandbLoggerCallback, _QueueItem, _WandbLoggingActor
-
+from genre_ray.config import WANDB_MODES
 from genre_ray.errors import UserError
 from genre_ray.export import CHECKPOINT_METRIC
 from genre_ray.files import read_text
+from genre_ray.internals import WandbThreadCallback, WandbThreadLogger
 
-MODES = ("auto", "online", "offline", "off")
 KEY = "WANDB_API_KEY"
 # Ray bookkeeping that would clutter the W&B history (training_iteration stays: it is the step).
 EXCLUDES = ["time_this_iter_s", "time_since_restore", "iterations_since_restore", "timestamp",
             "checkpoint_dir_name", CHECKPOINT_METRIC]
-log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 5  # to the W&B server, before a run logs online
 SUMMARY_TIMEOUT_S = 60  # for the summary run to start (wandb's default: 90 s)
 UPLOAD_TIMEOUT = {"offline": 30, "online": 120}  # Ray's default, 1800 s, stalls a Ctrl-C
@@ -53,8 +48,8 @@ def resolve_mode(requested: str, env_file: Path) -> str | None:
     but the W&B server does not answer within CONNECT_TIMEOUT_S (no network, a firewall):
     offline, said in one line, rather than a run whose every W&B call waits and fails.
     """
-    if requested not in MODES:
-        raise UserError(f"unknown --wandb mode {requested!r}: use one of {', '.join(MODES)}")
+    if requested not in WANDB_MODES:
+        raise UserError(f"unknown --wandb mode {requested!r}: use one of {', '.join(WANDB_MODES)}")
     if requested in ("off", "offline"):
         return None if requested == "off" else "offline"
     if not os.environ.get(KEY) and (key := read_env_file(env_file).get(KEY)):
@@ -135,6 +130,17 @@ class ModelFiles:
     files: list[str]
 
 
+def model_files(row: Any, remote_run: str | None) -> ModelFiles:
+    """A pair's export for W&B (`row`: its report.PairResult): with the run in a URI storage
+    at `remote_run`, the storage's copies, by reference (uploaded once already); else the
+    files on this machine."""
+    files = [path for path in (row.export_path, row.onnx_path) if path is not None]
+    if remote_run:
+        base = remote_run.partition("?")[0]
+        files = [f"{base}/best_models/{path.name}" for path in files]
+    return ModelFiles(row.pair, row.row(), [str(f) for f in files])
+
+
 def log_summary(mode: str, *, project: str, run_dir: Path, name: str,
                 tables: dict[str, tuple[list[str], list[dict[str, Any]]]], files: list[Path],
                 models: list[ModelFiles] = ()) -> None:
@@ -188,58 +194,27 @@ def confusion_chart(confusion: list[list[float]], classes: list[str]) -> Any:
                             {c: c for c in columns}, {"title": "Best-epoch confusion"})
 
 
-class _TrialLogger(_WandbLoggingActor):
-    """Ray's per-trial W&B logger, run as a thread of the driver rather than as an actor.
+class _TrialLogger(WandbThreadLogger):
+    """A trial's W&B run, which also logs `val_confusion` (Ray's logger drops it) as a chart,
+    and the best epoch's scores in its summary."""
 
-    Ray starts two processes per trial for W&B (a Queue actor and a logging actor, each
-    importing Ray and wandb). On a 2-core laptop those starts took a fifth of the CPU of
-    a 30-trial run and stalled the driver about 1 s per trial. Since wandb 0.19 one
-    process holds many runs (`reinit="create_new"`), so each trial's run now lives in a
-    thread of the driver, fed by a plain queue, and every run shares the driver's one
-    wandb service. Ray's result handling (`_handle_result`: excludes, config keys,
-    allowed types) is kept; the run is addressed directly, never through the global
-    `wandb.run`, as several are open at once. Ray's actor also `chdir`s into the trial
-    folder: not in a driver. Also logs `val_confusion`, which Ray's logger drops.
-    """
+    def __init__(self, *args: Any, classes: list[str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.classes = classes
 
-    def __init__(self, logdir: str, queue: Queue, exclude: list[str], to_config: list[str],
-                 *, classes: list[str], **init_kwargs: Any) -> None:
-        import wandb
-
-        self._wandb, self.queue, self._logdir = wandb, queue, logdir
-        self._exclude, self._to_config = set(exclude), set(to_config)
-        self.kwargs = {**init_kwargs, "reinit": "create_new"}
-        self._trial_name = init_kwargs.get("name", "unknown")
-        self._classes = classes
-
-    def run(self) -> None:
-        try:
-            self._run = self._wandb.init(**self.kwargs)
-        except Exception:  # the run goes on without this trial's W&B run; say why
-            log.exception("W&B could not start the run of %s", self._trial_name)
-            return
-        self._run.config.update({"trial_log_path": self._logdir})
-        while (item := self.queue.get())[0] != _QueueItem.END:
-            if item[0] == _QueueItem.RESULT:  # checkpoints are not uploaded (upload_checkpoints)
-                row, config_update = self._handle_result(item[1])
-                self._run.config.update(config_update, allow_val_change=True)
-                self._run.log(row, step=row.get("training_iteration"))
-        self._run.finish()
-
-    def _handle_result(self, result: dict) -> tuple[dict, dict]:
+    def row(self, result: dict) -> tuple[dict, dict]:
         confusion = result.pop("val_confusion", None)
-        row, config_update = super()._handle_result(result)
+        row, config_update = super().row(result)
         if confusion is not None:
-            row["val_confusion"] = confusion_chart(confusion, self._classes)
-            self._run.summary.update({"best_val_loss": result.get("val_loss"),
-                                      "best_val_acc": result.get("val_acc"),
-                                      "best_epoch": result.get("epoch")})
+            row["val_confusion"] = confusion_chart(confusion, self.classes)
+            self.wandb_run.summary.update({"best_val_loss": result.get("val_loss"),
+                                           "best_val_acc": result.get("val_acc"),
+                                           "best_epoch": result.get("epoch")})
         return row, config_update
 
 
-class TrialWandbCallback(WandbLoggerCallback):
-    """WandbLoggerCallback with per-trial group/name/tags, each trial's run logged from a
-    driver thread (`_TrialLogger`), and a shutdown bounded on Ctrl-C."""
+class TrialWandbCallback(WandbThreadCallback):
+    """One W&B run per trial, grouped by pair and tagged with model and feature."""
 
     def __init__(self, classes: list[str], **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -249,38 +224,13 @@ class TrialWandbCallback(WandbLoggerCallback):
         if self.kwargs.get("mode") != "offline":  # Ray's key check only knows WANDB_MODE
             super().setup(*args, **kwargs)
 
-    def _start_logging_actor(self, trial, exclude_results: list[str], **init_kwargs: Any) -> None:
-        if trial in self._trial_logging_futures:  # a restarted trial keeps its run
-            return
+    def new_logger(self, trial: Any, queue: Queue, exclude: list[str],
+                   init_kwargs: dict[str, Any]) -> WandbThreadLogger:
         Path(init_kwargs["dir"]).mkdir(parents=True, exist_ok=True)
         pair = trial.config["pair"]
         # resume="allow" (Ray passes False): a trial continued after a restore goes on in
         # its run, id = trial id; offline, `wandb sync` appends its second folder to the first
         init_kwargs.update(group=pair, name=f"{pair}-{trial.trial_id}", resume="allow",
                            tags=[trial.config["model"], trial.config["feature"]])
-        queue: Queue = Queue()
-        logger = _TrialLogger(trial.local_path, queue, exclude_results, self.AUTO_CONFIG_KEYS,
-                              classes=self.classes, **init_kwargs)
-        thread = threading.Thread(target=logger.run, name=f"wandb-{trial.trial_id}", daemon=True)
-        thread.start()
-        self._trial_queues[trial], self._trial_logging_actors[trial] = queue, logger
-        self._trial_logging_futures[trial] = thread
-
-    def _cleanup_logging_actors(self, timeout: float = 0, kill_on_timeout: bool = False) -> None:
-        """Forget the loggers whose run has finished, waiting up to `timeout` s in all;
-        with `kill_on_timeout`, forget the rest too (daemon threads end with the driver)."""
-        deadline = time.monotonic() + timeout
-        for trial, thread in list(self._trial_logging_futures.items()):
-            thread.join(max(0.0, deadline - time.monotonic()))
-            if kill_on_timeout or not thread.is_alive():
-                for table in (self._trial_queues, self._trial_logging_actors,
-                              self._trial_logging_futures):
-                    del table[trial]
-
-    def on_experiment_end(self, trials: list, **info: Any) -> None:
-        # On Ctrl-C Tune stops trials without log_trial_end, so their loggers would wait for
-        # results until upload_timeout with the run unclosed: tell each one to finish first
-        # (queue END -> run.finish()), then wait as usual.
-        for trial in list(self._trial_logging_actors):
-            self._signal_logging_actor_stop(trial)
-        super().on_experiment_end(trials, **info)
+        return _TrialLogger(trial.local_path, queue, exclude, self.AUTO_CONFIG_KEYS,
+                            classes=self.classes, **init_kwargs)

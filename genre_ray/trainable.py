@@ -2,7 +2,7 @@
 
 The trial reads its `TrialData` from the object store (put once per run by `share`):
 the feature's train and val splits as numpy arrays, which Ray maps from the node's shared
-memory without a copy (DESIGN.md pitfall 13), so every trial on a node reads one copy and
+memory without a copy (docs/design.md#pitfall-object-store-zero-copy), so every trial on a node reads one copy and
 holds none of its own; the test split never reaches a trial. It builds the model and
 runs `training.Trainer` on the device Ray assigned it (`training.pick_device`). It
 reports every epoch and checkpoints its best epoch's state at ASHA's rungs and its last
@@ -12,7 +12,7 @@ its checkpoint.
 
 A trial whose loss turns NaN or infinite ends itself: its last result carries
 `diverged` (the reason) and a NaN `val_loss`, which the tuner tells Optuna as FAIL
-(DESIGN.md pitfall 12), and Tune does not retry it. Any other error (out of memory, a lost
+(docs/design.md#pitfall-nan-losses), and Tune does not retry it. Any other error (out of memory, a lost
 worker) fails the trial and Tune retries it from its checkpoint, a bounded number of times.
 """
 from __future__ import annotations
@@ -79,13 +79,13 @@ def tensors(arrays: tuple[np.ndarray, ...]) -> tuple[torch.Tensor, ...]:
 
 
 def train_pair(trial_config: Mapping[str, Any], feature_refs: Mapping[str, ray.ObjectRef],
-               settings: config.Config) -> None:
+               run_cfg: config.Config) -> None:
     """The function trainable: `trial_config` = config.TrialKeys + sampled hyperparameters;
-    `settings`: the run's configuration, which the hyperparameters go into; `feature_refs`:
+    `run_cfg`: the run's configuration, which the hyperparameters go into; `feature_refs`:
     features.variant_name -> its shared TrialData (the features of the trial's front end)."""
     release_memory()  # what an earlier trial in this (reused) worker freed
     keys, hyper = config.TrialKeys.split(trial_config)
-    cfg = config.tuned(settings, hyper, keys.feature)
+    cfg = config.tuned(run_cfg, hyper, keys.feature)
     _train(keys, cfg, feature_refs[variant_of(cfg, keys.feature)])
 
 
@@ -128,10 +128,10 @@ class BestSaver:
     `checkpoint_epochs` (ASHA's rungs and the last epoch, tuning.checkpoint_epochs) or when
     the trial ends early, and only when a better epoch came since the last checkpoint.
 
-    Why not at every improvement, as DESIGN.md's trainable contract has it (issue 13
-    changed it, and wins): with ~1 s epochs on a GPU, a full checkpoint (up to
-    ~170 MB with Adam's state for MLP on waveforms) plus the experiment snapshot Tune takes
-    after each one (with num_to_keep=1) made storage and the driver the limit. ASHA
+    Why not at every improvement (docs/design.md#trainable-checkpoint-contract): with ~1 s
+    epochs on a GPU, a full checkpoint (up to ~170 MB with Adam's state for MLP on
+    waveforms) plus the experiment snapshot Tune takes after each one would make storage
+    and the driver the limit. ASHA
     reads a trial's loss only at rungs, where it may stop it, so a checkpoint there holds
     the best state the trial will ever have had. In between, the best state waits in host
     memory (copied off the device, so checkpoints are device-neutral: CPU tensors on disk).

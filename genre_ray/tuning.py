@@ -12,8 +12,10 @@ search and its own early stopping:
   ever compared with each other (one shared ASHA killed the pairs whose losses run
   higher, whatever their promise).
 - ASHA-stopped trials are told to Optuna as PRUNED (Tune reports them as complete,
-  which would mislead TPE); a trial that errors or whose loss is not finite as FAIL.
-  `outcome` is that rule, and the leaderboard and the search plot use it too.
+  which would mislead TPE); a trial that errors or whose loss is not finite as FAIL:
+  `trials.outcome`, the rule the leaderboard and the search plot use too.
+
+The run's Tune results leave this stage as plain records (`records`, trials.TrialRecord).
 """
 from __future__ import annotations
 
@@ -25,7 +27,9 @@ import math
 import os
 import pickle
 import signal
+import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +41,14 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from genre_ray import cost as cost_limits
+from genre_ray import runs
 from genre_ray.config import Config, Search, TrialKeys
-from genre_ray.ray_internals import (deleted_checkpoints_stay_deleted, memory_kills_fail_trials,
-                                     snapshots_name_kept_checkpoints)
+from genre_ray.internals import (asked, deleted_checkpoints_stay_deleted, memory_kills_fail_trials,
+                                 snapshots_name_kept_checkpoints, study_of, told)
 from genre_ray.search_space import SearchSpace
 from genre_ray.storage import JOURNAL, RunFolder, Storage, StorageError
+from genre_ray.trials import (COST_KEYS, EPOCH_KEYS, EXCLUDED, FAILED, FINISHED, PRUNED, TrialRecord,
+                              outcome)
 
 METRIC, MODE = "val_loss", "min"
 TIME_ATTR = "training_iteration"  # one per epoch
@@ -53,25 +60,8 @@ def pair_name(model: str, feature: str) -> str:
     return f"{model}_{feature}"
 
 
-FINISHED, PRUNED, FAILED, EXCLUDED = "finished", "pruned", "failed", "excluded"
-COST_KEYS = ("params", "latency_ms", "latency_ms_b64")  # cost.Cost, in every trial's results
-
-
-def outcome(last_epoch: int, max_epochs: int, failed: bool, excluded: bool = False) -> str:
-    """How a trial ended, the one rule every reader uses (Optuna's state, the leaderboard's
-    counts, the search plot): EXCLUDED when its model broke a cost limit and it never
-    trained (cost.violations); FAILED when it errored after its retries or its loss was not
-    finite (diverged); else FINISHED when it reached `max_epochs`, PRUNED when ASHA (or the
-    run's end) stopped it before."""
-    if excluded:
-        return EXCLUDED
-    if failed:
-        return FAILED
-    return FINISHED if last_epoch >= max_epochs else PRUNED
-
-
 def result_outcome(result, max_epochs: int) -> str:
-    """`outcome` of a Tune `Result` (a trial of the ResultGrid)."""
+    """trials.outcome of a Tune `Result` (a trial of the ResultGrid)."""
     failed = bool(result.error or result.metrics.get("diverged"))
     return outcome(int(result.metrics.get(TIME_ATTR, 0)), max_epochs, failed,
                    bool(result.metrics.get("excluded")))
@@ -85,6 +75,34 @@ def history(result):
     if frame is None or TIME_ATTR not in frame:
         return frame
     return frame.drop_duplicates(TIME_ATTR, keep="last").reset_index(drop=True)
+
+
+def records(results, max_epochs: int) -> list[TrialRecord]:
+    """Tune `Result`s (a ResultGrid, a saved round's) as the plain records everything after
+    tuning reads: the one place a run's Tune results are read."""
+    return [_record(result, max_epochs) for result in results]
+
+
+def _record(result, max_epochs: int) -> TrialRecord:
+    from genre_ray.export import CHECKPOINT_METRIC
+
+    metrics, frame = result.metrics or {}, history(result)
+    epochs = [] if frame is None else [
+        {key: row[key] for key in EPOCH_KEYS if key in frame} for row in frame.to_dict("records")]
+    ended = result_outcome(result, max_epochs)
+    return TrialRecord(
+        metrics.get("trial_id", ""), result.config["pair"], result.config["feature"],
+        dict(result.config), ended, int(metrics.get(TIME_ATTR, 0)), epochs,
+        {key: metrics[key] for key in COST_KEYS if key in metrics}, metrics.get("time_total_s", 0.0),
+        [(checkpoint, scores.get(CHECKPOINT_METRIC, math.inf))
+         for checkpoint, scores in result.best_checkpoints],
+        _failure(result) if ended == FAILED else "")
+
+
+def _failure(result) -> str:
+    """`<trial folder>: why it failed`, the error's last line (see its error.txt)."""
+    why = result.metrics.get("diverged") or str(result.error).strip().splitlines()[-1]
+    return f"{Path(result.path).name}: {why}"
 
 
 # an excluded trial is PRUNED with its cost over a limit: TPE's constraints see it (constraints)
@@ -106,7 +124,7 @@ class PrunedOptunaSearch(OptunaSearch):
         self._told_step: dict[str, int] = {}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id in self._completed_trials:  # told before the driver was lost (reconcile)
+        if trial_id in told(self):  # told before the driver was lost (reconcile)
             return
         step = self._last_step[trial_id] = result.get(TIME_ATTR, 0)
         # a step told before: a trial restarted from an earlier checkpoint (or from scratch)
@@ -117,11 +135,11 @@ class PrunedOptunaSearch(OptunaSearch):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
-        if trial_id in self._completed_trials:  # told before the driver was lost (reconcile)
+        if trial_id in told(self):  # told before the driver was lost (reconcile)
             return
-        if trial_id not in self._ot_trials:
+        if trial_id not in asked(self):
             return super().on_trial_complete(trial_id, result, error)
-        trial, result = self._ot_trials[trial_id], result or {}
+        trial, result = asked(self)[trial_id], result or {}
         value, step = result.get(self.metric), int(result.get(TIME_ATTR, 0))
         excluded = bool(result.get("excluded"))
         state = OPTUNA_STATE[outcome(step, self._max_t, error or not _finite(value), excluded)]
@@ -131,10 +149,10 @@ class PrunedOptunaSearch(OptunaSearch):
         if state != TrialState.FAIL and not excluded and step > self._last_step.get(trial_id, 0):
             trial.report(float(value), step)  # the result Tune stopped it on: not seen above
         if state == TrialState.COMPLETE:
-            self._ot_study.tell(trial, float(value), state=state)
+            study_of(self).tell(trial, float(value), state=state)
         else:
-            self._ot_study.tell(trial, state=state)  # PRUNED: its value is its last intermediate
-        self._completed_trials.add(trial_id)
+            study_of(self).tell(trial, state=state)  # PRUNED: its value is its last intermediate
+        told(self).add(trial_id)
         self._forget(trial_id)
 
     def _forget(self, trial_id: str) -> None:
@@ -142,7 +160,7 @@ class PrunedOptunaSearch(OptunaSearch):
         Tune pickles at every experiment snapshot (PairSearcher.save) grows with the running
         trials, not the whole run: at 2,000 trials over 10 pairs, 0.35 MB in 5 ms instead of
         1.4 MB in 38 ms (bench/control_plane.py)."""
-        self._ot_trials.pop(trial_id, None)
+        asked(self).pop(trial_id, None)
         self._last_step.pop(trial_id, None)
         self._told_step.pop(trial_id, None)
 
@@ -154,18 +172,18 @@ class PrunedOptunaSearch(OptunaSearch):
         liar): told FAIL. Trials it knows that the study has finished, or lacks (the journal
         behind the state), are not told again: Tune reruns them from their checkpoints, and
         their results reach the leaderboard, not the study a second time."""
-        study = {trial.number: trial for trial in self._ot_study.get_trials(deepcopy=False)}
+        study = {trial.number: trial for trial in study_of(self).get_trials(deepcopy=False)}
         known = {}
-        for trial_id, trial in list(self._ot_trials.items()):
+        for trial_id, trial in list(asked(self).items()):
             frozen = study.get(trial.number)
             if frozen is None or frozen.state.is_finished():
-                self._completed_trials.add(trial_id)
+                told(self).add(trial_id)
                 self._forget(trial_id)
             else:
                 known[trial.number] = trial_id
         for number, frozen in study.items():
             if frozen.state == TrialState.RUNNING and number not in known:
-                self._ot_study.tell(number, state=TrialState.FAIL)
+                study_of(self).tell(number, state=TrialState.FAIL)
 
 
 def _finite(value: Any) -> bool:
@@ -369,20 +387,20 @@ def importances(storage: optuna.storages.BaseStorage, study_name: str) -> dict[s
 
 
 def fit(feature_refs: dict[str, Any], searcher: PairSearcher, scheduler: PairScheduler,
-        settings: Config, **kwargs: Any):
+        run_cfg: Config, **kwargs: Any):
     """Run every pair's trials in one Tuner (`make_tuner`'s); returns Tune's ResultGrid."""
-    return make_tuner(feature_refs, searcher, scheduler, settings, **kwargs).fit()
+    return make_tuner(feature_refs, searcher, scheduler, run_cfg, **kwargs).fit()
 
 
 def make_tuner(feature_refs: dict[str, Any], searcher: PairSearcher, scheduler: PairScheduler,
-               settings: Config, *, storage_path: str, name: str, num_trials: int, cpus_per_trial: float,
+               run_cfg: Config, *, storage_path: str, name: str, num_trials: int, cpus_per_trial: float,
                gpus_per_trial: float, max_concurrent: int, memory_per_trial: int = 0,
                callbacks: list | None = None, stop: Any = None, verbose: int = 1, trainable=None,
                keep_checkpoints: int | None = KEEP_CHECKPOINTS):
-    """One Tuner over every pair's trials, each given the run's `settings` (the trainable's
-    `settings`: what its hyperparameters go into). `stop`: Tune's RunConfig(stop=...), e.g. a
+    """One Tuner over every pair's trials, each given the run's `run_cfg` (the trainable's
+    `run_cfg`: what its hyperparameters go into). `stop`: Tune's RunConfig(stop=...), e.g. a
     Stopper that ends the run at a budget. `trainable`: a function trainable taking
-    `(config, feature_refs, settings)` in place of `trainable.train_pair` (benches).
+    `(config, feature_refs, run_cfg)` in place of `trainable.train_pair` (benches).
 
     The feature sets reach trials through `tune.with_parameters` as object refs put
     once per run (`feature_refs`: FeatureSet.variant -> ref); each trial fetches only its
@@ -393,7 +411,7 @@ def make_tuner(feature_refs: dict[str, Any], searcher: PairSearcher, scheduler: 
 
     Why three kept: Tune snapshots the whole experiment (every trial's state, the
     searcher) after every `num_to_keep - 1` checkpoints of a trial
-    (ray_internals.snapshots_name_kept_checkpoints), so that a snapshot never names a
+    (internals.snapshots_name_kept_checkpoints), so that a snapshot never names a
     deleted checkpoint, and a snapshot costs more as trials accumulate.
     bench/control_plane.py (32 logical slots, 0.5 s epochs, 150 s): a snapshot after every
     checkpoint, the driver's CPU per trial went 87 -> 402 ms over 400 trials (utilisation
@@ -409,7 +427,7 @@ def make_tuner(feature_refs: dict[str, Any], searcher: PairSearcher, scheduler: 
 
     _prepare_tune()
     return tune.Tuner(
-        _trainable(feature_refs, settings, cpus_per_trial, gpus_per_trial, memory_per_trial,
+        _trainable(feature_refs, run_cfg, cpus_per_trial, gpus_per_trial, memory_per_trial,
                    trainable),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
                                     num_samples=num_trials, max_concurrent_trials=max_concurrent,
@@ -425,8 +443,8 @@ def make_tuner(feature_refs: dict[str, Any], searcher: PairSearcher, scheduler: 
 
 
 def _prepare_tune() -> None:
-    """What every Tuner of a run needs, new or restored: ray_internals' patches, and
-    Tune's settings read from the environment at fit time (process-wide; a user's own
+    """What every Tuner of a run needs, new or restored: internals' patches, and
+    Tune's options read from the environment at fit time (process-wide; a user's own
     setting is kept)."""
     memory_kills_fail_trials()
     deleted_checkpoints_stay_deleted()
@@ -442,22 +460,22 @@ def _prepare_tune() -> None:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 
-def restore_tuner(path: str, feature_refs: dict[str, Any], settings: Config,
+def restore_tuner(path: str, feature_refs: dict[str, Any], run_cfg: Config,
                   cpus_per_trial: float, gpus_per_trial: float, memory_per_trial: int = 0):
     """The Tuner of an interrupted run at `path` (Tune's experiment folder): finished
     trials are kept, unfinished ones continue from their checkpoints, errored ones stay
     errored. Searcher (each pair's Optuna study, trial counts), scheduler and callbacks
     come from the saved state; the feature sets are this Ray's `feature_refs`, and
-    `settings` the run's saved configuration."""
+    `run_cfg` the run's saved configuration."""
     from ray import tune
 
     _prepare_tune()
-    return tune.Tuner.restore(path, _trainable(feature_refs, settings, cpus_per_trial,
+    return tune.Tuner.restore(path, _trainable(feature_refs, run_cfg, cpus_per_trial,
                                                gpus_per_trial, memory_per_trial),
                               resume_unfinished=True, resume_errored=False)
 
 
-def _trainable(feature_refs: dict[str, Any], settings: Config, cpus_per_trial: float,
+def _trainable(feature_refs: dict[str, Any], run_cfg: Config, cpus_per_trial: float,
                gpus_per_trial: float, memory_per_trial: int = 0, trainable=None):
     """The trainable with its resources: `memory_per_trial` bytes are reserved on the node
     (capacity.py), so Ray places no more trials on a node than its memory holds."""
@@ -467,7 +485,7 @@ def _trainable(feature_refs: dict[str, Any], settings: Config, cpus_per_trial: f
         from genre_ray.trainable import train_pair as trainable
 
     return tune.with_resources(tune.with_parameters(trainable, feature_refs=feature_refs,
-                                                    settings=settings),
+                                                    run_cfg=run_cfg),
                                {"cpu": cpus_per_trial, "gpu": gpus_per_trial,
                                 "memory": memory_per_trial})
 
@@ -498,6 +516,69 @@ def fit_in_main_thread(tuner):
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+@dataclass
+class Tuned:
+    """How the Tuner ran: its wall seconds, trial slots and the cluster's hardware."""
+
+    seconds: float
+    slots: int
+    hardware: str
+
+
+def tune_round(cfg: Config, sets: dict[str, Any], pairs: list[tuple[str, str]],
+               spaces: dict[str, SearchSpace], run_: runs.Run, mode: str | None, slots: int,
+               trial_bytes: int) -> tuple[Any, Tuned]:
+    """The run's round (a grown run's: its own trials per pair) as one Tuner over every
+    pair (new, or restored from the run's saved state), on the Ray this process joined:
+    its ResultGrid, and how it ran. `sets`: the feature sets (features.FeatureSet) by
+    variant; `mode`: W&B's (tracking.resolve_mode); `trial_bytes`: memory per trial."""
+    import ray
+
+    from genre_ray.cluster import hardware
+    from genre_ray.tracking import wandb_callback
+    from genre_ray.trainable import share
+
+    cfg = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, num_samples=run_.rounds[-1]))
+    refs = {fs.variant: share(fs) for fs in sets.values()}  # once per run, shared by all trials
+    resources = {"cpus_per_trial": cfg.resources.cpus_per_trial,
+                 "gpus_per_trial": cfg.resources.gpus_per_trial, "memory_per_trial": trial_bytes}
+    start, store = time.perf_counter(), run_.folder.store
+    tune_name = runs.round_name(run_.name, run_.round)
+    if run_.resume and runs.tune_state_exists(store, tune_name):
+        tuner = restore_tuner(store.tune_path(tune_name), refs, cfg, **resources)
+    else:
+        callbacks = wandb_callback(mode, project=cfg.tracking.wandb_project, run_dir=run_.dir,
+                                   classes=next(iter(sets.values())).classes)
+        parent, _, folder = tune_name.rpartition("/")  # a later round: inside the run's folder
+        tuner = make_tuner(refs, *_round_search(cfg, pairs, spaces, run_), cfg, **resources,
+                           storage_path=store.tune_path(parent) if parent else store.uri,
+                           name=folder, num_trials=cfg.search.num_samples * len(pairs),
+                           max_concurrent=slots, callbacks=callbacks)
+    grid = fit_in_main_thread(tuner)
+    return grid, Tuned(time.perf_counter() - start, slots, hardware(ray.nodes()))
+
+
+def _round_search(cfg: Config, pairs: list[tuple[str, str]], spaces: dict[str, SearchSpace],
+                  run_: runs.Run) -> tuple[PairSearcher, PairScheduler]:
+    """A new round's searcher and scheduler. The first round's over a fresh Optuna journal
+    (one left by a start that never reached its Tuner would hold its seed points a second
+    time); a later round's go on with the pairs' studies in the run's journal."""
+    if run_.round == 0:
+        run_.folder.reset_journal()
+    return build_search(pairs, spaces, cfg, run_.name, optuna_storage(run_.folder),
+                        round_=run_.round)
+
+
+def earlier_rounds(run_: runs.Run) -> list:
+    """The trials (Tune Results) of the run's rounds before this command's, as saved."""
+    from ray.tune import ExperimentAnalysis, ResultGrid
+
+    store = run_.folder.store
+    return [result for k in range(run_.round) for result in ResultGrid(ExperimentAnalysis(
+        store.tune_path(runs.round_name(run_.name, k)), default_metric=METRIC,
+        default_mode=MODE))]
 
 
 def busy_seconds(results) -> float:

@@ -19,7 +19,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from ray.tune import ExperimentAnalysis, ResultGrid
 
-from genre_ray import experiment, export, tuning
+from genre_ray import export, report, tuning
 from genre_ray.search_space import SPACES_DIR
 from tests.helpers import REPO, make_tree
 
@@ -121,13 +121,13 @@ def test_optuna_the_leaderboard_and_the_summary_record_them_as_failed(run):
 
 
 def test_each_trial_has_one_outcome_in_optuna_the_leaderboard_and_the_search_plot(run):
-    """Finished, pruned, diverged and errored trials: one rule (tuning.outcome) for all."""
+    """Finished, pruned, diverged and errored trials: one rule (trials.outcome) for all."""
     base, _, trials = run
     run_dir = base / "runs" / "r"
     grid = ResultGrid(ExperimentAnalysis(str(run_dir)))
     ended = {r.metrics["trial_id"]: tuning.result_outcome(r, 3) for r in grid}
     assert {tuning.FINISHED, tuning.FAILED} <= set(ended.values())
-    plotted = {t["trial_id"]: t for t in experiment._trials(grid, 3)}
+    plotted = {t["trial_id"]: t for t in report.search_trials(tuning.records(grid, 3))}
     storage = JournalStorage(JournalFileBackend(str(run_dir / "optuna.journal")))
     with open(run_dir / "leaderboard.csv", newline="") as f:
         rows = {row["pair"]: row for row in csv.DictReader(f)}

@@ -14,6 +14,7 @@ from optuna.trial import TrialState
 
 from bench.control_plane import landscape, synthetic_trial
 from genre_ray import config, tuning
+from genre_ray.internals import asked
 from genre_ray.search_space import load_space
 from genre_ray.tuning import build_search
 
@@ -45,7 +46,7 @@ def test_the_saved_search_holds_the_running_trials_not_the_finished_ones(tmp_pat
             finish(searcher, f"t{i - 2}", last=1 + i % 4)  # two trials running throughout
         sizes.append(len(pickle.dumps(searcher.__dict__)))
     pair = searcher._searchers[tuning.pair_name(*PAIR)]
-    assert sorted(pair._ot_trials) == ["t38", "t39"]
+    assert sorted(asked(pair)) == ["t38", "t39"]
     # what still grows per finished trial: its id and the journal's line offsets (~50 B);
     # each trial's Optuna handle made it ~400 B
     assert (sizes[-1] - sizes[10]) / 29 < 150

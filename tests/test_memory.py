@@ -15,7 +15,7 @@ import pytest
 import ray
 import torch
 
-from genre_ray import capacity, config, export
+from genre_ray import capacity, cluster, config, export
 from genre_ray.errors import UserError
 from genre_ray.features import FeatureSet, FeatureSplit, as_configured, estimated_bytes
 from genre_ray.search_space import SPACES_DIR
@@ -90,7 +90,7 @@ def test_a_trial_reads_the_nodes_copy_of_its_data_without_copying_it(local_ray):
     assert seen["bytes"] == sum(fs.splits[n].x.nbytes + fs.splits[n].labels.nbytes
                                 for n in ("train", "val"))
     copied = ray.get(_touch_tensor.remote([ray.put(fs.splits["train"].x)]))
-    assert copied > 250 * MB  # the measure sees a copy where there is one (pitfall 13)
+    assert copied > 250 * MB  # the measure sees a copy where there is one (docs/design.md#pitfall-object-store-zero-copy)
 
 
 NODE = {"Alive": True, "Resources": {"CPU": 8, "memory": 32 * GB, "object_store_memory": 16 * GB}}
@@ -235,8 +235,6 @@ def test_a_trial_the_memory_monitor_kills_fails_alone_and_the_run_exports(tmp_pa
 
 def test_the_report_names_the_clusters_gpus_not_the_drivers():
     """A GPU-less head (the driver) with two 8-GPU workers: the GPUs are the workers'."""
-    from genre_ray import report
-
     worker = _node(CPU=32, GPU=8, **{"accelerator_type:H100": 1})
-    text = report.hardware([_node(CPU=4), worker, worker, {"Alive": False, "Resources": worker["Resources"]}])
+    text = cluster.hardware([_node(CPU=4), worker, worker, {"Alive": False, "Resources": worker["Resources"]}])
     assert text.endswith("Ray cluster: 3 node(s), 68 CPUs, 16 GPUs (16 x H100)")

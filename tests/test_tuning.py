@@ -18,7 +18,7 @@ from genre_ray.trainable import load_trial_state, share
 from genre_ray.tuning import build_search
 
 
-def settings(**search) -> config.Config:
+def cfg_with(**search) -> config.Config:
     """defaults.yaml with these `search` keys (num_samples=4, ...)."""
     return config.load(values={f"search.{key}": value for key, value in search.items()})
 from tests.helpers import make_tree
@@ -35,7 +35,7 @@ def run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "test-run"
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        cfg = settings(num_samples=4, max_epochs=MAX_EPOCHS, grace_period=1, n_startup_trials=2)
+        cfg = cfg_with(num_samples=4, max_epochs=MAX_EPOCHS, grace_period=1, n_startup_trials=2)
         sets = [build_features(root, f, cfg, cache=cache) for f in ("spectrogram", "waveform")]
         refs = {fs.variant: share(fs) for fs in sets}
         storage = tuning.optuna_storage(run_dir)
@@ -86,7 +86,7 @@ def test_every_trial_reports_every_epoch_and_keeps_its_checkpoints_bounded(run):
 def test_trials_checkpoint_their_best_state_only_at_asha_rungs_and_the_last_epoch(run):
     grid, _, _ = run
     allowed = {1, 2, 4, MAX_EPOCHS}
-    search = settings(max_epochs=MAX_EPOCHS, grace_period=1).search
+    search = cfg_with(max_epochs=MAX_EPOCHS, grace_period=1).search
     assert tuning.checkpoint_epochs(search) == sorted(allowed)
     for result in grid:
         history = result.metrics_dataframe.set_index("epoch")
@@ -103,7 +103,7 @@ def test_trials_checkpoint_their_best_state_only_at_asha_rungs_and_the_last_epoc
 
 
 def test_max_epochs_below_the_grace_period_still_builds_its_schedulers(tmp_path):
-    cfg = settings(num_samples=1, max_epochs=1, grace_period=2, n_startup_trials=1)
+    cfg = cfg_with(num_samples=1, max_epochs=1, grace_period=2, n_startup_trials=1)
     _, scheduler = build_search([("MLP", "spectrogram")], {"MLP": load_space("MLP")}, cfg, "short",
                                 tuning.optuna_storage(tmp_path))
     assert "MLP_spectrogram" in scheduler.debug_string()
@@ -112,7 +112,7 @@ def test_max_epochs_below_the_grace_period_still_builds_its_schedulers(tmp_path)
 def test_a_restored_search_fails_the_trials_asked_after_its_last_save(tmp_path):
     """A driver killed between asking Optuna for a trial and saving its searcher leaves
     that trial RUNNING in the study; the restored searcher tells it FAIL, keeps its own."""
-    cfg = settings(num_samples=3, max_epochs=2, grace_period=1, n_startup_trials=1)
+    cfg = cfg_with(num_samples=3, max_epochs=2, grace_period=1, n_startup_trials=1)
     pairs, spaces, storage = [("MLP", "spectrogram")], {"MLP": load_space("MLP")}, \
         tuning.optuna_storage(tmp_path)
     searcher, _ = build_search(pairs, spaces, cfg, "killed", storage)
