@@ -1,8 +1,12 @@
 """Test helpers: tiny real audio trees written with soundfile, and running commands."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib
+import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +78,24 @@ def run_module(*args: str, cwd: Path = REPO, env: dict | None = None) -> subproc
     """Run `python -m ARGS` as a user would; returns the completed process (text output)."""
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
+
+
+def run_main(module: str, *args: str | Path, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS` in this process, from `cwd`: the command's `main` with its
+    stdout and stderr caught, as `run_module` returns them (an exception that is not the
+    command's exit fails the test, as a traceback would)."""
+    main = importlib.import_module(module).main
+    out, err, before = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as stop:
+                code = stop.code
+    finally:
+        os.chdir(before)
+    return subprocess.CompletedProcess([module, *map(str, args)], code or 0, out.getvalue(), err.getvalue())
 
 
 def read_run(folder: Path) -> dict:

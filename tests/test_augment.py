@@ -107,7 +107,7 @@ def test_time_stretch_keeps_pitch_and_shortens_the_envelope_period(rate):
 
 
 def test_time_stretch_is_close_to_the_torchaudio_time_stretch_path():
-    """The former path (T.Spectrogram -> T.TimeStretch -> T.InverseSpectrogram)."""
+    """torchaudio's own path: T.Spectrogram -> T.TimeStretch -> T.InverseSpectrogram."""
     music = _music(1)
     hop = A.N_FFT_STRETCH // 4
     spec = T.Spectrogram(n_fft=A.N_FFT_STRETCH, hop_length=hop, power=None)(music)

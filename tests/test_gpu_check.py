@@ -56,6 +56,7 @@ def _saved_from(device: str, path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # a process per export, which sees no GPU
 @pytest.mark.parametrize("device, error", [("cuda:0", "CUDA"), ("meta", "tensors on meta")])
 def test_an_export_that_holds_non_cpu_tensors_fails(tmp_path, device, error):
     status, _, detail = gpu_check.exports_on_cpu([_saved_from(device, tmp_path / "m.pth")])

@@ -1,7 +1,8 @@
 """predict: a real exported model classifies real audio files; foreign files are refused.
 
 One tiny model is trained once (MLP on log-mels of three genres of distinct tones) and
-exported; every test runs `python -m genre_ray.predict` as a user would.
+exported; every test runs the command's main in-process, as `python -m genre_ray.predict`
+would, from the folder a user would run it in.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from genre_ray.export import Exported
 from genre_ray.features import build_features, compute_feature
 from genre_ray.models import build_model
 from genre_ray.training import Trainer, seed_everything
-from tests.helpers import GENRES, REPO, arch, exported, make_tree, run_module, trial_config, write_tone
+from tests.helpers import GENRES, REPO, arch, exported, make_tree, run_main, trial_config, write_tone
 
 RATE = 22050
 
@@ -49,9 +50,9 @@ def trained(tmp_path_factory) -> dict:
 
 
 def predict(*args: str | Path, cwd: Path = REPO):
-    """`python -m genre_ray.predict ARGS`, run from `cwd` (the repository on the path)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    return run_module("genre_ray.predict", *map(str, args), cwd=cwd, env=env)
+    """`python -m genre_ray.predict ARGS`, run from `cwd`, in this process
+    (tests/test_bad_inputs.py runs the command as a subprocess)."""
+    return run_main("genre_ray.predict", *args, cwd=cwd)
 
 
 def _refused(proc, *words: str) -> str:

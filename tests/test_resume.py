@@ -94,7 +94,7 @@ def interrupted(tmp_path_factory):
 
 
 def edited(path: Path, old: str, new: str) -> str:
-    """Replace `old` by `new` in the file at `path`; returns its former text."""
+    """Replace `old` by `new` in the file at `path`; returns its text before."""
     text = path.read_text()
     assert old in text, old
     path.write_text(text.replace(old, new))

@@ -90,7 +90,8 @@ def test_models_build_at_every_corner_of_the_space(model):
         ends = (distribution.choices if isinstance(distribution, CategoricalDistribution)
                 else (distribution.low, distribution.high))
         for value in ends:
-            build_model(model, SHAPES["spectrogram"], 10, arch(model, **{key: value}))
+            net = build_model(model, SHAPES["spectrogram"], 10, arch(model, **{key: value})).eval()
+            assert net(torch.zeros(1, *SHAPES["spectrogram"])).shape == (1, 10), (key, value)
 
 
 def test_relative_directory_and_scientific_notation(tmp_path, monkeypatch):

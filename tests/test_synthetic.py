@@ -1,8 +1,8 @@
 """The synthetic GTZAN-shaped dataset: layout, format, determinism, atomicity, CLI."""
 from __future__ import annotations
 
+import logging
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +12,7 @@ import soundfile as sf
 from genre_ray import synthetic
 from genre_ray.errors import UserError
 from genre_ray.synthetic import GENRES, embedded_dataset, generate, render_track, track_rng
+from tests.helpers import run_main
 
 REPO = Path(__file__).resolve().parents[1]
 SECONDS = 6.0
@@ -168,17 +169,17 @@ def test_embedded_dataset_is_generated_once_then_reused(tmp_path, monkeypatch):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    """python -m genre_ray.synthetic ARGS from the repository root."""
-    return subprocess.run([sys.executable, "-m", "genre_ray.synthetic", *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    """python -m genre_ray.synthetic ARGS from the repository root, in this process."""
+    return run_main("genre_ray.synthetic", *args)
 
 
-def test_cli_writes_then_refuses_to_overwrite(tmp_path):
+def test_cli_writes_then_refuses_to_overwrite(tmp_path, caplog):
     out = tmp_path / "cli"
-    done = run_cli(str(out), "--tracks-per-genre", "1", "--seed", "3", "--seconds", "1", "--workers", "2")
+    with caplog.at_level(logging.INFO, logger="genre_ray.synthetic"):
+        done = run_cli(str(out), "--tracks-per-genre", "1", "--seed", "3", "--seconds", "1", "--workers", "2")
     assert done.returncode == 0, done.stderr
     assert str(out) in done.stdout and "10 tracks" in done.stdout
-    assert "10/10 tracks" in done.stderr  # progress
+    assert "10/10 tracks" in caplog.text  # progress (logged to stderr by the command)
     assert len(wavs(out)) == len(GENRES)
 
     again = run_cli(str(out), "--tracks-per-genre", "1", "--seconds", "1")

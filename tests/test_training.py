@@ -11,7 +11,7 @@ from genre_ray.errors import UserError
 from genre_ray.features import batch_augmentation, build_features
 from genre_ray.models import build_model
 from genre_ray.training import Diverged, Trainer, evaluate
-from tests.helpers import make_tree, run_module, trial_config
+from tests.helpers import make_tree, run_main, trial_config
 
 CONFIG = {"learning_rate": 0.001, "batch_size": 8, "nodes": 16, "hidden_layers": 2,
           "dropout_prob": 0.1, "dense_layers": 1}
@@ -177,11 +177,11 @@ def test_data_is_resident_on_the_gpu(tones):
 
 def test_cli_trains_one_model_and_reports_user_errors(tmp_path):
     root = make_tree(tmp_path / "tree", tracks=3, seconds=6.0)
-    ok = run_module("genre_ray.training", "--data-dir", str(root), "--model", "MLP",
-                    "--feature", "waveform", "--epochs", "1")
+    ok = run_main("genre_ray.training", "--data-dir", root, "--model", "MLP",
+                  "--feature", "waveform", "--epochs", "1")
     assert ok.returncode == 0, ok.stderr
     assert "epoch   1" in ok.stdout and "val_acc" in ok.stdout
-    bad = run_module("genre_ray.training", "--data-dir", str(root), "--model", "RNN")
+    bad = run_main("genre_ray.training", "--data-dir", root, "--model", "RNN")
     assert bad.returncode == 2 and "unknown model 'RNN'" in bad.stderr
     assert "Traceback" not in bad.stderr
 
