@@ -86,16 +86,20 @@ def records(results, max_epochs: int) -> list[TrialRecord]:
 def _record(result, max_epochs: int) -> TrialRecord:
     from genre_ray.export import CHECKPOINT_METRIC
 
-    metrics, frame = result.metrics or {}, history(result)
+    metrics, frame, config = result.metrics or {}, history(result), result.config or {}
     epochs = [] if frame is None else [
         {key: row[key] for key in EPOCH_KEYS if key in frame} for row in frame.to_dict("records")]
     ended = result_outcome(result, max_epochs)
+    # a trial that failed before its first report has no config in a saved run's results:
+    # its folder says which (_trial_name)
+    pair, _, trial_id = Path(result.path).name.rpartition("_")
+    pair = config.get("pair", pair)
     return TrialRecord(
-        metrics.get("trial_id", ""), result.config["pair"], result.config["feature"],
-        dict(result.config), ended, int(metrics.get(TIME_ATTR, 0)), epochs,
+        metrics.get("trial_id", trial_id), pair, config.get("feature", pair.partition("_")[2]),
+        dict(config), ended, int(metrics.get(TIME_ATTR, 0)), epochs,
         {key: metrics[key] for key in COST_KEYS if key in metrics}, metrics.get("time_total_s", 0.0),
         [(checkpoint, scores.get(CHECKPOINT_METRIC, math.inf))
-         for checkpoint, scores in result.best_checkpoints],
+         for checkpoint, scores in result.best_checkpoints or []],
         _failure(result) if ended == FAILED else "")
 
 

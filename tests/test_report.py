@@ -144,6 +144,16 @@ def test_a_tune_result_becomes_its_record():
     assert rec.checkpoints == [("ck", 0.7)] and rec.failure == "MLP_spectrogram_t1: NaN loss"
 
 
+def test_a_trial_that_failed_before_reporting_is_recorded_from_its_folder():
+    """A saved run's result of such a trial has no metrics and no config."""
+    result = Result(metrics={}, checkpoint=None, error=RuntimeError("CUDA error\nout of memory"),
+                    path="/runs/r/CEL2_spectrogram_ab12cd34", metrics_dataframe=None)
+    [rec] = tuning.records([result], max_epochs=4)
+    assert (rec.trial_id, rec.pair, rec.feature, rec.outcome, rec.last_epoch, rec.epochs) == \
+        ("ab12cd34", "CEL2_spectrogram", "spectrogram", FAILED, 0, [])
+    assert rec.failure == "CEL2_spectrogram_ab12cd34: out of memory" and not rec.scored
+
+
 def test_a_runs_files_and_plots_are_written_from_the_rows(tmp_path):
     records = [record("a", FINISHED, [1.0, 0.5, 0.4, 0.3], cost=cost(1234, 2.0)),
                record("b", PRUNED, [1.2], hyper=FIRST, cost=cost(99, 1.0))]
