@@ -7,6 +7,7 @@ import importlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +87,7 @@ def run_main(module: str, *args: str | Path, cwd: Path = REPO) -> subprocess.Com
     command's exit fails the test, as a traceback would)."""
     main = importlib.import_module(module).main
     out, err, before = io.StringIO(), io.StringIO(), os.getcwd()
+    on_sigterm = signal.getsignal(signal.SIGTERM)  # tune_main sets its own
     os.chdir(cwd)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -95,6 +97,7 @@ def run_main(module: str, *args: str | Path, cwd: Path = REPO) -> subprocess.Com
                 code = stop.code
     finally:
         os.chdir(before)
+        signal.signal(signal.SIGTERM, on_sigterm)
     return subprocess.CompletedProcess([module, *map(str, args)], code or 0, out.getvalue(), err.getvalue())
 
 

@@ -6,10 +6,12 @@ import csv
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import optuna
@@ -20,7 +22,7 @@ from ray.tune import ExperimentAnalysis
 
 from genre_ray import export
 from genre_ray.search_space import load_space
-from tests.helpers import REPO, make_tree, read_runs
+from tests.helpers import REPO, make_tree, read_runs, run_main
 
 pytestmark = pytest.mark.slow  # whole tune_main runs
 
@@ -48,10 +50,8 @@ def folders(experiment: Path) -> dict[str, str]:
             for d in experiment.iterdir() if d.is_dir() and d.name.split("_")[0] in ("MLP", "CEL")}
 
 
-@pytest.fixture(scope="module")
-def grown(tmp_path_factory):
+def grow(base: Path) -> tuple:
     """A finished run of FIRST trials per pair, then grown by MORE: what each left."""
-    base = tmp_path_factory.mktemp("grow")
     make_tree(base / "data", tracks=3, seconds=11.0)
     first = tune_main(base, "--data-dir", str(base / "data"), "--models", "MLP", "CEL",
                       "--features", "spectrogram", "--num-samples", str(FIRST), "--max-epochs", "2",
@@ -62,6 +62,49 @@ def grown(tmp_path_factory):
     out = tune_main(base, "--name", "g", "--more-samples", str(MORE))  # nothing else: the run's own
     assert out.returncode == 0, out.stderr[-3000:]
     return base, run, before, out
+
+
+def grow_interrupted(base: Path) -> dict:
+    """A finished run of 2 trials grown by 4, Ctrl-C (SIGINT to the process group) once two
+    of the new round's trials are done, then the same command again."""
+    make_tree(base / "data", tracks=3, seconds=11.0)
+    first = tune_main(base, "--data-dir", str(base / "data"), "--models", "MLP",
+                      "--features", "spectrogram", "--num-samples", "2", "--max-epochs", "3",
+                      "--name", "g", "--output-dir", str(base / "best"), "--wandb", "off")
+    assert first.returncode == 0, first.stderr[-3000:]
+    command = [sys.executable, str(REPO / "tune_main.py"), "--storage-path", str(base / "runs"),
+               "--name", "g", "--more-samples", "4"]
+    round_dir = base / "runs" / "g" / "more-1"
+    with open(base / "grow.log", "w") as log:
+        proc = subprocess.Popen(command, cwd=base, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+        deadline = time.monotonic() + 300
+        while len(re.findall(r"Trial \S+ completed after", (base / "grow.log").read_text())) < 2:
+            # the driver says so at once; its trials' result.json reach the run's folder only
+            # with its syncs, often after the round's end
+            assert proc.poll() is None and time.monotonic() < deadline, (base / "grow.log").read_text()
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(120)
+    stopped = {"code": code, "record": json.loads((base / "runs" / "g" / "run.json").read_text()),
+               "done": done(round_dir), "log": (base / "grow.log").read_text()}
+    stopped["kept"] = finished(round_dir, stopped["done"])  # ended in Tune's saved state
+    again = subprocess.run(command, cwd=base, capture_output=True, text=True, timeout=600)
+    return {"base": base, "stopped": stopped, "again": again, "after": done(round_dir)}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """Both scenarios at once, each a chain of commands of its own."""
+    bases = {name: tmp_path_factory.mktemp(name) for name in ("grow", "interrupted")}
+    with ThreadPoolExecutor(2) as pool:
+        grown, interrupted = pool.submit(grow, bases["grow"]), pool.submit(grow_interrupted, bases["interrupted"])
+        return {"grown": grown.result(), "interrupted": interrupted.result()}
+
+
+@pytest.fixture(scope="module")
+def grown(runs) -> tuple:
+    return runs["grown"]
 
 
 def test_a_grown_run_has_n_more_trials_per_pair_in_its_studies_none_rerun(grown):
@@ -118,48 +161,27 @@ def test_the_new_trials_are_logged_to_wandb_beside_the_earlier_ones(grown):
     (["--name", "g", "--more-samples", "-1"], "--more-samples must be >= 1, got -1"),
 ])
 def test_growing_needs_a_finished_run_named(grown, args, says):
+    """In-process: tests/test_bad_inputs.py runs tune_main.py's one-line contract as a command."""
     base, run, _, _ = grown
     before = folders(run)
-    out = tune_main(base, *args)
-    assert out.returncode == 2 and "Traceback" not in out.stderr
-    [error] = [line for line in out.stderr.splitlines() if line.startswith("error:")]
-    assert says in error
+    out = run_main("tune_main", "--storage-path", base / "runs", *args, cwd=base)
+    assert out.returncode == 2 and out.stderr.startswith("error: ") and out.stderr.count("\n") == 1
+    assert says in out.stderr
     assert folders(run) == before
 
 
-def test_an_interrupted_growth_is_continued_by_the_same_command(tmp_path):
-    """Ctrl-C (SIGINT to the process group) once two of the new round's trials are done;
-    the same command again finishes the round without rerunning them."""
-    make_tree(tmp_path / "data", tracks=3, seconds=11.0)
-    first = tune_main(tmp_path, "--data-dir", str(tmp_path / "data"), "--models", "MLP",
-                      "--features", "spectrogram", "--num-samples", "2", "--max-epochs", "3",
-                      "--name", "g", "--output-dir", str(tmp_path / "best"), "--wandb", "off")
-    assert first.returncode == 0, first.stderr[-3000:]
-    grow = [sys.executable, str(REPO / "tune_main.py"), "--storage-path", str(tmp_path / "runs"),
-            "--name", "g", "--more-samples", "4"]
-    round_dir = tmp_path / "runs" / "g" / "more-1"
-    with open(tmp_path / "grow.log", "w") as log:
-        proc = subprocess.Popen(grow, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        deadline = time.monotonic() + 300
-        while len(done(round_dir)) < 2:
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "grow.log").read_text()
-            time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGINT)
-        assert proc.wait(120) == 130, (tmp_path / "grow.log").read_text()
-    record = json.loads((tmp_path / "runs" / "g" / "run.json").read_text())
-    assert (record["status"], record["rounds"]) == ("interrupted", [2, 4])
-    before = done(round_dir)
-    kept = finished(round_dir, before)  # ended in Tune's saved state: never run again
-    assert kept
-    again = subprocess.run(grow, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+def test_an_interrupted_growth_is_continued_by_the_same_command(runs):
+    """The same command again finishes the round without rerunning the trials it had ended."""
+    base, stopped, again, after = (runs["interrupted"][k] for k in ("base", "stopped", "again", "after"))
+    assert stopped["code"] == 130, stopped["log"]
+    assert (stopped["record"]["status"], stopped["record"]["rounds"]) == ("interrupted", [2, 4])
+    assert stopped["kept"]
     assert again.returncode == 0, again.stderr[-3000:]
     assert "continuing interrupted run 'g'" in again.stdout
-    after = done(round_dir)
-    assert len(after) == 4 and all(after[name] == before[name] for name in kept)
-    storage = JournalStorage(JournalFileBackend(str(tmp_path / "runs" / "g" / "optuna.journal")))
+    assert len(after) == 4 and all(after[name] == stopped["done"][name] for name in stopped["kept"])
+    storage = JournalStorage(JournalFileBackend(str(base / "runs" / "g" / "optuna.journal")))
     assert len(optuna.load_study(study_name="g/MLP_spectrogram", storage=storage).trials) == 6
-    assert json.loads((tmp_path / "runs" / "g" / "run.json").read_text())["status"] == "finished"
+    assert json.loads((base / "runs" / "g" / "run.json").read_text())["status"] == "finished"
 
 
 def done(experiment: Path) -> dict[str, str]:

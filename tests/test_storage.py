@@ -8,9 +8,10 @@ the same command from a new empty working folder and a new cache (a fresh head):
 3. the storage stopped mid-run (the server gone; for file://, its folder replaced by a file);
 4. the run finished.
 
-Then what the storage holds is checked: no finished trial ran again, the studies hold
-every trial, the exports are what the trials say is best, and the exports, leaderboard
-and plots are in the storage. Bad storage paths are refused before anything is written."""
+The two storages' runs go through their stops at the same time. Then what the storage
+holds is checked: no finished trial ran again, the studies hold every trial, the exports
+are what the trials say is best, and the exports, leaderboard and plots are in the
+storage. Bad storage paths are refused before anything is written."""
 from __future__ import annotations
 
 import csv
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,12 +103,21 @@ class Where:
             client.put_object(Bucket=bucket, Key=key, Body=json.dumps({**body, "expires": 0}))
 
 
-@pytest.fixture(scope="module", params=["s3", "file"])
-def where(request, tmp_path_factory, s3) -> Where:
-    base = tmp_path_factory.mktemp(f"storage-{request.param}")
-    if request.param == "s3":
-        return Where(s3.bucket(f"runs-{int(time.time() * 1000)}") + "/runs", s3.env(), s3)
-    return Where((base / "bucket" / "runs").as_uri(), dict(os.environ), away=base / "away")
+@pytest.fixture(scope="module")
+def wheres(tmp_path_factory, s3) -> dict[str, Where]:
+    base = tmp_path_factory.mktemp("storage-file")
+    return {"s3": Where(s3.bucket(f"runs-{int(time.time() * 1000)}") + "/runs", s3.env(), s3),
+            "file": Where((base / "bucket" / "runs").as_uri(), dict(os.environ), away=base / "away")}
+
+
+@pytest.fixture(params=["s3", "file"])
+def kind(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def where(wheres, kind) -> Where:
+    return wheres[kind]
 
 
 def command(data: Path, uri: str) -> list[str]:
@@ -163,7 +174,7 @@ def stage(where: Where, data: Path, base: Path, name: str, stop=None, when=None)
     (a signal, or "storage") once `when(where)` holds."""
     cwd = base / name
     cwd.mkdir()
-    env = {**where.env, "GENRE_RAY_CACHE": str(base / f"cache-{name}")}
+    env = {**where.env, "GENRE_RAY_CACHE": str(base / f"cache-{name}"), "PYTHONUNBUFFERED": "1"}
     with open(cwd / "out.log", "w+") as out, open(cwd / "err.log", "w+") as err:
         proc = subprocess.Popen(command(data, where.uri), cwd=cwd, env=env, stdout=out,
                                 stderr=err, start_new_session=True)
@@ -186,19 +197,37 @@ def stage(where: Where, data: Path, base: Path, name: str, stop=None, when=None)
                  status, base / f"cache-{name}")
 
 
-@pytest.fixture(scope="module")
-def chain(where, tmp_path_factory) -> dict[str, Stage]:
-    base = tmp_path_factory.mktemp("heads")
+def run_chain(where: Where, base: Path) -> dict[str, Stage]:
+    """The run through every stop, each continued by a fresh head."""
     data = make_tree(base / "data", tracks=3, seconds=11.0)
     stages = {"sigint": stage(where, data, base, "sigint", signal.SIGINT, lambda w: len(done(w)) >= 2)}
-    # Each fresh head is stopped by its own progress (new checkpoints: the workers write them
-    # to the storage as they reach them) early enough to leave it trials to run.
-    for name, stop, progress in [("sigkill", signal.SIGKILL, 2), ("storage", "storage", 1)]:
-        before = checkpoints(where)
-        stages[name] = stage(where, data, base, name, stop,
-                             lambda w: len(checkpoints(w) - before) >= progress)
+    # Each fresh head is stopped by its own progress, early enough to leave it trials to run:
+    # the driver killed once its trials wrote two new checkpoints (the workers write them to
+    # the storage as they reach them), the storage stopped once the driver says a trial of
+    # its own completed (a trial's result.json reaches the storage only with its syncs).
+    before = checkpoints(where)
+    stages["sigkill"] = stage(where, data, base, "sigkill", signal.SIGKILL,
+                              lambda w: len(checkpoints(w) - before) >= 2)
+    log = base / "storage" / "out.log"
+    stages["storage"] = stage(where, data, base, "storage", "storage",
+                              lambda w: log.is_file() and "completed after" in log.read_text())
     stages["end"] = stage(where, data, base, "end")
     return stages
+
+
+@pytest.fixture(scope="module")
+def chains(wheres, tmp_path_factory) -> dict[str, dict[str, Stage]]:
+    """Both storages' chains at once: each stage is a process of its own, and each chain
+    waits on its own progress, so the two share the machine's time and not each other's."""
+    bases = {name: tmp_path_factory.mktemp(f"heads-{name}") for name in wheres}
+    with ThreadPoolExecutor(len(wheres)) as pool:
+        running = {name: pool.submit(run_chain, where, bases[name]) for name, where in wheres.items()}
+        return {name: future.result() for name, future in running.items()}
+
+
+@pytest.fixture
+def chain(chains, kind) -> dict[str, Stage]:
+    return chains[kind]
 
 
 def test_sigint_records_the_run_interrupted_in_its_storage(where, chain):
