@@ -93,7 +93,8 @@ class OnnxModel:
         doc = json.loads(next((p.value for p in proto.metadata_props if p.key == META_KEY), "{}"))
         if doc.get("format") != FORMAT:
             raise UserError(f"{path} is not a genre-ray model (no {FORMAT} metadata); {FIX}")
-        if doc.get("graph_sha256", graph_digest(proto)) != graph_digest(proto):  # older exports lack it
+        digest = graph_digest(proto)  # a copy and a serialisation of the whole model: once
+        if doc.get("graph_sha256", digest) != digest:  # older exports lack it
             raise UserError(f"{path}'s graph does not match the SHA-256 its metadata records: the "
                             "file is damaged; copy it again whole or export it again")
         meta = _checked(path, doc, session.get_outputs()[0].shape[-1])
