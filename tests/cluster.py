@@ -83,10 +83,16 @@ def node_pids(node: subprocess.Popen) -> list[int]:
 
 
 def start_node(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """`ray start --block ARGS`, with free ports where Ray would take fixed ones, so that
+    another Ray on the machine (a test's local one beside it) cannot clash with it."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    flags = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+             "--runtime-env-agent-port", "--metrics-export-port",
+             *(["--ray-client-server-port"] if "--head" in args else [])]
+    ports = [arg for flag in flags for arg in (flag, str(free_port()))]
     with open(log, "w") as out:
-        return subprocess.Popen([*RAY, "start", "--block", "--disable-usage-stats", *args], env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen([*RAY, "start", "--block", "--disable-usage-stats", *ports, *args],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def wait_for_nodes(address: str, count: int, env: dict[str, str], timeout: float = 90) -> None:

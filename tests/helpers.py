@@ -19,6 +19,7 @@ from genre_ray import config
 
 REPO = Path(__file__).resolve().parents[1]
 GENRES = ["blues", "classical", "jazz"]
+TREE_MTIME = 1_700_000_000  # make_tree's files
 
 
 def trial_config(model: str, **hyper) -> config.Config:
@@ -61,12 +62,15 @@ def write_tone(path: Path, freq: float, seconds: float, rate: int = 22050, chann
 def make_tree(root: Path, *, layout: str = "genres_original", ext: str = ".wav",
               genres: list[str] = GENRES, tracks: int = 3, seconds: float = 6.0,
               rate: int = 22050, channels: int = 1) -> Path:
-    """GTZAN-named files `<layout>/<genre>/<genre>.000NN<ext>`; a tone per genre."""
+    """GTZAN-named files `<layout>/<genre>/<genre>.000NN<ext>`; a tone per genre. Each
+    file's mtime is fixed, so equal trees are one dataset to the feature cache (keyed by
+    names, sizes and mtimes) and the session's shared cache builds their features once."""
     base = root / layout if layout != "." else root
     for g, genre in enumerate(genres):
         for i in range(tracks):
-            write_tone(base / genre / f"{genre}.{i:05d}{ext}", 220.0 * (g + 1) + 7 * i,
-                       seconds, rate, channels)
+            path = write_tone(base / genre / f"{genre}.{i:05d}{ext}", 220.0 * (g + 1) + 7 * i,
+                              seconds, rate, channels)
+            os.utime(path, (TREE_MTIME, TREE_MTIME))
     return root
 
 
