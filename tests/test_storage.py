@@ -34,7 +34,7 @@ import pytest
 from optuna.trial import TrialState
 
 from genre_ray import export
-from tests.helpers import REPO, make_tree, read_run
+from tests.helpers import REPO, make_tree, read_run, run_main
 from tests.s3 import S3
 
 pytestmark = pytest.mark.slow  # whole runs of tune_main.py
@@ -300,13 +300,16 @@ def test_the_finished_run_has_its_exports_reports_and_whole_studies_in_the_stora
     ("reader", "s3://{bucket}/runs", "ACCESS_DENIED"),
     ("writer", "nope://{bucket}/runs", "not a storage URI this machine can use"),
 ], ids=["missing-bucket", "wrong-credentials", "read-only-credentials", "unknown-scheme"])
-def test_a_storage_path_that_cannot_be_used_is_refused_before_anything(s3, tmp_path, user, uri, says):
+def test_a_storage_path_that_cannot_be_used_is_refused_before_anything(s3, tmp_path, monkeypatch,
+                                                                       user, uri, says):
+    """In this process (tests/test_bad_inputs.py runs tune_main.py's exit code and one line
+    as a command): the run's storage is checked before anything is written."""
     bucket = f"refuse-{user}-{int(time.time() * 1000)}"
     s3.bucket(bucket)
-    out = subprocess.run([sys.executable, str(REPO / "tune_main.py"), "--storage-path",
-                          uri.format(bucket=bucket), "--models", "MLP", "--wandb", "off"],
-                         cwd=tmp_path, env={**s3.env(user), "GENRE_RAY_CACHE": str(tmp_path / "cache")},
-                         capture_output=True, text=True, timeout=120)
+    for key, value in {**s3.env(user), "GENRE_RAY_CACHE": str(tmp_path / "cache")}.items():
+        monkeypatch.setenv(key, value)
+    out = run_main("tune_main", "--storage-path", uri.format(bucket=bucket), "--models", "MLP",
+                   "--wandb", "off", cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: ") and says in out.stderr
     assert not s3.objects(bucket) and not list(tmp_path.iterdir())  # nothing written
@@ -316,21 +319,18 @@ def test_a_second_driver_on_a_run_in_the_bucket_is_refused_with_one_line(s3, tmp
     from genre_ray import lease
     from genre_ray.storage import storage
 
-    for key, value in s3.env().items():
+    for key, value in {**s3.env(), "GENRE_RAY_CACHE": str(tmp_path / "cache")}.items():
         monkeypatch.setenv(key, value)
     uri = s3.bucket(f"held-{int(time.time() * 1000)}") + "/runs"
     held = lease.take(storage(uri), "held")  # the first driver, as far as the bucket tells
     try:
-        out = subprocess.run([sys.executable, str(REPO / "tune_main.py"), "--storage-path", uri,
-                              "--name", "held", "--models", "MLP", "--wandb", "off"], cwd=tmp_path,
-                             env={**s3.env(), "GENRE_RAY_CACHE": str(tmp_path / "cache")},
-                             capture_output=True, text=True, timeout=120)
+        out = run_main("tune_main", "--storage-path", uri, "--name", "held", "--models", "MLP",
+                       "--wandb", "off", cwd=tmp_path)
     finally:
         held.release()
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr[-3000:]
     assert out.stderr.startswith("error: run 'held' is running in another driver (host ")
     assert not s3.objects(uri.removeprefix("s3://").split("/")[0], "runs/held/")  # nothing of it
-
 
 
 def test_the_wandb_model_artifacts_reference_the_storages_exports(where, chain):
