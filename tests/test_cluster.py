@@ -29,10 +29,17 @@ def tune_main(cluster, data, tmp_path, *args: str) -> subprocess.CompletedProces
                           env=cluster.env, capture_output=True, text=True, timeout=300)
 
 
-def test_a_node_local_storage_path_is_refused_before_any_trial(tmp_path):
-    data = make_tree(tmp_path / "data", tracks=3, seconds=6.0)
-    with two_node_cluster(tmp_path / "logs") as cluster:
-        out = tune_main(cluster, data, tmp_path)
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """One two-node cluster for the tests that leave it as they found it."""
+    base = tmp_path_factory.mktemp("cluster")
+    with two_node_cluster(base / "logs") as running:
+        yield running, make_tree(base / "data", tracks=3, seconds=6.0)
+
+
+def test_a_node_local_storage_path_is_refused_before_any_trial(cluster, tmp_path):
+    cluster, data = cluster
+    out = tune_main(cluster, data, tmp_path)
     assert out.returncode == 2, out.stderr[-3000:]
     assert "Traceback" not in out.stderr
     error = [line for line in out.stderr.splitlines() if line.startswith("error:")]
@@ -41,11 +48,10 @@ def test_a_node_local_storage_path_is_refused_before_any_trial(tmp_path):
     assert not list((tmp_path / "best").glob("*"))
 
 
-def test_a_shared_storage_run_on_two_nodes_tunes_and_exports(tmp_path):
-    data = make_tree(tmp_path / "data", tracks=3, seconds=6.0)
-    with two_node_cluster(tmp_path / "logs") as cluster:
-        out = tune_main(cluster, data, tmp_path, "--shared-storage", "--num-samples", "2",
-                        "--max-epochs", "2")
+def test_a_shared_storage_run_on_two_nodes_tunes_and_exports(cluster, tmp_path):
+    cluster, data = cluster
+    out = tune_main(cluster, data, tmp_path, "--shared-storage", "--num-samples", "2",
+                    "--max-epochs", "2")
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "best" / "MLP_spectrogram_best_model.pth").is_file()
     assert "on 2 trial slots" in out.stdout  # one CPU on each node

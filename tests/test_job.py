@@ -131,7 +131,7 @@ def test_a_stopped_job_is_recorded_interrupted_and_the_same_job_continues_it(clu
     RAY_JOB_STOP_WAIT_TIME_S says otherwise; the run must survive both."""
     jobs, data, uri, s3 = cluster
     command = tune(data, uri, "stopped", "--models", "MLP", "CEL", "--num-samples", "3",
-                   "--max-epochs", "12")
+                   "--max-epochs", "6")
     jobs.submit("first", *command, wait=False)
     deadline = time.monotonic() + 300
     while not any(key.endswith("result.json") and b'"done": true' in body
