@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -36,6 +37,17 @@ def pytest_xdist_make_scheduler(config, log):
             return unit(nodeid.split("::")[0])
 
     return ByUnit(config, log)
+
+
+@pytest.fixture(autouse=True)
+def environment_restored() -> Iterator[None]:
+    """os.environ as it was after each test: a command run in-process may set a variable
+    for its own run (tracking.resolve_mode puts a .env's W&B key there), and a worker's
+    next test, whichever it is, must not inherit it."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")
