@@ -51,12 +51,15 @@ class S3:
         self.client().create_bucket(Bucket=name)
         return f"s3://{name}"
 
-    def objects(self, bucket: str, prefix: str = "") -> dict[str, bytes]:
-        """Key -> content of every object under `prefix` (one a running job deletes between
-        the listing and its reading, as Tune deletes a trial's older checkpoints, is left)."""
+    def objects(self, bucket: str, prefix: str = "", suffix: str = "") -> dict[str, bytes]:
+        """Key -> content of every object under `prefix` whose key ends with `suffix` (one a
+        running job deletes between the listing and its reading, as Tune deletes a trial's
+        older checkpoints, is left)."""
         client, found = self.client(), {}
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             for item in page.get("Contents", []):
+                if not item["Key"].endswith(suffix):
+                    continue
                 with contextlib.suppress(client.exceptions.NoSuchKey):
                     found[item["Key"]] = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
         return found

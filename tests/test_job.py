@@ -134,8 +134,8 @@ def test_a_stopped_job_is_recorded_interrupted_and_the_same_job_continues_it(clu
                    "--max-epochs", "6")
     jobs.submit("first", *command, wait=False)
     deadline = time.monotonic() + 300
-    while not any(key.endswith("result.json") and b'"done": true' in body
-                  for key, body in s3.objects("jobs", "runs/stopped/").items()):
+    while not any(b'"done": true' in body
+                  for body in s3.objects("jobs", "runs/stopped/", suffix="/result.json").values()):
         assert jobs.status("first") in ("PENDING", "RUNNING") and time.monotonic() < deadline
         time.sleep(1)
     assert jobs.ray("stop", "first").returncode == 0

@@ -181,7 +181,7 @@ def stage(where: Where, data: Path, base: Path, name: str, stop=None, when=None)
         deadline = time.monotonic() + 300
         while stop is not None and not when(where):
             assert proc.poll() is None and time.monotonic() < deadline, (cwd / "err.log").read_text()[-3000:]
-            time.sleep(0.3)
+            time.sleep(1)  # each look lists the run in the storage and reads its results
         if stop == "storage":
             where.stop()
         elif stop is not None:
