@@ -3,8 +3,8 @@
     python -m bench.gpu_check [--dry] [--data-dir D] [--epochs 4] [--repeats 1]
 
 Each step prints one line per check, `PASS|FAIL|SKIP <check>: <why or figure>`; the exit
-status is 1 if any check failed. With --dry, or without CUDA, every step runs on the
-CPU as far as it can, and each SKIP line says what needed CUDA.
+status is 1 if any check failed. With --dry, or without CUDA, the steps whose figures
+mean something on a CPU (1 and 2) run there, and each SKIP line says what needed CUDA.
 
 1. cluster tune: a Ray head started as a process of its own (`ray start --head`, its GPU
    `gpu_sharing.one_gpu`'s), then `tune_main.py --address` to it with two CEL trials at
@@ -223,15 +223,17 @@ def resume(s: Setup) -> list[Line]:
 
 
 def throughput(s: Setup) -> list[Line]:
-    """Step 3: bench.gpu_sharing's table (its CPU analogue when dry)."""
+    """Step 3: bench.gpu_sharing's table, on the GPU only (`python -m bench.gpu_sharing`
+    measures its CPU analogue)."""
+    if not s.cuda:
+        return [("SKIP", "throughput on the GPU", "needs CUDA (1 trial x 1 GPU vs 4 x 0.25 GPU, "
+                                                  "fp32 vs bf16); `python -m bench.gpu_sharing` "
+                                                  "measures the CPU analogue")]
     plan = gpu_sharing.layouts(os.cpu_count() or 1, s.cuda)
     gpu_sharing.print_table(gpu_sharing.measure(s.fs, plan, s.epochs, s.repeats), *plan)
     sizes = f"{MODEL} on {FEATURE}, {s.epochs} epochs per trial, best of {s.repeats}"
-    if s.cuda:
-        return [("PASS", "throughput on the GPU", f"table above ({sizes}); NVIDIA MPS "
-                                                  f"{gpu_sharing.mps_status()}")]
-    return [("SKIP", "throughput on the GPU", "needs CUDA (1 trial x 1 GPU vs 4 x 0.25 GPU, fp32 "
-                                              f"vs bf16); the table above: the CPU analogue ({sizes})")]
+    return [("PASS", "throughput on the GPU", f"table above ({sizes}); NVIDIA MPS "
+                                              f"{gpu_sharing.mps_status()}")]
 
 
 def per_batch_copies(n: int, batch_size: int, generator: torch.Generator | None = None,
