@@ -18,15 +18,15 @@ SLOWEST_FIRST = ("clusters", "test_storage", "test_resume", "test_grow", "test_b
                  "test_tuning", "test_cost", "test_tune_main", "test_bad_inputs")
 
 
-def unit(path: str) -> str:
-    """The scheduling unit of a test module at `path`."""
-    module = Path(path).stem
+def unit(nodeid: str) -> str:
+    """The scheduling unit of the test `nodeid` (path::name): its module, or "clusters"."""
+    module = Path(nodeid.split("::")[0]).stem
     return "clusters" if module in CLUSTER_MODULES else module
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
-    items.sort(key=lambda item: rank.get(unit(item.nodeid.split("::")[0]), len(rank)))  # stable
+    items.sort(key=lambda item: rank.get(unit(item.nodeid), len(rank)))  # stable
 
 
 def pytest_xdist_make_scheduler(config, log):
@@ -34,7 +34,7 @@ def pytest_xdist_make_scheduler(config, log):
 
     class ByUnit(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return unit(nodeid.split("::")[0])
+            return unit(nodeid)
 
     return ByUnit(config, log)
 
@@ -82,4 +82,3 @@ def s3(tmp_path_factory):
 
     with s3_server(tmp_path_factory.mktemp("s3")) as server:
         yield server
-
