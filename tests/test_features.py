@@ -265,6 +265,8 @@ def test_batch_augmentations_keep_shape_and_mask_each_item_differently():
 # Per CACHE_VERSION, what the cached computation gives on fixed tones: each output row's
 # mean |value| (augmented copies, then both features before normalisation). A change to
 # the computation changes these: bump features.CACHE_VERSION and record the new values.
+# Within 1e-3: the log-mels' near-silent bins of the pitch-shifted copies move a row's
+# mean by up to 3e-4 from one CPU to another (the FFT's vector paths round differently).
 FINGERPRINTS = {5: [0.381972, 0.381972, 0.381974, 0.331976, 0.324952, 0.343752, 0.076777, 0.116862,
                     0.248703, 0.814363, 0.814362, 0.814366, 0.759473, 0.751306, 0.772767, 0.800535,
                     0.810695, 0.81438, 25.641304, 24.412317, 25.592627, 25.370211, 24.192629,
@@ -285,5 +287,5 @@ def computation_fingerprint() -> list[float]:
 def test_the_cache_version_names_the_computation():
     found = computation_fingerprint()
     assert features.CACHE_VERSION in FINGERPRINTS, f"record {features.CACHE_VERSION}: {found}"
-    assert found == pytest.approx(FINGERPRINTS[features.CACHE_VERSION], rel=1e-4), \
+    assert found == pytest.approx(FINGERPRINTS[features.CACHE_VERSION], rel=1e-3), \
         f"the computation changed: bump features.CACHE_VERSION and record {found}"
