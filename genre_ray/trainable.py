@@ -84,6 +84,7 @@ def train_pair(trial_config: Mapping[str, Any], feature_refs: Mapping[str, ray.O
     `run_cfg`: the run's configuration, which the hyperparameters go into; `feature_refs`:
     features.variant_name -> its shared TrialData (the features of the trial's front end)."""
     release_memory()  # what an earlier trial in this (reused) worker freed
+    quiet_exit_in_callbacks()
     keys, hyper = config.TrialKeys.split(trial_config)
     cfg = config.tuned(run_cfg, hyper, keys.feature)
     _train(keys, cfg, feature_refs[variant_of(cfg, keys.feature)])
@@ -196,6 +197,22 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
     if LIBC is not None:
         LIBC.malloc_trim(0)
+
+
+def quiet_exit_in_callbacks() -> None:
+    """Keep a worker's exit out of the run's output. Ray ends a worker with SIGTERM, whose
+    handler raises SystemExit; when it lands in a weakref callback or a `__del__` (the
+    garbage collector's work), Python cannot raise it there and prints it with a traceback
+    as "Exception ignored", which the driver shows as the trial's. Other exceptions there
+    are still printed."""
+    if sys.unraisablehook is not _unraisable:
+        _unraisable.printed_by = sys.unraisablehook
+        sys.unraisablehook = _unraisable
+
+
+def _unraisable(args: Any) -> None:
+    if not issubclass(args.exc_type, SystemExit):
+        _unraisable.printed_by(args)
 
 
 def load_trial_state(checkpoint: tune.Checkpoint) -> dict[str, Any]:
