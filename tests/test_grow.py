@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import optuna
@@ -26,7 +25,7 @@ from tests.helpers import REPO, make_tree, read_runs, run_main
 
 pytestmark = pytest.mark.slow  # whole tune_main runs
 
-PAIRS, FIRST, MORE = ["MLP_spectrogram", "CEL_spectrogram"], 2, 2
+PAIRS, FIRST, MORE = ["MLP_spectrogram", "CEL_spectrogram"], 2, 4
 
 
 def tune_main(base: Path, *args: str) -> subprocess.CompletedProcess:
@@ -50,8 +49,12 @@ def folders(experiment: Path) -> dict[str, str]:
             for d in experiment.iterdir() if d.is_dir() and d.name.split("_")[0] in ("MLP", "CEL")}
 
 
-def grow(base: Path) -> tuple:
-    """A finished run of FIRST trials per pair, then grown by MORE: what each left."""
+@pytest.fixture(scope="module")
+def grown(tmp_path_factory) -> dict:
+    """A finished run of FIRST trials per pair; then `--name g --more-samples MORE`, Ctrl-C
+    (SIGINT to the process group) once two of the new round's trials are done; then the same
+    command again, which finishes the round. What each step left."""
+    base = tmp_path_factory.mktemp("grow")
     make_tree(base / "data", tracks=3, seconds=11.0)
     first = tune_main(base, "--data-dir", str(base / "data"), "--models", "MLP", "CEL",
                       "--features", "spectrogram", "--num-samples", str(FIRST), "--max-epochs", "2",
@@ -59,22 +62,8 @@ def grow(base: Path) -> tuple:
     assert first.returncode == 0, first.stderr[-3000:]
     run = base / "runs" / "g"
     before = {"studies": studies(run), "trials": folders(run)}
-    out = tune_main(base, "--name", "g", "--more-samples", str(MORE))  # nothing else: the run's own
-    assert out.returncode == 0, out.stderr[-3000:]
-    return base, run, before, out
-
-
-def grow_interrupted(base: Path) -> dict:
-    """A finished run of 2 trials grown by 4, Ctrl-C (SIGINT to the process group) once two
-    of the new round's trials are done, then the same command again."""
-    make_tree(base / "data", tracks=3, seconds=11.0)
-    first = tune_main(base, "--data-dir", str(base / "data"), "--models", "MLP",
-                      "--features", "spectrogram", "--num-samples", "2", "--max-epochs", "3",
-                      "--name", "g", "--output-dir", str(base / "best"), "--wandb", "off")
-    assert first.returncode == 0, first.stderr[-3000:]
     command = [sys.executable, str(REPO / "tune_main.py"), "--storage-path", str(base / "runs"),
-               "--name", "g", "--more-samples", "4"]
-    round_dir = base / "runs" / "g" / "more-1"
+               "--name", "g", "--more-samples", str(MORE)]  # nothing else: the run's own
     with open(base / "grow.log", "w") as log:
         proc = subprocess.Popen(command, cwd=base, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
@@ -86,30 +75,18 @@ def grow_interrupted(base: Path) -> dict:
             time.sleep(0.2)
         os.killpg(proc.pid, signal.SIGINT)
         code = proc.wait(120)
-    stopped = {"code": code, "record": json.loads((base / "runs" / "g" / "run.json").read_text()),
-               "done": done(round_dir), "log": (base / "grow.log").read_text()}
-    stopped["kept"] = finished(round_dir, stopped["done"])  # ended in Tune's saved state
+    stopped = {"code": code, "record": json.loads((run / "run.json").read_text()),
+               "done": done(run / "more-1"), "log": (base / "grow.log").read_text()}
+    stopped["kept"] = finished(run / "more-1", stopped["done"])  # ended in Tune's saved state
     again = subprocess.run(command, cwd=base, capture_output=True, text=True, timeout=600)
-    return {"base": base, "stopped": stopped, "again": again, "after": done(round_dir)}
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict:
-    """Both scenarios at once, each a chain of commands of its own."""
-    bases = {name: tmp_path_factory.mktemp(name) for name in ("grow", "interrupted")}
-    with ThreadPoolExecutor(2) as pool:
-        grown, interrupted = pool.submit(grow, bases["grow"]), pool.submit(grow_interrupted, bases["interrupted"])
-        return {"grown": grown.result(), "interrupted": interrupted.result()}
-
-
-@pytest.fixture(scope="module")
-def grown(runs) -> tuple:
-    return runs["grown"]
+    assert again.returncode == 0, again.stderr[-3000:]
+    return {"base": base, "run": run, "before": before, "stopped": stopped, "again": again,
+            "after": done(run / "more-1")}
 
 
 def test_a_grown_run_has_n_more_trials_per_pair_in_its_studies_none_rerun(grown):
-    _, run, before, out = grown
-    assert f"growing run 'g' ({run}) by {MORE} trial(s) per pair, after its {FIRST}" in out.stdout
+    run, before = grown["run"], grown["before"]
+    assert f"growing run 'g' ({run}) by {MORE} trial(s) per pair, after its {FIRST}" in grown["stopped"]["log"]
     after = studies(run)
     for pair in PAIRS:
         assert len(after[pair]) == FIRST + MORE
@@ -120,7 +97,7 @@ def test_a_grown_run_has_n_more_trials_per_pair_in_its_studies_none_rerun(grown)
 
 
 def test_the_new_trials_are_in_tunes_results_and_the_earlier_ones_untouched(grown):
-    _, run, before, _ = grown
+    run, before = grown["run"], grown["before"]
     assert folders(run) == before["trials"]  # no earlier trial ran again, nothing rewritten
     earlier = ExperimentAnalysis(str(run)).trials
     later = ExperimentAnalysis(str(run / "more-1")).trials
@@ -132,7 +109,7 @@ def test_the_new_trials_are_in_tunes_results_and_the_earlier_ones_untouched(grow
 
 
 def test_exports_and_leaderboard_are_rebuilt_over_every_trial(grown):
-    base, run, _, _ = grown
+    base, run = grown["base"], grown["run"]
     with open(run / "leaderboard.csv", newline="") as f:
         rows = {r["pair"]: r for r in csv.DictReader(f)}
     results = [json.loads(line) for path in run.glob("**/result.json") for line in path.open()]
@@ -147,7 +124,7 @@ def test_exports_and_leaderboard_are_rebuilt_over_every_trial(grown):
 
 
 def test_the_new_trials_are_logged_to_wandb_beside_the_earlier_ones(grown):
-    _, run, _, _ = grown
+    run = grown["run"]
     logged = read_runs(run)
     trials = [*ExperimentAnalysis(str(run)).trials, *ExperimentAnalysis(str(run / "more-1")).trials]
     assert {t.trial_id for t in trials} <= set(logged)
@@ -162,7 +139,7 @@ def test_the_new_trials_are_logged_to_wandb_beside_the_earlier_ones(grown):
 ])
 def test_growing_needs_a_finished_run_named(grown, args, says):
     """In-process: tests/test_bad_inputs.py runs tune_main.py's one-line contract as a command."""
-    base, run, _, _ = grown
+    base, run = grown["base"], grown["run"]
     before = folders(run)
     out = run_main("tune_main", "--storage-path", base / "runs", *args, cwd=base)
     assert out.returncode == 2 and out.stderr.startswith("error: ") and out.stderr.count("\n") == 1
@@ -170,18 +147,16 @@ def test_growing_needs_a_finished_run_named(grown, args, says):
     assert folders(run) == before
 
 
-def test_an_interrupted_growth_is_continued_by_the_same_command(runs):
+def test_an_interrupted_growth_is_continued_by_the_same_command(grown):
     """The same command again finishes the round without rerunning the trials it had ended."""
-    base, stopped, again, after = (runs["interrupted"][k] for k in ("base", "stopped", "again", "after"))
+    run, stopped, again, after = (grown[k] for k in ("run", "stopped", "again", "after"))
     assert stopped["code"] == 130, stopped["log"]
-    assert (stopped["record"]["status"], stopped["record"]["rounds"]) == ("interrupted", [2, 4])
-    assert stopped["kept"]
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert (stopped["record"]["status"], stopped["record"]["rounds"]) == ("interrupted", [FIRST, MORE])
+    assert stopped["kept"] and len(stopped["kept"]) < MORE * len(PAIRS)
     assert "continuing interrupted run 'g'" in again.stdout
-    assert len(after) == 4 and all(after[name] == stopped["done"][name] for name in stopped["kept"])
-    storage = JournalStorage(JournalFileBackend(str(base / "runs" / "g" / "optuna.journal")))
-    assert len(optuna.load_study(study_name="g/MLP_spectrogram", storage=storage).trials) == 6
-    assert json.loads((base / "runs" / "g" / "run.json").read_text())["status"] == "finished"
+    assert len(after) == MORE * len(PAIRS)
+    assert all(after[name] == stopped["done"][name] for name in stopped["kept"])
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"
 
 
 def done(experiment: Path) -> dict[str, str]:
