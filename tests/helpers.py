@@ -20,6 +20,9 @@ from genre_ray import config
 REPO = Path(__file__).resolve().parents[1]
 GENRES = ["blues", "classical", "jazz"]
 TREE_MTIME = 1_700_000_000  # make_tree's files
+# Whole runs whose checks do not need trials side by side: one trial slot on this 2-core
+# machine, so one trial worker (a process that imports torch) serves every trial of a run.
+ONE_SLOT = ("--cpus-per-trial", "2")
 
 
 def trial_config(model: str, **hyper) -> config.Config:

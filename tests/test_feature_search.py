@@ -15,7 +15,7 @@ import torch
 from genre_ray import config, export
 from genre_ray.features import build_variants
 from genre_ray.training import evaluate
-from tests.helpers import REPO, make_tree
+from tests.helpers import ONE_SLOT, REPO, make_tree
 
 pytestmark = pytest.mark.slow  # a whole tune_main run
 
@@ -45,7 +45,7 @@ def job(tmp_path_factory):
     args = ["--data-dir", str(data), "--models", "MLP", "--features", "spectrogram",
             "--search-spaces", str(base / "spaces"), "--num-samples", str(TRIALS), "--max-epochs", "2",
             "--storage-path", str(base / "runs"), "--name", "front", "--output-dir", str(base / "best"),
-            "--wandb", "off"]
+            "--wandb", "off", *ONE_SLOT]
     out = subprocess.run([sys.executable, str(REPO / "tune_main.py"), *args], cwd=REPO, timeout=900,
                          capture_output=True, text=True, env={**os.environ, "GENRE_RAY_CACHE": str(cache)})
     assert out.returncode == 0, out.stderr[-3000:]

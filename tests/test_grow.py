@@ -21,7 +21,7 @@ from ray.tune import ExperimentAnalysis
 
 from genre_ray import export
 from genre_ray.search_space import load_space
-from tests.helpers import REPO, make_tree, read_runs, run_main
+from tests.helpers import ONE_SLOT, REPO, make_tree, read_runs, run_main
 
 pytestmark = pytest.mark.slow  # whole tune_main runs
 
@@ -58,7 +58,8 @@ def grown(tmp_path_factory) -> dict:
     make_tree(base / "data", tracks=3, seconds=11.0)
     first = tune_main(base, "--data-dir", str(base / "data"), "--models", "MLP", "CEL",
                       "--features", "spectrogram", "--num-samples", str(FIRST), "--max-epochs", "2",
-                      "--name", "g", "--output-dir", str(base / "best"), "--wandb", "offline")
+                      "--name", "g", "--output-dir", str(base / "best"), "--wandb", "offline",
+                      *ONE_SLOT)
     assert first.returncode == 0, first.stderr[-3000:]
     run = base / "runs" / "g"
     before = {"studies": studies(run), "trials": folders(run)}

@@ -34,7 +34,7 @@ import pytest
 from optuna.trial import TrialState
 
 from genre_ray import export
-from tests.helpers import REPO, make_tree, read_run, run_main
+from tests.helpers import ONE_SLOT, REPO, make_tree, read_run, run_main
 from tests.s3 import S3
 
 pytestmark = pytest.mark.slow  # whole runs of tune_main.py
@@ -124,7 +124,7 @@ def command(data: Path, uri: str) -> list[str]:
     return [sys.executable, str(REPO / "tune_main.py"), "--data-dir", str(data),
             "--models", "MLP", "CEL", "--features", "spectrogram", "--num-samples", str(SAMPLES),
             "--max-epochs", str(EPOCHS), "--storage-path", uri, "--name", "chain",
-            "--output-dir", "best", "--wandb", "offline"]
+            "--output-dir", "best", "--wandb", "offline", *ONE_SLOT]
 
 
 def done(where: Where) -> dict[str, str]:

@@ -22,7 +22,7 @@ from genre_ray import config, export, onnx_export, report
 from genre_ray.features import build_variants
 from genre_ray.search_space import load_space
 from genre_ray.training import evaluate, track_accuracy
-from tests.helpers import REPO, make_tree, read_runs
+from tests.helpers import ONE_SLOT, REPO, make_tree, read_runs
 
 pytestmark = pytest.mark.slow  # a whole tune_main run
 
@@ -41,7 +41,8 @@ def job(tmp_path_factory):
     data = make_tree(base / "data", tracks=3, seconds=11.0)
     args = ["--data-dir", str(data), "--models", "MLP", "CEL", "--features", "spectrogram",
             "--num-samples", "3", "--max-epochs", "3", "--storage-path", str(base / "runs"),
-            "--name", "job", "--output-dir", str(base / "best"), "--wandb", "offline"]
+            "--name", "job", "--output-dir", str(base / "best"), "--wandb", "offline",
+            *ONE_SLOT]
     out = tune_main(*args)
     assert out.returncode == 0, out.stderr[-3000:]
     return base, data, out

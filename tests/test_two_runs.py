@@ -16,7 +16,7 @@ from optuna.storages.journal import JournalFileBackend
 from genre_ray import export, runs
 from genre_ray.onnx_export import onnx_name
 from genre_ray.onnx_runtime import OnnxModel
-from tests.helpers import REPO, make_tree, record_of
+from tests.helpers import ONE_SLOT, REPO, make_tree, record_of
 
 pytestmark = pytest.mark.slow  # two whole tune_main runs at once
 
@@ -29,7 +29,7 @@ def test_two_runs_at_once_keep_their_studies_apart_and_their_exports_whole(tmp_p
     command = [sys.executable, str(REPO / "tune_main.py"), "--data-dir", str(tmp_path / "data"),
                "--models", "MLP", "CEL", "--features", "spectrogram", "--num-samples", str(SAMPLES),
                "--max-epochs", "2", "--storage-path", str(tmp_path / "runs"),
-               "--output-dir", str(tmp_path / "best"), "--wandb", "off"]
+               "--output-dir", str(tmp_path / "best"), "--wandb", "off", *ONE_SLOT]
     procs = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
