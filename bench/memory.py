@@ -3,7 +3,7 @@
     python -m bench.memory [--data-dir D] [--models ...] [--features ...] [--num-samples 2]
                            [--max-epochs 1] [--cache DIR] [--skip-build]
 
-For issue 12, run it on a GTZAN-size synthetic set (`python -m genre_ray.synthetic D
+For the goals' figures, run it on a GTZAN-size synthetic set (`python -m genre_ray.synthetic D
 --tracks-per-genre 100`, then `--data-dir D`); without --data-dir it uses the embedded one.
 
 Phases, each a child process the bench samples with one poller thread (`Sampler`):
@@ -338,7 +338,7 @@ def report(built: dict[str, tuple], sampler: Sampler, trials: dict[int, set[str]
 
 def goals(built: dict[str, tuple], sampler: Sampler, trials: dict[int, set[str]],
           allowance: dict[str, int], sizes: dict[str, int]) -> None:
-    """The three goals of issue 12, each with its ratio and PASS or FAIL."""
+    """The three goals (docs/benchmarks.md), each with its ratio and PASS or FAIL."""
     print("\ngoals")
     for pid, configs in sorted(trials.items()):
         excess = sampler.peaks.get(pid, {"anon": 0})["anon"] - max(allowance[c] for c in configs)

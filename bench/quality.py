@@ -1,4 +1,4 @@
-"""Tuning that pays (issue 16): does the search find CNNs that clearly beat a linear
+"""Tuning that pays: does the search find CNNs that clearly beat a linear
 baseline, and configurations that beat the seed point, at a fixed budget?
 
     python -m bench.quality [--sets realistic embedded] [--seeds 0 1 2]

@@ -43,7 +43,7 @@ N_FFT_PITCH = 512     # torchaudio's PitchShift's default
 BASE_RATE = 22050
 RATE_STEP = 0.005     # augment's stretch rates are multiples of this: 21 rates in [1.1, 1.2]
 MAX_DENOMINATOR = 100  # bound of q in the resampling ratio p/q of a pitch shift
-CHUNK = {"cpu": 4, "cuda": 64}  # segments per vocoder call, by device type (bench/augment.py)
+CHUNK = {"cpu": 4, "cuda": 64}  # segments per vocoder call, by device type (docs/benchmarks.md)
 
 
 @torch.no_grad()
@@ -186,7 +186,7 @@ def _chunk_map(device: torch.device) -> Iterator[Callable]:
     """`map` over chunks. On a CPU with several torch threads, chunks run in parallel,
     one per thread, each single-threaded (torch's thread count is 1 meanwhile, then
     restored): the vocoder is dozens of small ops per chunk, and a parallel region per op
-    costs ~5x on a busy machine (bench/augment.py); a chunk's result then also does not
+    costs ~5x on a busy machine (docs/benchmarks.md); a chunk's result then also does not
     depend on the thread count. On a GPU, in turn, one after another."""
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-# fused: one kernel per step for all parameters (CPU and CUDA); bench/training_loop.py
-# measured MLP's 7M-parameter Adam step at about 3/4 of the default's time
+# fused: one kernel per step for all parameters (CPU and CUDA): MLP's 7M-parameter Adam
+# step at about 3/4 of the default's time (docs/benchmarks.md)
 OPTIMIZERS = {
     "adam": lambda params, lr, wd: torch.optim.Adam(params, lr=lr, weight_decay=wd, fused=True),
     "adamw": lambda params, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd, fused=True),

@@ -2,7 +2,7 @@
 
 Data stays resident on the device and is batched by index: a permutation per epoch,
 one gather per batch, no DataLoader, no per-item Python. Optimisers are fused and
-conv2d weights channels_last (see bench/training_loop.py for what each buys). With
+conv2d weights channels_last (docs/benchmarks.md says what each buys). With
 `precision: bf16` forward passes run under bf16 autocast (CPU and CUDA) and losses are
 taken in fp32 on the logits (bench/gpu_sharing.py measures what it buys). `Trainer.fit`
 runs N epochs and calls `on_epoch(metrics, evaluation)` after each: the seam the Ray
@@ -192,7 +192,7 @@ class Trainer:
                  transform: nn.Module | None = None, device_share: float = 1.0) -> None:
         self.device = device or pick_device()
         # channels_last changes only 4-D (conv2d) weights: oneDNN and cuDNN run those
-        # fastest so (bench/training_loop.py: CEL epochs about 1/5 shorter on the CPU)
+        # fastest so (CEL epochs about 1/5 shorter on the CPU: docs/benchmarks.md)
         self.model = model.to(self.device, memory_format=torch.channels_last)
         self.train_xy = resident(train, self.device, RESIDENT_BUDGET * device_share)
         self.val_xy = resident(val, self.device, RESIDENT_BUDGET * device_share)
