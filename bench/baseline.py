@@ -12,7 +12,6 @@ below 100 %, and the CNN above the baseline (it sees rhythm, which averages lose
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 from pathlib import Path
@@ -22,12 +21,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from bench.common import context
+from bench import harness
 from genre_ray import config
 from genre_ray.features import FeatureSet, batch_augmentation, build_features
 from genre_ray.models import build_model
 from genre_ray.search_space import first_point
-from genre_ray.synthetic import embedded_dataset
 from genre_ray.training import Trainer, evaluate, seed_everything, track_accuracy
 
 
@@ -75,15 +73,17 @@ def cnn(fs: FeatureSet, cfg: config.Config, model_name: str, epochs: int) -> dic
     return scores
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = harness.parser(__doc__)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--data-dir", type=Path)
     parser.add_argument("--model", default="CEL")
     parser.add_argument("--split", default="random", help="random, or a JSON split file")
-    args = parser.parse_args()
-    data_dir = args.data_dir or embedded_dataset()
-    print(context())
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.epochs = 1
+    data_dir = args.data_dir or harness.dataset(args.smoke)
+    print(harness.context())
     cfg = config.load(values={"split.kind": args.split})
     fs = build_features(data_dir, "spectrogram", cfg)
     sizes = {n: f"{len(s.track_ids)} tracks/{len(s.x)} segments" for n, s in fs.splits.items()}
@@ -94,8 +94,8 @@ def main() -> None:
     for name, scores in (("logistic regression", base), (args.model, net)):
         print(f"{name:>20}: " + "  ".join(f"{k} {v:.3f}" for k, v in scores.items()
                                             if k != "epoch"))
-    print(f"chance 0.100; ratio {args.model}/baseline on test segments = "
-          f"{net['test'] / base['test']:.2f}, on val segments = {net['val'] / base['val']:.2f}")
+    print(f"chance 0.100; on val segments {args.model}/baseline = {net['val'] / base['val']:.2f}")
+    print(harness.ratio(net["test"] / base["test"], f"{args.model} over the baseline, test segments"))
 
 
 if __name__ == "__main__":

@@ -39,7 +39,6 @@ Goal: steady utilisation >= 90% with 32 slots, 2,000 trials over 10 pairs.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import pickle
 import random
@@ -50,11 +49,10 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import ray
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from ray import tune
 
-from bench.common import context
+from bench import harness
 from genre_ray import config, tuning
 from genre_ray.config import Config
 from genre_ray.export import CHECKPOINT_METRIC
@@ -254,8 +252,12 @@ def curve_line(times: list[tuple[int, float]]) -> str:
     return ", ".join(f"{m}: {ms:.1f}" for m in MARKS if (ms := suggest_ms(times, m)) is not None)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+SMOKE = {"slots": 2, "trials": 8, "pairs": 2, "epochs": 2, "epoch_s": 0.05, "budget_s": 20,
+         "curve": 12}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = harness.parser(__doc__)
     parser.add_argument("--slots", type=int, default=32, help="logical CPUs of the local Ray")
     parser.add_argument("--trials", type=int, default=2000, help="trials in all, over the pairs")
     parser.add_argument("--pairs", type=int, default=10, help="(model, feature) pairs, 1-10")
@@ -267,23 +269,21 @@ def main() -> None:
                         help="checkpoints kept per trial in the run compared with the baseline's 1 "
                              "(0: no limit)")
     parser.add_argument("--curve", type=int, default=500, help="trials of the one-pair suggest curve")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.smoke:
+        vars(args).update(SMOKE)
     if not 1 <= args.pairs <= len(MODELS) * len(FEATURES):
         parser.error(f"--pairs must be 1-{len(MODELS) * len(FEATURES)}")
     pairs = [(m, f) for f in FEATURES for m in MODELS][:args.pairs]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    print(context())
+    print(harness.context())
     with tempfile.TemporaryDirectory() as tmp:
         journal, size, pickle_s = suggest_curve(*pairs[0], args.curve, args, Path(tmp))
         memory, _, _ = suggest_curve(*pairs[0], args.curve, args, Path(tmp),
                                      optuna.storages.InMemoryStorage())
-        ray.init(address="local", num_cpus=args.slots, include_dashboard=False,
-                 configure_logging=False, log_to_driver=False)
-        try:
+        with harness.local_ray(num_cpus=args.slots, log_to_driver=False):
             runs = [run_tuner(pairs, args, Path(tmp), f"keep{keep}", keep)
                     for keep in (1, args.keep_checkpoints)]
-        finally:
-            ray.shutdown()
     print(f"{args.slots} logical slots, {len(pairs)} pairs, {args.trials} trials, up to "
           f"{args.epochs} epochs of {args.epoch_s} s, at most {args.budget_s:.0f} s per run")
     pair = tuning.pair_name(*pairs[0])
@@ -305,9 +305,10 @@ def main() -> None:
             f"trials {a}-{b}: {1000 * c:.0f}" for a, b, c in r["cpu_growth"]))
     base, other = runs
     kept = other["keep"] or "any number of"
-    print(f"ratio {other['steady'] / max(1e-9, base['steady']):.2f} (steady utilisation, "
-          f"{kept} checkpoints kept per trial over 1); driver CPU per trial "
-          f"{(base['cpu'] / max(1, base['trials'])) / max(1e-9, other['cpu'] / max(1, other['trials'])):.1f}x lower")
+    print(f"driver CPU per trial {(base['cpu'] / max(1, base['trials'])) / max(1e-9, other['cpu'] / max(1, other['trials'])):.1f}x "
+          f"lower with {kept} checkpoints kept per trial than with 1")
+    print(harness.ratio(other["steady"] / max(1e-9, base["steady"]),
+                        f"steady utilisation, {kept} checkpoints kept per trial over 1"))
 
 
 if __name__ == "__main__":

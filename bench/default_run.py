@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import context
+from bench.harness import context
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOWN = ("val_loss", "val_acc", "test_acc", "test_track_acc", "epochs", "finished", "pruned")

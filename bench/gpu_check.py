@@ -44,7 +44,7 @@ import torch
 from ray import tune
 
 from bench import gpu_sharing
-from bench.common import context
+from bench.harness import context
 from genre_ray import config, training
 from genre_ray.export import export_name
 from genre_ray.features import FeatureSet, batch_augmentation, build_features
@@ -52,7 +52,7 @@ from genre_ray.models import build_model
 from genre_ray.search_space import first_point
 from genre_ray.synthetic import embedded_dataset
 from genre_ray.trainable import STATE_FILE, load_trial_state, on_cpu
-from tests.cluster import free_port, kill_node, start_node, wait_for_nodes
+from bench.cluster import free_port, kill_node, start_node, wait_for_nodes
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL, FEATURE = gpu_sharing.MODEL, gpu_sharing.FEATURE  # CEL: dropout
@@ -91,7 +91,7 @@ def tensor_devices(obj: Any) -> set[str]:
 
 @contextlib.contextmanager
 def ray_head(folder: Path, cpus: int, gpus: int) -> Iterator[tuple[str, dict[str, str]]]:
-    """A Ray head of its own (tests/cluster.py's way) with `gpus` (0 or 1) GPUs: yields its
+    """A Ray head of its own (bench/cluster.py's way) with `gpus` (0 or 1) GPUs: yields its
     address and the environment a process joining it needs."""
     env = {**os.environ, "RAY_AUTH_MODE": "token", **(gpu_sharing.one_gpu() if gpus else {})}
     address = f"127.0.0.1:{free_port()}"

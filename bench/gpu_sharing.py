@@ -27,25 +27,20 @@ measured in the same run.
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import dataclasses
 import os
 import statistics
 import tempfile
 from pathlib import Path
-from typing import Iterator
 from unittest import mock
 
-import ray
 import torch
 from optuna.distributions import CategoricalDistribution
 
-from bench.common import context
-from genre_ray import config, tuning
+from bench import harness
+from genre_ray import config
 from genre_ray.features import FeatureSet, build_features
 from genre_ray.search_space import SearchSpace, load_space
-from genre_ray.synthetic import embedded_dataset
 from genre_ray.training import PRECISIONS
 from genre_ray.trainable import share
 
@@ -85,17 +80,13 @@ def one_point_space(precision: str) -> SearchSpace:
 def throughput(fs: FeatureSet, refs: dict, layout: Layout, precision: str, epochs: int,
                folder: Path) -> float:
     """Segments/s of `layout` in `precision`, as the module docstring defines it."""
-    run_dir = folder / f"{layout.trials}-{precision}"
     cfg = config.load(values={
         "search.num_samples": layout.trials, "search.max_epochs": epochs,
         "search.grace_period": epochs, "search.reduction_factor": 2,
         "search.n_startup_trials": 1, "run.seed": 0})
-    searcher, scheduler = tuning.build_search(
-        [(MODEL, FEATURE)], {MODEL: one_point_space(precision)}, cfg, run_dir.name,
-        tuning.optuna_storage(run_dir))
-    grid = tuning.fit(refs, searcher, scheduler, cfg, storage_path=str(folder), name=run_dir.name,
-                      num_trials=layout.trials, cpus_per_trial=layout.cpus,
-                      gpus_per_trial=layout.gpus, max_concurrent=layout.trials, verbose=0)
+    grid = harness.tune([(MODEL, FEATURE)], refs, cfg, folder, f"{layout.trials}-{precision}",
+                        layout.trials, spaces={MODEL: one_point_space(precision)},
+                        cpus_per_trial=layout.cpus, gpus_per_trial=layout.gpus)
     if grid.errors:
         raise RuntimeError(f"{layout}, {precision}: {grid.errors[0]}")
     segments = len(fs.splits["train"].x)
@@ -123,25 +114,15 @@ def mps_status() -> str:
             f"off (no control pipe in {pipe}): trials sharing a GPU time-slice it")
 
 
-@contextlib.contextmanager
-def local_ray(cpus: int, gpus: int) -> Iterator[None]:
-    """A new local Ray with `cpus` CPUs and `gpus` (0 or 1) GPUs, the GPU `one_gpu`'s."""
-    with mock.patch.dict(os.environ, one_gpu() if gpus else {}):  # what Ray's processes inherit
-        ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=False,
-                 configure_logging=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
 def measure(fs: FeatureSet, plan: list[Layout], epochs: int,
             repeats: int) -> dict[tuple[Layout, str], float]:
     """Segments/s of every (layout, precision) of `plan`, the best of `repeats` runs, on a
     local Ray holding `plan`'s first layout: every CPU and, with a GPU, `one_gpu`'s."""
     cases = [(layout, precision) for precision in PRECISIONS for layout in plan]
     rate = dict.fromkeys(cases, 0.0)
-    with local_ray(int(plan[0].cpus), int(plan[0].gpus)), tempfile.TemporaryDirectory() as tmp:
+    gpu_env = one_gpu() if plan[0].gpus else {}  # what Ray's processes inherit
+    with mock.patch.dict(os.environ, gpu_env), tempfile.TemporaryDirectory() as tmp, \
+            harness.local_ray(num_cpus=int(plan[0].cpus), num_gpus=int(plan[0].gpus)):
         refs = {fs.variant: share(fs)}
         for i in range(repeats):
             for case in cases[::-1] if i % 2 else cases:
@@ -150,16 +131,18 @@ def measure(fs: FeatureSet, plan: list[Layout], epochs: int,
     return rate
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = harness.parser(__doc__)
     parser.add_argument("--epochs", type=int, default=4, help="per trial; at least 2")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each case; the best counts")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.epochs, args.repeats = 2, 1
     if args.epochs < 2:
         parser.error("--epochs must be at least 2 (the first epoch is dropped)")
     gpu, cpus = torch.cuda.is_available(), os.cpu_count() or 1
-    fs = build_features(embedded_dataset(), FEATURE, config.load())
-    print(context())
+    fs = build_features(harness.dataset(args.smoke), FEATURE, config.load())
+    print(harness.context())
     print(f"NVIDIA MPS: {mps_status()}" if gpu else "no GPU found: running on the CPU")
     plan = layouts(cpus, gpu)
     rate = measure(fs, plan, args.epochs, args.repeats)
@@ -179,6 +162,7 @@ def print_table(rate: dict[tuple[Layout, str], float], one: Layout, shared: Layo
     print(f"{bf16} / {fp32}: "
           + ", ".join(f"{layout} {rate[layout, bf16] / rate[layout, fp32]:.2f}"
                       for layout in (one, shared)))
+    print(harness.ratio(rate[shared, fp32] / rate[one, fp32], f"{shared} over {one}, {fp32} seg/s"))
 
 
 if __name__ == "__main__":

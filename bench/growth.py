@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.common import context
+from bench.harness import context
 
 ROOT = Path(__file__).resolve().parents[1]
 

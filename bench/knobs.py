@@ -11,18 +11,16 @@ against the seed point's.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
 from pathlib import Path
 
-from bench.common import context
+from bench import harness
 from genre_ray import config
 from genre_ray.features import batch_augmentation, build_features
 from genre_ray.models import build_model
 from genre_ray.search_space import first_point
-from genre_ray.synthetic import embedded_dataset
 from genre_ray.training import Trainer, evaluate, seed_everything
 
 
@@ -44,8 +42,8 @@ def trained(data_dir: Path, run: config.Config, model: str, feature: str, hyper:
     return min(m["val_loss"] for m in history), test.accuracy, seconds
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = harness.parser(__doc__)
     parser.add_argument("--data-dir", type=Path, help="default: the embedded dataset")
     parser.add_argument("--split", default="random")
     parser.add_argument("--model", default="CEL2")
@@ -54,21 +52,25 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--change", nargs="+", default=[], type=json.loads,
                         help="JSON objects of keys to change, one per variant")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.epochs, args.seeds, args.change = 1, [0], [{"dropout_prob": 0.1}]
     run = config.load(values={"split.kind": args.split})
-    data_dir = args.data_dir or embedded_dataset()
-    print(context())
+    data_dir = args.data_dir or harness.dataset(args.smoke)
+    print(harness.context())
     print(f"{args.model} on {args.feature}, {args.epochs} epochs, seeds {args.seeds}, {data_dir}")
-    base = None
+    base = loss = None
     for change in [{}, *args.change]:
         rows = [trained(data_dir, run, args.model, args.feature, change, seed, args.epochs)
                 for seed in args.seeds]
-        seconds = sum(r[2] for r in rows)
-        base = base or seconds
+        seconds, mean_loss = sum(r[2] for r in rows), sum(r[0] for r in rows) / len(rows)
+        base, loss = base or seconds, loss or mean_loss
         print(f"{json.dumps(change) if change else 'seed point':<40} best val loss "
               f"{' / '.join(f'{r[0]:.3f}' for r in rows)}; test acc "
               f"{' / '.join(f'{r[1]:.3f}' for r in rows)}; time {seconds / base:.2f} x the seed point's",
               flush=True)
+    print(harness.ratio(mean_loss / loss, "best val loss, mean over seeds, the last change over "
+                        "the seed point"))
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-from bench.common import context
+from bench.harness import context
 from genre_ray import config
 from genre_ray.synthetic import embedded_dataset
 

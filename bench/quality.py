@@ -32,7 +32,7 @@ from pathlib import Path
 
 from bench import realistic
 from bench.baseline import logistic_baseline
-from bench.common import context
+from bench.harness import context
 from genre_ray import config
 from genre_ray.features import build_features
 from genre_ray.synthetic import embedded_dataset

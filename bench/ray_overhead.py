@@ -14,27 +14,25 @@ Goal: ratio >= 0.9.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import ray
 import torch
 
-from bench.common import context
+from bench import harness
 from genre_ray import config, tuning
 from genre_ray.features import FeatureSet, batch_augmentation, build_features
 from genre_ray.models import build_model
-from genre_ray.search_space import first_point, load_space
-from genre_ray.synthetic import embedded_dataset
+from genre_ray.search_space import first_point
 from genre_ray.tracking import wandb_callback
-from genre_ray.training import Trainer, seed_everything
 from genre_ray.trainable import share
+from genre_ray.training import Trainer, seed_everything
 
 PAIRS = [("CEL", "spectrogram"), ("MLP", "waveform")]
+SMOKE = {"pairs": [("CEL", "spectrogram")], "epochs": 2}  # the first epoch is not counted
 
 
 def plain_epochs(model_name: str, fs: FeatureSet, epochs: int) -> list[float]:
@@ -51,50 +49,43 @@ def plain_epochs(model_name: str, fs: FeatureSet, epochs: int) -> list[float]:
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
-def trial_epochs(model_name: str, fs: FeatureSet, epochs: int, cpus: int, wandb: str,
+def trial_epochs(model_name: str, fs: FeatureSet, ref, epochs: int, cpus: int, wandb: str,
                  folder: Path) -> list[float]:
     """Seconds per epoch (Tune's time_this_iter_s) of one trial of the real Tuner."""
-    pair = [(model_name, fs.feature)]
-    run_dir = folder / tuning.pair_name(model_name, fs.feature)
+    name = tuning.pair_name(model_name, fs.feature)
     cfg = config.load(values={
         "search.num_samples": 1, "search.max_epochs": epochs, "search.grace_period": epochs,
         "search.reduction_factor": 2, "search.n_startup_trials": 1, "run.seed": 0})
-    searcher, scheduler = tuning.build_search(pair, {model_name: load_space(model_name)}, cfg,
-                                              run_dir.name, tuning.optuna_storage(run_dir))
-    callbacks = (wandb_callback("offline", project="bench", run_dir=run_dir, classes=fs.classes)
+    callbacks = (wandb_callback("offline", project="bench", run_dir=folder / name, classes=fs.classes)
                  if wandb == "offline" else [])
-    grid = tuning.fit({fs.variant: share(fs)}, searcher, scheduler, cfg, storage_path=str(folder),
-                      name=run_dir.name, num_trials=1, cpus_per_trial=cpus, gpus_per_trial=0,
-                      max_concurrent=1, callbacks=callbacks, verbose=0)
+    grid = harness.tune([(model_name, fs.feature)], {fs.variant: ref}, cfg, folder, name, 1,
+                        callbacks=callbacks, cpus_per_trial=cpus)
     return grid[0].metrics_dataframe["time_this_iter_s"].tolist()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = harness.parser(__doc__)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--wandb", choices=["offline", "off"], default="offline")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    vars(args).update({"pairs": PAIRS, **(SMOKE if args.smoke else {})})
     torch.set_num_threads(args.cpus)
-    data_dir = embedded_dataset()
-    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, configure_logging=False)
-    print(context())
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            for model_name, feature in PAIRS:
-                fs = build_features(data_dir, feature, config.load())
-                plain = plain_epochs(model_name, fs, args.epochs)[1:]
-                trial = trial_epochs(model_name, fs, args.epochs, args.cpus, args.wandb,
-                                     Path(tmp))[1:]
-                plain += plain_epochs(model_name, fs, args.epochs)[1:]
-                rate = {side: len(fs.splits["train"].x) / statistics.median(times)
-                        for side, times in (("plain", plain), ("trial", trial))}
-                print(f"{model_name} on {feature}: plain loop {rate['plain']:.0f} seg/s, "
-                      f"Tune trial {rate['trial']:.0f} seg/s (W&B {args.wandb}), "
-                      f"ratio {rate['trial'] / rate['plain']:.2f} (goal >= 0.9)", flush=True)
-    finally:
-        ray.shutdown()
-
+    with harness.local_ray(num_cpus=args.cpus) as slots, tempfile.TemporaryDirectory() as tmp:
+        print(harness.context())
+        cpus = min(args.cpus, slots)  # a Ray already up (the smoke test's) may have fewer
+        for model_name, feature in args.pairs:
+            fs = build_features(harness.dataset(args.smoke), feature, config.load())  # the first point's
+            plain = plain_epochs(model_name, fs, args.epochs)[1:]
+            trial = trial_epochs(model_name, fs, share(fs), args.epochs, cpus, args.wandb,
+                                 Path(tmp))[1:]
+            plain += plain_epochs(model_name, fs, args.epochs)[1:]
+            rate = {side: len(fs.splits["train"].x) / statistics.median(times)
+                    for side, times in (("plain", plain), ("trial", trial))}
+            print(f"{model_name} on {feature}: plain loop {rate['plain']:.0f} seg/s, "
+                  f"Tune trial {rate['trial']:.0f} seg/s (W&B {args.wandb})", flush=True)
+            print(harness.ratio(rate["trial"] / rate["plain"], "Tune trial over plain loop",
+                                0.9, at_least=True), flush=True)
 
 if __name__ == "__main__":
     main()

@@ -19,28 +19,23 @@ epochs' accuracies is mostly the luckiest.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import tempfile
 from pathlib import Path
 
 import optuna
-import ray
 from ray import tune
 from ray.tune.schedulers import FIFOScheduler
 
-from bench.common import context
+from bench import harness
 from genre_ray import config, tuning
-from genre_ray.checks import feature_variants
-from genre_ray.features import build_variants
 from genre_ray.search_space import load_space
-from genre_ray.synthetic import embedded_dataset
-from genre_ray.trainable import share
 
 
 # The baseline's sampler seed is offset: TPE's startup trials draw from a RandomSampler of
 # the run's seed, and the same stream would hand both sides the same first configurations.
 RANDOM_STREAM = 1_000_003
+SMOKE = {"model": "MLP", "trials": 2, "max_epochs": 1}
 
 
 class EpochBudget(tune.Stopper):
@@ -82,45 +77,41 @@ def epochs_in_order(grid) -> list[tuple[float, float]]:
     return [(loss, acc) for _, loss, acc in sorted(rows)]
 
 
-def search(kind: str, model: str, feature: str, args, ref, folder: Path,
+def search(kind: str, model: str, feature: str, args, refs, folder: Path,
            slots: int) -> list[tuple[float, float]]:
     cfg = config.load(values={
         "search.max_epochs": args.max_epochs, "run.seed": args.seed,
         "search.num_samples": args.trials if kind == "random" else 10 * args.trials})
-    storage = tuning.optuna_storage(folder / kind)
-    searcher, scheduler = (random_fifo(model, feature, cfg, kind, storage) if kind == "random" else
-                           tuning.build_search([(model, feature)], {model: load_space(model)}, cfg,
-                                               kind, storage))
-    grid = tuning.fit(ref, searcher, scheduler, cfg, storage_path=str(folder), name=kind,
-                      num_trials=cfg.search.num_samples, cpus_per_trial=1, gpus_per_trial=0,
-                      max_concurrent=slots, verbose=0,
-                      stop=EpochBudget(args.trials * args.max_epochs))
+    stop = EpochBudget(args.trials * args.max_epochs)
+    if kind == "random":
+        searcher, scheduler = random_fifo(model, feature, cfg, kind, tuning.optuna_storage(folder / kind))
+        grid = tuning.fit(refs, searcher, scheduler, cfg, storage_path=str(folder), name=kind,
+                          num_trials=cfg.search.num_samples, cpus_per_trial=1, gpus_per_trial=0,
+                          max_concurrent=slots, verbose=0, stop=stop)
+    else:
+        grid = harness.tune([(model, feature)], refs, cfg, folder, kind, slots, stop=stop)
     for result in grid.errors:
         print(f"{kind}: a trial failed: {type(result).__name__}: {str(result)[:300]}")
     return epochs_in_order(grid)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = harness.parser(__doc__)
     parser.add_argument("--model", default="CEL")
     parser.add_argument("--feature", default="spectrogram")
     parser.add_argument("--trials", type=int, default=10, help="the baseline's trials")
     parser.add_argument("--max-epochs", type=int, default=config.load().search.max_epochs)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    cfg = config.load()
-    pair = [(args.model, args.feature)]
-    sets = build_variants(embedded_dataset(), feature_variants(pair, {args.model: load_space(args.model)}, cfg), cfg)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        vars(args).update(SMOKE)
     budget = args.trials * args.max_epochs
-    ray.init(address="local", include_dashboard=False, configure_logging=False)
-    print(context())
-    try:
-        slots, ref = int(ray.cluster_resources()["CPU"]), {fs.variant: share(fs) for fs in sets.values()}
-        with tempfile.TemporaryDirectory() as tmp:
-            rows = {kind: search(kind, args.model, args.feature, args, ref, Path(tmp), slots)
-                    for kind in ("random", "tpe")}
-    finally:
-        ray.shutdown()
+    with harness.local_ray() as slots, tempfile.TemporaryDirectory() as tmp:
+        print(harness.context())
+        _, refs = harness.shared_features([(args.model, args.feature)], config.load(),
+                                          harness.dataset(args.smoke))
+        rows = {kind: search(kind, args.model, args.feature, args, refs, Path(tmp), slots)
+                for kind in ("random", "tpe")}
     epochs = {kind: len(r) for kind, r in rows.items()}
     best = {kind: min(r) for kind, r in rows.items()}
     needed = next(i + 1 for i, row in enumerate(rows["tpe"]) if row[0] <= best["random"][0]
@@ -132,9 +123,8 @@ def main() -> None:
     if needed is None:
         print("TPE + ASHA did not match random's best within the budget (goal <= 1/3)")
     else:
-        print(f"TPE + ASHA matched random's best after {needed} trial-epochs: "
-              f"ratio {needed / budget:.2f} of the budget (goal <= 0.33)")
-
+        print(harness.ratio(needed / budget, "trial-epochs TPE + ASHA needed to match random's "
+                            "best, over the budget", 0.33))
 
 if __name__ == "__main__":
     main()

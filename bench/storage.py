@@ -4,7 +4,7 @@
     python -m bench.storage --smoke    # one pair on a tiny synthetic set: checks the bench
 
 1. Wall time of the default run (W&B off) with --storage-path a local path, a file://
-   URI and s3:// on a local S3 server (moto's server mode, tests/s3.py, through pyarrow's
+   URI and s3:// on a local S3 server (moto's server mode, bench/s3.py, through pyarrow's
    S3 filesystem as on AWS), one after the other on one warmed cache. Ratios over the
    local path; goals: file:// <= 1.03, s3:// <= 1.10.
 2. A lost head: the default run on s3:// SIGKILLed (driver and its local Ray) once half
@@ -31,9 +31,9 @@ import optuna
 import pyarrow.fs as pafs
 from optuna.trial import TrialState
 
-from bench.common import context
+from bench.harness import context
 from genre_ray.synthetic import generate
-from tests.s3 import s3_server
+from bench.s3 import s3_server
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ["--models", "MLP", "--features", "spectrogram", "--num-samples", "4", "--max-epochs", "4"]

@@ -7,14 +7,13 @@ busy machine the wall figures mean little; CPU seconds per track hold.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import resource
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import context
+from bench import harness
 from genre_ray.synthetic import GENRES, generate
 
 
@@ -32,22 +31,23 @@ def seconds_to_generate(tracks_per_genre: int, seconds: float, workers: int) -> 
         return time.perf_counter() - start, cpu_seconds() - cpu
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = harness.parser(__doc__)
     parser.add_argument("--tracks-per-genre", type=int, default=10)
     parser.add_argument("--seconds", type=float, default=30.0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.tracks_per_genre, args.seconds = 1, 2.0
     cores = os.cpu_count() or 1
     tracks = args.tracks_per_genre * len(GENRES)
-    print(context())
+    print(harness.context())
     print(f"{tracks} tracks of {args.seconds:g} s")
     wall = {}
     for workers in sorted({1, cores}):
         wall[workers], cpu = seconds_to_generate(args.tracks_per_genre, args.seconds, workers)
         print(f"{workers} worker(s): {wall[workers]:.2f} s, {wall[workers] * workers / tracks:.3f} s per track "
               f"per core; CPU {cpu:.1f} s, {cpu / tracks:.3f} s per track (less if others load the cores)")
-    ratio = wall[cores] / wall[1]
-    print(f"ratio {cores} workers/1 worker = {ratio:.3f} ({1 / ratio:.2f}x faster); goal ~1/{cores}")
+    print(harness.ratio(wall[cores] / wall[1], f"{cores} workers over 1, wall", 1 / cores))
 
 
 if __name__ == "__main__":

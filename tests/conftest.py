@@ -8,6 +8,12 @@ from typing import Iterator
 
 import pytest
 
+# The suite keeps more threads busy than this 2-core machine has (two workers, each with
+# Ray's trials and their torch threads); OpenMP threads that spin while they wait for work,
+# their default, take the cores from the others: about a tenth of the suite's CPU time.
+# Set before any test imports torch, and inherited by every process the tests start.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 # README's test command runs two pytest-xdist workers (pytest.ini); each takes whole
 # modules (their tests share module-scoped runs), the slowest first, so that neither
 # waits alone on a long module at the end. The modules that start clusters with `ray
@@ -77,8 +83,8 @@ def isolated_cache(tmp_path_factory, monkeypatch) -> Path:
 
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory):
-    """A real S3 server on 127.0.0.1 (tests/s3.py), started once for the session."""
-    from tests.s3 import s3_server
+    """A real S3 server on 127.0.0.1 (bench/s3.py), started once for the session."""
+    from bench.s3 import s3_server
 
     with s3_server(tmp_path_factory.mktemp("s3")) as server:
         yield server

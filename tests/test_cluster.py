@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import RAY_TMP, kill_node, two_node_cluster
+from bench.cluster import RAY_TMP, kill_node, two_node_cluster
 from tests.helpers import REPO, make_tree
 
 pytestmark = pytest.mark.slow  # real multi-node Ray clusters

@@ -1,5 +1,6 @@
 """The modules of genre_ray import each other without a cycle, counting imports inside
-functions too: each stage reads in one direction."""
+functions too: each stage reads in one direction. So do the packages: tests/ imports
+bench/, never the other way."""
 from __future__ import annotations
 
 import ast
@@ -47,3 +48,23 @@ def test_no_module_imports_itself_through_others():
 def test_the_cycle_finder_finds_one():
     assert cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert cycle({"a": {"b"}, "b": set()}) is None
+
+
+def packages_imported(path: Path) -> set[str]:
+    """The top-level packages `path` imports, anywhere in it."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 0:
+            found.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+    return found
+
+
+def test_benches_never_import_the_tests():
+    """Tests import bench/ (its cluster and S3 helpers, its benches); the other way would
+    make the two packages one cycle."""
+    bench = PACKAGE.parent / "bench"
+    importing = sorted(p.name for p in bench.glob("*.py") if "tests" in packages_imported(p))
+    assert importing == []
+    assert "bench" in packages_imported(PACKAGE.parent / "tests" / "test_cluster.py")

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import RAY, two_node_cluster
+from bench.cluster import RAY, two_node_cluster
 from tests.helpers import REPO, make_tree
-from tests.s3 import s3_server
+from bench.s3 import s3_server
 
 pytestmark = pytest.mark.slow  # a real cluster and jobs
 

@@ -1,5 +1,5 @@
 """A run kept in its storage, as a team runs one: a bucket (s3:// on a real S3 server on
-127.0.0.1, tests/s3.py, through pyarrow's S3 filesystem as on AWS) and, the same way, a
+127.0.0.1, bench/s3.py, through pyarrow's S3 filesystem as on AWS) and, the same way, a
 file:// folder. One run is taken through every stop a cluster knows, each continued by
 the same command from a new empty working folder and a new cache (a fresh head):
 
@@ -35,7 +35,7 @@ from optuna.trial import TrialState
 
 from genre_ray import export
 from tests.helpers import ONE_SLOT, REPO, make_tree, read_run, run_main
-from tests.s3 import S3
+from bench.s3 import S3
 
 pytestmark = pytest.mark.slow  # whole runs of tune_main.py
 PAIRS, SAMPLES, EPOCHS = ["MLP_spectrogram", "CEL_spectrogram"], 4, 12

@@ -1,4 +1,4 @@
-"""A real S3 server on 127.0.0.1 for tests: moto's server mode (moto_server), speaking the
+"""A real S3 server on 127.0.0.1 for tests and benches: moto's server mode (moto_server), speaking the
 S3 protocol to pyarrow's S3 filesystem and boto3 as AWS does, with IAM authentication on:
 a `writer` (s3:*) and a `reader` (get and list only) with their own keys. Clients reach it
 through a TCP relay that a test can stop and start again: the server goes away for its
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from tests.cluster import free_port
+from bench.cluster import free_port
 
 REGION = "us-east-1"
 SETUP_ACTIONS = 6  # requests moto takes without signatures: two users, their policies, keys
