@@ -19,7 +19,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # waits alone on a long module at the end. The modules that start clusters with `ray
 # start` are one unit, run one after another: a cluster's nodes take ports as they start.
 CLUSTER_MODULES = ("test_cluster", "test_job", "test_gpu_check")
-SLOWEST_FIRST = ("clusters", "test_storage", "test_resume", "test_grow", "test_bad_luck",
+SLOWEST_FIRST = ("clusters", "test_storage", "test_resume", "test_grow", "test_bench", "test_bad_luck",
                  "test_memory", "test_two_runs", "test_tracking", "test_feature_search",
                  "test_tuning", "test_cost", "test_tune_main", "test_bad_inputs")
 
