@@ -70,7 +70,7 @@ def layouts(cpus: int, gpu: bool) -> list[Layout]:
 
 def one_point_space(precision: str) -> SearchSpace:
     """MODEL's first point on FEATURE, plus `precision`, as a space of single choices:
-    every trial trains the same configuration (on the seed's front end, `fs`)."""
+    every trial trains the same configuration (on the first point's front end, `fs`)."""
     space = load_space(MODEL).of(FEATURE)
     point = {**space.first_point, "precision": precision}
     return dataclasses.replace(space, first_point=point, distributions={

@@ -1,13 +1,13 @@
-"""One knob at a time: the seed point against the seed point with one key changed, for one
+"""One knob at a time: the first point against the first point with one key changed, for one
 architecture on one feature, without Ray (the table in search_spaces/CEL.yaml comes from it).
 
     python -m bench.knobs --data-dir D --split D/split.json --model CEL2 \\
         --change '{"dropout_prob": 0.1}' '{"n_mels": 128}' '{"freq_mask": 0, "time_mask": 0}'
 
 Each change (any key a search space may search, front end included: its features are built
-and cached like a run's) trains from the same seeds as the seed point; it prints the best
+and cached like a run's) trains from the same seeds as the first point; it prints the best
 validation loss per seed, the test accuracy at the last epoch, and the seconds per run
-against the seed point's.
+against the first point's.
 """
 from __future__ import annotations
 
@@ -65,12 +65,12 @@ def main(argv: list[str] | None = None) -> None:
                 for seed in args.seeds]
         seconds, mean_loss = sum(r[2] for r in rows), sum(r[0] for r in rows) / len(rows)
         base, loss = base or seconds, loss or mean_loss
-        print(f"{json.dumps(change) if change else 'seed point':<40} best val loss "
+        print(f"{json.dumps(change) if change else 'first point':<40} best val loss "
               f"{' / '.join(f'{r[0]:.3f}' for r in rows)}; test acc "
-              f"{' / '.join(f'{r[1]:.3f}' for r in rows)}; time {seconds / base:.2f} x the seed point's",
+              f"{' / '.join(f'{r[1]:.3f}' for r in rows)}; time {seconds / base:.2f} x the first point's",
               flush=True)
     print(harness.ratio(mean_loss / loss, "best val loss, mean over seeds, the last change over "
-                        "the seed point"))
+                        "the first point"))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Tuning that pays: does the search find CNNs that clearly beat a linear
-baseline, and configurations that beat the seed point, at a fixed budget?
+baseline, and configurations that beat the first point, at a fixed budget?
 
     python -m bench.quality [--sets realistic embedded] [--seeds 0 1 2]
                             [--num-samples 3] [--max-epochs 8] [--grace-period 2]
@@ -10,11 +10,11 @@ For each set and seed, `tune_main.py` tunes the CEL family on spectrograms (the 
 laggards; the trial-epochs actually trained are printed), with the seed as the run's
 seed (its split too, on a random split). Then on the same split and training segments:
 the baseline, a logistic regression on each segment's log-mel mean and standard
-deviation (bench.baseline). Printed: per pair, the seed point's best validation loss
+deviation (bench.baseline). Printed: per pair, the first point's best validation loss
 beside the winner's and which won; per set, the best pair's test error (the pair with the
 lowest validation loss, as a user would pick it) over the baseline's, per segment (goal
 <= 0.5) and per track (goal <= 1); and in how many pairs a searched configuration beat the
-seed point (goal: 2 of 3, in each seed).
+first point (goal: 2 of 3, in each seed).
 
 Sets: `realistic` is bench/realistic.py's (20 tracks per genre of 30 s, its own 60/20/20
 split; generated once into the cache), `embedded` the default run's dataset.
@@ -86,10 +86,10 @@ def report(name: str, seed: int, found: dict) -> dict[str, float]:
     print(f"\n{name}, seed {seed}: {found['epochs']} trial-epochs trained")
     print(f"{'pair':<18}{'seed val_loss':>14}{'best val_loss':>14}{'winner':>12}{'test':>7}{'track':>7}")
     for r in rows:
-        print(f"{r['pair']:<18}{float(r['seed_val_loss']):>14.3f}{float(r['val_loss']):>14.3f}"
+        print(f"{r['pair']:<18}{float(r['first_point_val_loss']):>14.3f}{float(r['val_loss']):>14.3f}"
               f"{r['winner']:>12}{float(r['test_acc']):>7.3f}{float(r['test_track_acc']):>7.3f}")
     best = min(rows, key=lambda r: float(r["val_loss"]))
-    searched = sum(r["winner"] == "searched" and float(r["val_loss"]) < float(r["seed_val_loss"])
+    searched = sum(r["winner"] == "searched" and float(r["val_loss"]) < float(r["first_point_val_loss"])
                    for r in rows)
     figures = {"segment": (1 - float(best["test_acc"])) / max(1 - base["test"], 1e-9),
                "track": (1 - float(best["test_track_acc"])) / max(1 - base["test_track"], 1e-9),
@@ -97,7 +97,7 @@ def report(name: str, seed: int, found: dict) -> dict[str, float]:
     print(f"{'logistic baseline':<18}{'':>40}{base['test']:>7.3f}{base['test_track']:>7.3f}")
     print(f"best pair by val loss {best['pair']}: test error / baseline's = {figures['segment']:.2f} "
           f"per segment (goal <= 0.5), {figures['track']:.2f} per track (goal <= 1); "
-          f"searched beat the seed point in {searched} of {len(rows)} pairs (goal >= 2)")
+          f"searched beat the first point in {searched} of {len(rows)} pairs (goal >= 2)")
     return figures
 
 
@@ -123,7 +123,7 @@ def main() -> None:
         mean = {k: statistics.mean(f[k] for f in figures) for k in ("segment", "track")}
         held = sum(f["searched"] >= 2 for f in figures)
         print(f"\n{name}: mean test error / baseline's {mean['segment']:.2f} per segment, "
-              f"{mean['track']:.2f} per track; searched beat the seed point in >= 2 pairs in "
+              f"{mean['track']:.2f} per track; searched beat the first point in >= 2 pairs in "
               f"{held} of {len(figures)} seeds\n" + json.dumps({"set": name, **mean, "seeds_held": held}))
 
 

@@ -3,9 +3,9 @@
     python -m bench.search [--model CEL] [--feature spectrogram] [--trials 10] [--max-epochs 8] [--seed 0]
 
 The baseline samples `--trials` configurations of the pair's search space at random
-(Optuna's RandomSampler, no seed point) and trains each for `--max-epochs` epochs (FIFO:
+(Optuna's RandomSampler, no first point) and trains each for `--max-epochs` epochs (FIFO:
 nothing is stopped early): a budget of trials x max_epochs trial-epochs. genre_ray's
-side is the real tuner of one pair (the seed point first, then seeded TPE, ASHA as in
+side is the real tuner of one pair (the first point first, then seeded TPE, ASHA as in
 defaults.yaml) given as many trials as it can start, stopped when it has used the same
 budget. Both run on the embedded dataset with the machine's CPUs as trial slots.
 

@@ -39,7 +39,7 @@ from genre_ray.config import Config, cache_dir
 from genre_ray.errors import UserError
 
 FEATURES = ("waveform", "spectrogram")
-ALIASES = {"spectogram": "spectrogram"}  # the seed notebook's spelling
+ALIASES = {"spectogram": "spectrogram"}  # the original notebook's spelling
 # Bump when the computation changes, so old entries are not reused; tests/test_features.py
 # holds a fingerprint of the computation per version and fails until it is bumped. 4: the
 # batched phase-vocoder augmentation (its change had kept 3, so older entries were reused).

@@ -135,9 +135,9 @@ def pair_comparison(rows: list[dict[str, Any]], path: Path) -> Path:
 
 
 def importance(rows: list[dict[str, Any]], path: Path) -> Path:
-    """One panel per pair of its hyperparameters' importances (bars), titled with the seed
-    point's val loss beside the winner's PNG; rows: {pair, importance: {name: value},
-    seed_val_loss, val_loss, winner}. A pair without importances says so."""
+    """One panel per pair of its hyperparameters' importances (bars), titled with the first
+    point's val loss beside the winner's; rows: {pair, importance: {name: value},
+    first_point_val_loss, val_loss, winner}. A pair without importances says so."""
     if not rows:
         raise ValueError("importance needs at least one pair")
     cols = min(3, len(rows))
@@ -152,8 +152,8 @@ def importance(rows: list[dict[str, Any]], path: Path) -> Path:
                     style="italic", transform=ax.transAxes)
             ax.set_yticks([])
         ax.set_xlim(0, 1)
-        seed, best = (_loss(row.get(k)) for k in ("seed_val_loss", "val_loss"))
-        ax.set_title(f"{row['pair']}: seed {seed}, best {best} ({row.get('winner') or '-'})", fontsize=9)
+        first, best = (_loss(row.get(k)) for k in ("first_point_val_loss", "val_loss"))
+        ax.set_title(f"{row['pair']}: first point {first}, best {best} ({row.get('winner') or '-'})", fontsize=9)
         ax.tick_params(labelsize=8)
     fig.supxlabel("importance to validation loss (Optuna PED-ANOVA)", fontsize=9)
     return _save(fig, path)

@@ -8,7 +8,7 @@ context, `<run>/leaderboard.csv` the same rows, and `tune_main.py` prints it. Pl
 in `<run>/plots/`: per pair its test confusion matrix and its best trial's learning
 curves; for the run, validation vs test accuracy of every pair, every trial's
 validation loss by epoch (ASHA-stopped trials visible), and each pair's hyperparameter
-importances beside its seed point's score. The leaderboard says too whether the seed point
+importances beside its first point's score. The leaderboard says too whether the first point
 (the search space's first_point) or a searched configuration won each pair. Accuracy
 against cost: every trial's best validation loss and latency (cost.Cost), the Pareto
 front of each feature across its pairs in `<run>/pareto.csv`, `leaderboard.md` and
@@ -34,7 +34,7 @@ from genre_ray.files import atomic_path
 from genre_ray.trials import COST_KEYS, EXCLUDED, FAILED, FINISHED, PRUNED, TrialRecord, of_pair
 
 COLUMNS = ["pair", "test_track_acc", "test_acc", "test_macro_f1", "val_acc", "val_loss",
-           "seed_val_loss", "winner", "params", "latency_ms", "pareto", "epochs", "finished",
+           "first_point_val_loss", "winner", "params", "latency_ms", "pareto", "epochs", "finished",
            "pruned", "failed", "excluded", "cpu_s", "gpu_s", "trial_id", "config", "importance"]
 # pareto.csv: the trials of each feature's Pareto front (validation loss vs latency)
 PARETO_COLUMNS = ["feature", "pair", "trial_id", "val_loss", "latency_ms", "latency_ms_b64",
@@ -63,8 +63,8 @@ class PairResult:
     trial_id: str = ""
     epochs: int = 0
     history: list[dict[str, float]] = field(default_factory=list)  # best trial, per epoch
-    seed_val_loss: float = math.nan  # the seed point's (the search space's first_point) best
-    winner: str = ""  # "seed point" when it is the exported trial, else "searched"
+    first_point_val_loss: float = math.nan  # the first point's (the search space's first_point) best
+    winner: str = ""  # "first point" when it is the exported trial, else "searched"
     importance: dict[str, float] = field(default_factory=dict)  # hyperparameter -> importance
     excluded: int = 0  # over a cost limit: ended untrained (cost.violations)
     latency_ms: float = math.nan  # the export's, per 5 s segment at batch 1 (cost.Cost)
@@ -75,7 +75,7 @@ class PairResult:
         return {"pair": self.pair, "test_track_acc": test.get("track_accuracy", math.nan),
                 "test_acc": test.get("accuracy", math.nan),
                 "test_macro_f1": test.get("macro_f1", math.nan), "val_acc": self.val_acc,
-                "val_loss": self.val_loss, "seed_val_loss": self.seed_val_loss,
+                "val_loss": self.val_loss, "first_point_val_loss": self.first_point_val_loss,
                 "winner": self.winner, "params": self.params, "latency_ms": self.latency_ms,
                 "pareto": self.pareto, "epochs": self.epochs, "finished": self.finished,
                 "pruned": self.pruned, "failed": self.failed, "excluded": self.excluded,
@@ -115,15 +115,15 @@ def pair_result(pair: str, records: list[TrialRecord], export: PairExport | None
                 first_point: dict[str, Any], importance: dict[str, float],
                 per_trial: tuple[float, float], costs: dict[str, dict[str, Any]]) -> PairResult:
     """A pair's leaderboard row: its trials' outcomes and cost, its export, and whether the
-    seed point (the search space's first_point) or a searched configuration won."""
+    first point (the search space's first_point) or a searched configuration won."""
     ended = Counter(r.outcome for r in records)
     busy = sum(r.busy_s for r in records)
     trial_id = export.exported.trial_id if export else ""
-    seed = [r for r in records if TrialKeys.split(r.config)[1] == first_point and r.scored]
+    first = [r for r in records if TrialKeys.split(r.config)[1] == first_point and r.scored]
     row = PairResult(pair, ended[FINISHED], ended[PRUNED], ended[FAILED], busy * per_trial[0],
                      busy * per_trial[1], excluded=ended[EXCLUDED], importance=importance,
-                     seed_val_loss=seed[0].best_val_loss if seed else math.nan,
-                     winner=("seed point" if seed[0].trial_id == trial_id else "searched") if seed else "")
+                     first_point_val_loss=first[0].best_val_loss if first else math.nan,
+                     winner=("first point" if first[0].trial_id == trial_id else "searched") if first else "")
     if export is None:
         return row
     best = next(r for r in records if r.trial_id == trial_id)
@@ -254,7 +254,7 @@ def write_plots(run_dir: Path, results: list[PairResult], classes: list[str],
                   for r in ranked(results)]
     paths.append(plots.pair_comparison(comparison, folder / "comparison.png"))
     paths.append(plots.importance([{"pair": r.pair, "importance": r.importance, "val_loss": r.val_loss,
-                                    "seed_val_loss": r.seed_val_loss, "winner": r.winner}
+                                    "first_point_val_loss": r.first_point_val_loss, "winner": r.winner}
                                    for r in results], folder / "importance.png"))
     if trials:  # none when every trial failed before its first epoch
         paths.append(plots.search_view(trials, folder / "search.png", max_epochs))

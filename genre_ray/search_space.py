@@ -248,7 +248,7 @@ def _section(model: str, feature: str | None, doc: dict[str, Any], prefix: str,
 def first_point(model: str, directory: Path | None = None,
                 feature: str | None = None) -> dict[str, Any]:
     """The first configuration to evaluate for `model` (on `feature`, with its section's
-    keys): the seed notebook's hand-picked one."""
+    keys): the original notebook's hand-picked one."""
     space = load_space(model, directory)
     return dict((space.of(feature) if feature else space).first_point)
 

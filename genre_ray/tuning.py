@@ -292,7 +292,7 @@ def build_search(pairs: list[tuple[str, str]], spaces: dict[str, SearchSpace], c
 
     `round_` > 0: a run grown by `cfg.search.num_samples` more trials per pair. Each study
     goes on (Optuna loads it: TPE models every earlier trial, none is rerun), without the
-    seed point (round 0 ran it) and with samplers seeded anew for the round; a trial an
+    first point (round 0 ran it) and with samplers seeded anew for the round; a trial an
     interrupted driver had asked for and never told is told FAIL first.
 
     With a cost limit (search.max_latency_ms, max_params), TPE samples under Optuna's
@@ -567,7 +567,7 @@ def tune_round(cfg: Config, sets: dict[str, Any], pairs: list[tuple[str, str]],
 def _round_search(cfg: Config, pairs: list[tuple[str, str]], spaces: dict[str, SearchSpace],
                   run_: runs.Run) -> tuple[PairSearcher, PairScheduler]:
     """A new round's searcher and scheduler. The first round's over a fresh Optuna journal
-    (one left by a start that never reached its Tuner would hold its seed points a second
+    (one left by a start that never reached its Tuner would hold its first points a second
     time); a later round's go on with the pairs' studies in the run's journal."""
     if run_.round == 0:
         run_.folder.reset_journal()

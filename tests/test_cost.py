@@ -89,7 +89,7 @@ def test_limits_name_what_is_over_and_tell_optuna_only_a_violation():
 
 @pytest.mark.slow  # a whole tune_main run
 def test_a_limit_excludes_every_trial_over_it_from_training_and_export(tmp_path):
-    """MLP whose seed point (nodes 128) is over --max-params and whose other trials may not
+    """MLP whose first point (nodes 128) is over --max-params and whose other trials may not
     be: one trial slot, so the seeded search is the same every time (seed 2: trials 2 and 3
     draw 64 and 128)."""
     spaces = tmp_path / "spaces"

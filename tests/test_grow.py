@@ -93,7 +93,7 @@ def test_a_grown_run_has_n_more_trials_per_pair_in_its_studies_none_rerun(grown)
         assert len(after[pair]) == FIRST + MORE
         assert after[pair][:FIRST] == before["studies"][pair]  # the earlier trials, as they were
         seed = load_space(pair.split("_")[0]).of("spectrogram").first_point
-        assert [t[1] for t in after[pair]].count(seed) == 1  # the seed point is not run again
+        assert [t[1] for t in after[pair]].count(seed) == 1  # the first point is not run again
         assert all(state in ("COMPLETE", "PRUNED") for _, _, state, _ in after[pair])
 
 

@@ -12,7 +12,7 @@ from genre_ray.errors import UserError
 from genre_ray.models import MODELS, ConvNet, build_model, count_parameters, model_keys
 from tests.helpers import arch
 
-# Every architecture key at the seed notebook's settings (the waveform stem's: defaults.yaml's);
+# Every architecture key at the original notebook's settings (the waveform stem's: defaults.yaml's);
 # what a trial of each model builds at its first point (held equal below).
 SEED_CONFIG = {"nodes": 64, "hidden_layers": 3, "dropout_prob": 0.3, "dense_layers": 2,
                "stem_kernel": 512, "stem_stride": 256, "pooling": "mean"}

@@ -68,8 +68,8 @@ def importances() -> list[dict]:
         share = rng.dirichlet(np.ones(len(names)))
         rows.append({"pair": pair, "importance": dict(sorted(zip(names, share.round(3).tolist()),
                                                              key=lambda kv: -kv[1])),
-                     "seed_val_loss": float(rng.uniform(0.5, 1.5)), "val_loss": float(rng.uniform(0.3, 1.0)),
-                     "winner": "searched" if p % 2 else "seed point"})
+                     "first_point_val_loss": float(rng.uniform(0.5, 1.5)), "val_loss": float(rng.uniform(0.3, 1.0)),
+                     "winner": "searched" if p % 2 else "first point"})
     rows[-1].update(importance={}, val_loss=math.nan, winner="")
     return rows
 

@@ -1,5 +1,5 @@
 """Export and report as functions of a run's trial records, on records made by hand: the
-leaderboard's rows, the seed point's score and who won, costs and the Pareto front, the
+leaderboard's rows, the first point's score and who won, costs and the Pareto front, the
 search plot's trials, the best checkpoint, the run's files and plots. No Ray starts."""
 from __future__ import annotations
 
@@ -77,17 +77,17 @@ def test_the_export_fills_the_row_with_its_best_trials_scores_and_curves():
     assert row.row()["config"] == '{"learning_rate": 0.01}'
 
 
-@pytest.mark.parametrize("exported, winner", [("seed", "seed point"), ("other", "searched")])
-def test_the_seed_points_best_loss_ignores_nan_and_says_whether_it_won(exported, winner):
-    records = [record("seed", PRUNED, [0.9, math.nan, 0.6], hyper=FIRST),
+@pytest.mark.parametrize("exported, winner", [("first", "first point"), ("other", "searched")])
+def test_the_first_points_best_loss_ignores_nan_and_says_whether_it_won(exported, winner):
+    records = [record("first", PRUNED, [0.9, math.nan, 0.6], hyper=FIRST),
                record("other", FINISHED, [0.8, 0.5])]
     row, _ = row_of(records, {PAIR: pair_export(exported)})
-    assert (row.seed_val_loss, row.winner) == (0.6, winner)
+    assert (row.first_point_val_loss, row.winner) == (0.6, winner)
 
 
-def test_without_a_seed_trial_that_scored_there_is_no_winner():
-    row, _ = row_of([record("seed", EXCLUDED, [], hyper=FIRST)], {PAIR: None})
-    assert math.isnan(row.seed_val_loss) and row.winner == ""
+def test_without_a_first_point_trial_that_scored_there_is_no_winner():
+    row, _ = row_of([record("first", EXCLUDED, [], hyper=FIRST)], {PAIR: None})
+    assert math.isnan(row.first_point_val_loss) and row.winner == ""
 
 
 def test_costs_are_the_trials_that_scored_and_measured_their_cost():
@@ -163,7 +163,7 @@ def test_a_runs_files_and_plots_are_written_from_the_rows(tmp_path):
     files += report.write_plots(tmp_path, rows, ["a", "b"], report.search_trials(records), 4, costs)
     with open(tmp_path / "leaderboard.csv", newline="") as f:
         [board] = list(csv.DictReader(f))
-    assert (board["pair"], board["winner"], board["seed_val_loss"], board["pareto"]) == \
+    assert (board["pair"], board["winner"], board["first_point_val_loss"], board["pareto"]) == \
         (PAIR, "searched", "1.2", "yes")
     assert {p.name for p in files} == {"leaderboard.md", "leaderboard.csv", "pareto.csv",
                                        f"{PAIR}_confusion.png", f"{PAIR}_curves.png", "comparison.png",

@@ -196,7 +196,7 @@ def test_a_continued_trial_goes_on_in_its_own_wandb_run(resumed):
 
 
 @pytest.mark.slow
-def test_each_optuna_study_holds_every_trial_once_and_its_seed_point_once(resumed):
+def test_each_optuna_study_holds_every_trial_once_and_its_first_point_once(resumed):
     base, _, _ = resumed
     storage = JournalStorage(JournalFileBackend(str(base / "runs" / "r" / "optuna.journal")))
     for model in MODELS:

@@ -15,7 +15,7 @@ from genre_ray.search_space import (NOT_SEARCHABLE, SPACES_DIR, SearchSpace, fir
                                     parse_space)
 from tests.helpers import arch
 
-# The seed notebook's hand-picked configurations, as the issue states them: the spec.
+# The original notebook's hand-picked configurations, as the issue states them: the spec.
 _CEL = {"learning_rate": 0.001, "batch_size": 32, "nodes": 64, "hidden_layers": 3,
         "dropout_prob": 0.3, "dense_layers": 2, "optimizer": "adam", "weight_decay": 0.0,  # the seed's Adam: no decay
         "mixup": 0.0}

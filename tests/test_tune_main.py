@@ -68,7 +68,7 @@ def test_exports_load_safely_and_reproduce_the_reported_val_accuracy(job):
         assert (base / "runs" / "job" / "best_models" / path.name).is_file()  # the run's copy
 
 
-def test_each_pair_has_a_study_with_the_seed_point_first(job):
+def test_each_pair_has_a_study_with_the_first_point_first(job):
     base, _, _ = job
     storage = JournalStorage(JournalFileBackend(str(base / "runs" / "job" / "optuna.journal")))
     for model, feature in PAIRS:
@@ -138,8 +138,8 @@ def test_leaderboard_has_a_row_per_pair_ranked_by_test_track_accuracy(job):
     assert report.table([]).splitlines()[0] in md and report.table([]).splitlines()[0] in out.stdout
 
 
-def test_leaderboard_sets_each_pairs_winner_beside_its_seed_point_with_importances(job):
-    """The seed point is the trial run at the search space's first_point: its best val loss,
+def test_leaderboard_sets_each_pairs_winner_beside_its_first_point_with_importances(job):
+    """The first point is the trial run at the search space's first_point: its best val loss,
     from the trial's own results, and whether it is the exported winner."""
     base, _, _ = job
     run = base / "runs" / "job"
@@ -150,8 +150,8 @@ def test_leaderboard_sets_each_pairs_winner_beside_its_seed_point_with_importanc
         trials = {p.parent: json.loads(p.read_text()) for p in run.glob(f"{model}_{feature}_*/params.json")}
         [folder] = [d for d, c in trials.items() if {k: c[k] for k in space.first_point} == space.first_point]
         losses = [json.loads(line)["val_loss"] for line in (folder / "result.json").read_text().splitlines()]
-        assert float(row["seed_val_loss"]) == pytest.approx(min(losses))
-        assert row["winner"] == ("seed point" if folder.name.endswith(row["trial_id"]) else "searched")
+        assert float(row["first_point_val_loss"]) == pytest.approx(min(losses))
+        assert row["winner"] == ("first point" if folder.name.endswith(row["trial_id"]) else "searched")
         importance = json.loads(row["importance"])
         assert set(importance) == set(space.distributions) and sum(importance.values()) == pytest.approx(1, abs=0.01)
 

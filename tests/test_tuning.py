@@ -50,7 +50,7 @@ def run(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_each_pair_has_its_own_study_with_the_seed_point_first(run):
+def test_each_pair_has_its_own_study_with_the_first_point_first(run):
     grid, storage, spaces = run
     for model, feature in PAIRS:
         study = optuna.load_study(study_name=f"test-run/{model}_{feature}", storage=storage)
