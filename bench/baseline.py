@@ -4,7 +4,7 @@
 
 Baseline: scikit-learn's LogisticRegression on each segment's log-mel mean and std
 over time per mel band (2 x n_mels numbers), standardised. CNN: the CEL family on the
-full spectrogram at the seed's settings, trained with genre_ray's loop; its epoch of
+full spectrogram at the notebook's settings, trained with genre_ray's loop; its epoch of
 best validation loss is scored. Both see the same track-level split (val and test
 tracks never in training) and the same augmented training segments. The dataset must
 be learnable but not trivial: the baseline clearly above chance (10 %) and clearly
@@ -23,7 +23,8 @@ from sklearn.preprocessing import StandardScaler
 
 from bench import harness
 from genre_ray import config
-from genre_ray.features import FeatureSet, batch_augmentation, build_features
+from genre_ray.features import FeatureSet, build_features
+from genre_ray.transforms import batch_augmentation
 from genre_ray.models import build_model
 from genre_ray.search_space import first_point
 from genre_ray.training import Trainer, evaluate, seed_everything, track_accuracy

@@ -47,7 +47,8 @@ from bench import gpu_sharing
 from bench.harness import context
 from genre_ray import config, training
 from genre_ray.export import export_name
-from genre_ray.features import FeatureSet, batch_augmentation, build_features
+from genre_ray.features import FeatureSet, build_features
+from genre_ray.transforms import batch_augmentation
 from genre_ray.models import build_model
 from genre_ray.search_space import first_point
 from genre_ray.synthetic import embedded_dataset

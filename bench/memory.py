@@ -211,7 +211,7 @@ def one_batch(trial: dict[str, Any], shape: list[int], n_classes: int) -> tuple[
     """Train the trial's model for 2 s on one evaluation batch of random inputs, as the
     trainable does: (this worker's pid, bytes of those inputs)."""
     import torch
-    from genre_ray.features import batch_augmentation
+    from genre_ray.transforms import batch_augmentation
     from genre_ray.models import build_model
     from genre_ray.trainable import on_cpu
     from genre_ray.training import Trainer

@@ -2,7 +2,7 @@
 
     python -m bench.ray_overhead [--epochs 6] [--cpus 2] [--wandb offline|off]
 
-For CEL on spectrograms and MLP on waveforms at the seed's cfg, the same model
+For CEL on spectrograms and MLP on waveforms at the notebook's cfg, the same model
 trains for `--epochs` epochs three times: with the plain loop (`Trainer.fit`, what
 `python -m genre_ray.training` runs), then as one trial of the real Tuner (features from
 the object store, a report every epoch, checkpoints at ASHA's rungs and the last epoch, W&B logging),
@@ -24,7 +24,8 @@ import torch
 
 from bench import harness
 from genre_ray import config, tuning
-from genre_ray.features import FeatureSet, batch_augmentation, build_features
+from genre_ray.features import FeatureSet, build_features
+from genre_ray.transforms import batch_augmentation
 from genre_ray.models import build_model
 from genre_ray.search_space import first_point
 from genre_ray.tracking import wandb_callback

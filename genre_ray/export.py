@@ -25,7 +25,8 @@ from torch import nn
 
 from genre_ray import audio, config, data
 from genre_ray.errors import UserError
-from genre_ray.features import FeatureSet, FeatureSplit, compute_feature, variant_of
+from genre_ray.features import FeatureSet, FeatureSplit, variant_of
+from genre_ray.transforms import compute_feature
 from genre_ray.files import atomic_path
 from genre_ray.models import build_model, count_parameters
 from genre_ray.training import evaluate, track_accuracy
@@ -160,7 +161,7 @@ class Exported:
     @torch.no_grad()
     def probabilities(self, segments: np.ndarray) -> np.ndarray:
         """The mean of the segments' softmax: (n, samples) -> (n_classes,). The same
-        `features.compute_feature` as the training data."""
+        `transforms.compute_feature` as the training data."""
         x = compute_feature(torch.from_numpy(segments), self.feature, self.sample_rate,
                             self.feature_params, self.stats)
         if list(x.shape[1:]) != list(self.input_shape):

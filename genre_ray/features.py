@@ -1,9 +1,8 @@
-"""Stage features: waveform | log-mel spectrogram, augmentation, and their disk cache.
+"""Stage features: the feature store. Each feature set of a dataset, built once and cached.
 
     segments (data)  -> time stretch + pitch shift copies of training segments (once)
-                     -> `waveform`: per-segment standardised samples      (n, samples)
-                     -> `spectrogram`: MelSpectrogram -> AmplitudeToDB ->
-                        per-mel-band standardisation with training stats  (n, n_mels, frames)
+                     -> each feature's transform (genre_ray.transforms), then normalised
+                        with the training split's statistics
 
 Features are built streaming: the audio is decoded, augmented and turned into every
 requested feature a chunk of segments at a time, each appended to its cache entry
@@ -12,9 +11,8 @@ are then normalised in a second streamed pass over the entry. Entries are keyed 
 dataset's files (names, sizes, mtimes), the split, every parameter and the library
 versions, written atomically with checksums, and read back as memory maps: loading a
 cached feature set copies nothing into memory, and a corrupt entry is reported and
-rebuilt. Masking (spectrogram) and noise (waveform) are applied on the fly to training
-batches, on the device, by `batch_augmentation`. `compute_feature` is the one path from
-segments to model input: the cached splits and `genre_ray.predict` both go through it.
+rebuilt. The transforms are genre_ray.transforms' `FrontEnd`, the one path from segments
+to model input that `genre_ray.predict` and the ONNX export run too.
 """
 from __future__ import annotations
 
@@ -30,34 +28,22 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 import torchaudio
-import torchaudio.transforms as T
 
 from genre_ray import cache as cache_entry
 from genre_ray import data
 from genre_ray.augment import augment
 from genre_ray.config import Config, cache_dir
-from genre_ray.errors import UserError
+from genre_ray.transforms import canonical_feature, compute_feature, normalise, unit_stats, unnormalised
 
-FEATURES = ("waveform", "spectrogram")
-ALIASES = {"spectogram": "spectrogram"}  # the original notebook's spelling
-# Bump when the computation changes, so old entries are not reused; tests/test_features.py
-# holds a fingerprint of the computation per version and fails until it is bumped. 4: the
-# batched phase-vocoder augmentation (its change had kept 3, so older entries were reused).
-# 5: a random split deals only tracks that decode (a header that reads is not enough), so a
-# set holding such a file splits otherwise; the computation itself is 4's.
+# Bump when the computation or the split changes, so old entries are not reused;
+# tests/test_features.py holds a fingerprint of the computation per version and fails
+# until it is bumped.
 CACHE_VERSION = 5
-CHUNK = data.CHUNK  # segments per transform call: bounds peak memory
+CHUNK = data.CHUNK  # segments decoded and built at a time: bounds peak memory
 
 log = logging.getLogger(__name__)
 
 
-def canonical_feature(name: str) -> str:
-    """The feature's canonical name; accepts the seed's `spectogram`."""
-    name = ALIASES.get(name, name)
-    if name not in FEATURES:
-        raise UserError(f"unknown feature {name!r}; choose one of {', '.join(FEATURES)} "
-                        "(`spectogram` is accepted for spectrogram)")
-    return name
 
 
 @dataclass
@@ -191,84 +177,6 @@ def _entries(data_dir: Path, variants: list[Variant], cfg: Config,
     return entries
 
 
-# ---- computation -----------------------------------------------------------------
-
-def standardise(waves: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Zero mean, unit variance per segment; silence stays zero: (n, samples) -> same."""
-    std, mean = torch.std_mean(waves, dim=1, keepdim=True)
-    return (waves - mean).div_(std.clamp_min(eps))
-
-
-class Standardise(torch.nn.Module):
-    """`standardise` as a module: (n, samples) -> same."""
-
-    def forward(self, waves: torch.Tensor) -> torch.Tensor:
-        return standardise(waves)
-
-
-class LogMel(torch.nn.Module):
-    """Log-mel spectrogram in dB, each item clamped to its own top_db:
-    (n, samples) -> (n, n_mels, frames)."""
-
-    def __init__(self, sample_rate: int, n_fft: int, hop_length: int, n_mels: int,
-                 f_min: float, top_db: float) -> None:
-        super().__init__()
-        self.mel = T.MelSpectrogram(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length,
-                                    n_mels=n_mels, f_min=f_min)
-        self.to_db = T.AmplitudeToDB(stype="power", top_db=top_db)
-
-    def forward(self, waves: torch.Tensor) -> torch.Tensor:
-        # (n, 1, mels, frames): AmplitudeToDB applies top_db per item only with a channel dim
-        return self.to_db(self.mel(waves).unsqueeze(1)).squeeze(1)
-
-
-def transform(feature: str, sample_rate: int, params: dict[str, Any]) -> torch.nn.Module:
-    """A feature's transform before normalisation: (n, samples) -> (n, *input_shape)."""
-    return LogMel(sample_rate, **params) if feature == "spectrogram" else Standardise()
-
-
-class FrontEnd(torch.nn.Module):
-    """A feature's whole front end, its training statistics' normalisation included:
-    (n, samples) -> (n, *input_shape), the model's input. `stats`: FeatureSet.stats."""
-
-    def __init__(self, feature: str, sample_rate: int, params: dict[str, Any],
-                 stats: dict[str, torch.Tensor]) -> None:
-        super().__init__()
-        self.feature = canonical_feature(feature)
-        self.transform = transform(self.feature, sample_rate, params)
-        self.stat_names = sorted(stats)
-        for name, value in stats.items():
-            self.register_buffer(name, value.detach().clone().float())
-
-    def forward(self, waves: torch.Tensor) -> torch.Tensor:
-        stats = {name: getattr(self, name) for name in self.stat_names}
-        return _normalise(self.transform(waves), self.feature, stats)
-
-
-@torch.no_grad()
-def compute_feature(waves: torch.Tensor, feature: str, sample_rate: int,
-                    feature_params: dict[str, Any], stats: dict[str, torch.Tensor]) -> torch.Tensor:
-    """`feature` of segments, normalised with training `stats` (empty for waveform):
-    (n, samples) -> (n, *input_shape), a chunk at a time (bounds peak memory). The one path
-    from audio to model input, shared by the cached dataset features, `genre_ray.predict`
-    and the ONNX export (FrontEnd)."""
-    front = FrontEnd(feature, sample_rate, feature_params, stats)
-    return torch.cat([front(chunk) for chunk in waves.split(CHUNK)])
-
-
-def _unnormalised(waves: torch.Tensor, feature: str, sample_rate: int,
-                  params: dict[str, Any]) -> torch.Tensor:
-    """`transform` of segments, a chunk at a time (bounds peak memory)."""
-    step = transform(feature, sample_rate, params)
-    return torch.cat([step(chunk) for chunk in waves.split(CHUNK)])
-
-
-def _normalise(x: torch.Tensor, feature: str, stats: dict[str, torch.Tensor]) -> torch.Tensor:
-    if feature == "waveform":
-        return x
-    return (x - stats["mean"][:, None]) / stats["std"][:, None].clamp_min(1e-5)
-
-
 @torch.no_grad()
 def _build(data_dir: Path, cfg: Config, entries: dict[str, tuple[str, dict[str, Any], Path]]) -> None:
     """Decode, augment and compute every variant of `entries` (_entries') in one pass over
@@ -285,7 +193,7 @@ def _build(data_dir: Path, cfg: Config, entries: dict[str, tuple[str, dict[str, 
                 if name == "train":
                     chunk = _augmented(chunk, rate, params["augment"], generator)
                 for feature, front, writer in writers.values():
-                    writer.append(f"{name}.x", _unnormalised(chunk.waves, feature, rate, front).numpy())
+                    writer.append(f"{name}.x", unnormalised(chunk.waves, feature, rate, front).numpy())
                     writer.append(f"{name}.labels", chunk.labels.numpy())
                     writer.append(f"{name}.track", chunk.track.numpy())
         segs = plan.finish()  # UserError here (a split or genre left without audio) aborts
@@ -323,7 +231,7 @@ def _normalise_entry(writer: cache_entry.Writer, feature: str) -> None:
     for name, x in raw.items():
         writer.drop(f"{name}.x")
         for rows in _rows(x):
-            writer.append(f"{name}.x", _normalise(rows, feature, stats).numpy())
+            writer.append(f"{name}.x", normalise(rows, feature, stats).numpy())
 
 
 def _streamed_stats(x: np.ndarray, feature: str) -> dict[str, torch.Tensor]:
@@ -345,11 +253,6 @@ def _rows(x: np.ndarray) -> Iterator[torch.Tensor]:
     """A memory-mapped array's rows, CHUNK at a time, each chunk read into memory."""
     for start in range(0, len(x), CHUNK):
         yield torch.from_numpy(np.array(x[start:start + CHUNK]))
-
-
-def unit_stats(feature: str) -> dict[str, torch.Tensor]:
-    """Statistics that leave a feature as it is (a probe of its shape needs some)."""
-    return {} if feature == "waveform" else {"mean": torch.zeros(1), "std": torch.ones(1)}
 
 
 def _feature_set(meta: dict[str, Any], arrays: dict[str, np.ndarray], from_cache: bool) -> FeatureSet:
@@ -381,36 +284,3 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-# ---- on-the-fly batch augmentation ------------------------------------------------
-
-class GaussianNoise(torch.nn.Module):
-    """Adds N(0, std^2) noise: (batch, ...) -> same."""
-
-    def __init__(self, noise_std: float) -> None:
-        super().__init__()
-        if noise_std < 0:
-            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
-        self.noise_std = noise_std
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.noise_std * torch.randn_like(x)
-
-
-class SpecMasking(torch.nn.Module):
-    """SpecAugment-style masks, drawn per item: (batch, n_mels, frames) -> same."""
-
-    def __init__(self, freq_mask: int, time_mask: int) -> None:
-        super().__init__()
-        self.masks = torch.nn.Sequential(T.FrequencyMasking(freq_mask, iid_masks=True),
-                                         T.TimeMasking(time_mask, iid_masks=True))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.masks(x.unsqueeze(1)).squeeze(1)  # iid masks need (batch, channel, ...)
-
-
-BATCH_AUGMENTATIONS = {"waveform": GaussianNoise, "spectrogram": SpecMasking}
-
-
-def batch_augmentation(feature: str, params: dict[str, Any]) -> torch.nn.Module:
-    """The on-the-fly training augmentation of a feature (`params`: config.BatchAugment.of)."""
-    return BATCH_AUGMENTATIONS[canonical_feature(feature)](**params)

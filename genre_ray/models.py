@@ -25,7 +25,7 @@ def is_int(value: Any) -> bool:
 
 
 class MLP(nn.Module):
-    """The seed's MLP: `(batch, *input_shape) -> (batch, n_classes)`, three linear layers."""
+    """The notebook's MLP: `(batch, *input_shape) -> (batch, n_classes)`, three linear layers."""
 
     def __init__(self, input_shape: tuple[int, ...], n_classes: int, nodes: int):
         super().__init__()
@@ -41,7 +41,7 @@ class MLP2(nn.Module):
     """`hidden_layers` blocks of [Linear, BatchNorm1d, ReLU, Dropout], then a linear head.
 
     `(batch, *input_shape) -> (batch, n_classes)`; the input width is derived from
-    `input_shape`, so spectrograms work too (the seed hard-coded the waveform length).
+    `input_shape`, so spectrograms work too (the notebook hard-coded the waveform length).
     """
 
     def __init__(self, input_shape: tuple[int, ...], n_classes: int,
@@ -65,7 +65,7 @@ class ConvNet(nn.Module):
     `hidden_layers` blocks is [conv (kernel 3, padding 1), BatchNorm, activation,
     MaxPool 2, Dropout]. Block i is `min(nodes, max(8, nodes // 2**(hidden_layers-1-i)))`
     channels wide, so the last is `nodes` wide: each pool quarters the area of a 2-D map,
-    so doubling channels keeps every block's cost about equal; at the seed's settings on
+    so doubling channels keeps every block's cost about equal; at the notebook's settings on
     a 64x108 spectrogram that is ~17M multiply-adds per item instead of ~85M at a constant
     width of 64, which matters on a 2-core CPU. 1-D input first goes through a strided stem
     conv (`stem_kernel`, `stem_stride`) as width-3 convs over 110,250 raw samples cost far
@@ -79,7 +79,7 @@ class ConvNet(nn.Module):
     what tells genres apart (averaging over frequency too made pure tones an octave apart
     indistinguishable). The head thus takes `stats * nodes * ceil(n_mels / 2**hidden_layers)`
     inputs (`stats * nodes` for waveforms; stats 1 or 2): small
-    whatever the clip length (the seed flattened conv maps into 100M-parameter heads).
+    whatever the clip length (the notebook flattened conv maps into 100M-parameter heads).
     Then `dense_layers` blocks of [Linear(-> nodes), activation, Dropout] and
     Linear(nodes, n_classes).
     """

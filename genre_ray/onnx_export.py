@@ -3,7 +3,7 @@
     `{model}_{feature}_best_model.onnx`: (batch, samples) float32 segments at the model's
     sample rate -> (batch, n_classes) genre probabilities
 
-The graph is cost.Served: the feature front end (features.FrontEnd: standardisation, or
+The graph is cost.Served: the feature front end (transforms.FrontEnd: standardisation, or
 MelSpectrogram + AmplitudeToDB and the training split's per-band statistics), the
 network and the softmax, so onnxruntime alone serves it (genre_ray.onnx_runtime). The
 export's metadata (onnx_runtime.META_KEY) is a JSON document: classes, cutting rule,
@@ -31,7 +31,7 @@ import torch
 from genre_ray import onnx_runtime
 from genre_ray.cost import Served
 from genre_ray.export import Exported, PairExport
-from genre_ray.features import FrontEnd
+from genre_ray.transforms import FrontEnd
 from genre_ray.files import atomic_path
 
 TOLERANCE = 1e-4  # max abs difference of a probability, onnxruntime vs PyTorch (seen: ~1e-7)

@@ -10,7 +10,7 @@ file's probabilities are the mean of its segments'. A clip shorter than one segm
 zero-padded to one, and the output says so.
 
 Runtimes (RUNTIMES): `torch` reads the .pth and runs each segment through the same
-`features.compute_feature` as the training data; `onnx` reads the .onnx beside it (one
+`transforms.compute_feature` as the training data; `onnx` reads the .onnx beside it (one
 graph, front end included) with onnxruntime, and never imports torch: this module
 imports a runtime only when it is chosen. The output is the same on both.
 

@@ -7,7 +7,7 @@ A file is data, not code (format documented at the top of `search_spaces/MLP.yam
       batch_size: {choice: [16, 32, 64]}
       hidden_layers: {int: [2, 4]}            # both ends included
       dropout_prob: {uniform: [0.0, 0.5]}
-    first_point: {learning_rate: 0.001, ...}  # the seed's configuration, evaluated first
+    first_point: {learning_rate: 0.001, ...}  # the notebook's configuration, evaluated first
     features:                                 # optional: what one feature's pairs search too
       spectrogram:
         params: {hop_length: {choice: [512, 1024]}, freq_mask: {int: [0, 16]}}

@@ -37,7 +37,8 @@ from ray import tune
 
 from genre_ray import config, cost
 from genre_ray.export import CHECKPOINT_METRIC
-from genre_ray.features import FeatureSet, FrontEnd, batch_augmentation, unit_stats, variant_of
+from genre_ray.features import FeatureSet, variant_of
+from genre_ray.transforms import FrontEnd, batch_augmentation, unit_stats
 from genre_ray.models import build_model
 from genre_ray.training import Diverged, Evaluation, Trainer, pick_device, seed_everything
 

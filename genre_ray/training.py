@@ -276,7 +276,8 @@ def resident(split: tuple[torch.Tensor, ...], device: torch.device,
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     """Train one model on one feature without Ray and print its per-epoch metrics."""
-    from genre_ray.features import batch_augmentation, build_features, canonical_feature
+    from genre_ray.features import build_features
+    from genre_ray.transforms import batch_augmentation, canonical_feature
     from genre_ray.models import build_model, count_parameters
     from genre_ray.search_space import first_point
 

@@ -29,7 +29,8 @@ import soundfile as sf
 import torch
 
 from genre_ray import config
-from genre_ray.features import FEATURES, build_features, probe_segments
+from genre_ray.features import build_features, probe_segments
+from genre_ray.transforms import FEATURES
 from genre_ray.models import build_model
 from genre_ray.onnx_export import export_onnx
 from genre_ray.onnx_runtime import META_KEY

@@ -15,7 +15,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
 from genre_ray import config, cost, export, report
-from genre_ray.features import FrontEnd, unit_stats
+from genre_ray.transforms import FrontEnd, unit_stats
 from genre_ray.models import build_model, count_parameters
 from tests.helpers import REPO, arch, make_tree
 

@@ -10,11 +10,12 @@ import pytest
 import soundfile as sf
 import torch
 
-from genre_ray import cache as cache_entry
+from genre_ray import cache as cache_entry, transforms
 from genre_ray import config, features
 from genre_ray.augment import augment
 from genre_ray.errors import UserError
-from genre_ray.features import LogMel, build_features
+from genre_ray.features import build_features
+from genre_ray.transforms import LogMel
 from genre_ray.files import atomic_path
 from tests.helpers import make_tree
 
@@ -32,7 +33,7 @@ def tree(tmp_path_factory):
 def built(tree, tmp_path_factory):
     """Both features of `tree`, computed once for the module's read-only tests."""
     cache = tmp_path_factory.mktemp("module-cache")
-    return {f: build_features(tree, f, CFG, cache=cache) for f in features.FEATURES}
+    return {f: build_features(tree, f, CFG, cache=cache) for f in transforms.FEATURES}
 
 
 def _peak_hz(wave: torch.Tensor) -> float:
@@ -59,7 +60,7 @@ def test_shapes_and_augmented_training_copies(built, feature, shape):
 
 def test_waveform_is_standardised_per_segment_and_silence_stays_finite():
     x = torch.cat([torch.randn(3, 1000) * 5 + 2, torch.zeros(1, 1000)])
-    z = features.standardise(x)
+    z = transforms.standardise(x)
     assert torch.allclose(z[:3].mean(dim=1), torch.zeros(3), atol=1e-5)
     assert torch.allclose(z[:3].std(dim=1), torch.ones(3), atol=1e-4)
     assert torch.equal(z[3], torch.zeros(1000))
@@ -100,7 +101,7 @@ def test_logmel_batch_equals_per_item():
 def test_cache_hit_recomputes_nothing(tree, isolated_cache):
     first = build_features(tree, "spectrogram", CFG)
     entries = {p: p.stat().st_mtime_ns for p in (isolated_cache / "features").iterdir()}
-    again = build_features(tree, "spectogram", CFG)  # the seed's spelling hits the same entry
+    again = build_features(tree, "spectogram", CFG)  # the notebook's spelling hits the same entry
     assert not first.from_cache and again.from_cache
     assert {p: p.stat().st_mtime_ns for p in (isolated_cache / "features").iterdir()} == entries
     for name, part in first.splits.items():
@@ -252,13 +253,13 @@ def test_unknown_feature_is_a_clear_error(tree):
 
 def test_batch_augmentations_keep_shape_and_mask_each_item_differently():
     torch.manual_seed(0)
-    spec = features.batch_augmentation("spectrogram", CFG.batch_augment.of("spectrogram"))
+    spec = transforms.batch_augmentation("spectrogram", CFG.batch_augment.of("spectrogram"))
     x = torch.ones(8, 64, 216)
     masked = spec(x)
     assert masked.shape == x.shape and (masked == 0).any()
     zero_cols = [(m == 0).all(dim=0).nonzero().flatten().tolist() for m in masked]
     assert len({tuple(c) for c in zero_cols}) > 1  # masks are drawn per item
-    noisy = features.batch_augmentation("waveform", CFG.batch_augment.of("waveform"))(torch.zeros(4, 1000))
+    noisy = transforms.batch_augmentation("waveform", CFG.batch_augment.of("waveform"))(torch.zeros(4, 1000))
     assert 0.005 < noisy.std().item() < 0.02
 
 
@@ -280,7 +281,7 @@ def computation_fingerprint() -> list[float]:
     cfg = config.load()
     waves = torch.cat([tones, augment(tones, 22050, dataclasses.asdict(cfg.augment),
                                       torch.Generator().manual_seed(0))])
-    rows = [features._unnormalised(waves, f, 22050, cfg.features.of(f)) for f in features.FEATURES]
+    rows = [transforms.unnormalised(waves, f, 22050, cfg.features.of(f)) for f in transforms.FEATURES]
     return [round(v, 6) for x in (waves, *rows) for v in x.abs().flatten(1).mean(dim=1).tolist()]
 
 

@@ -20,7 +20,7 @@ SHAPES = {"waveform": (110250,), "spectrogram": (64, 216)}
 CNNS = ["CEL", "CEL2", "CEL3"]
 # MLP on waveforms is 110250*64 + 64*64 + 64*10 (+ biases) ~ 7.06M parameters by design;
 # MLP2 adds BatchNorm and two 64x64 blocks. Everything else must stay far smaller: the
-# CNNs pool globally, so their size does not grow with the input (the seed's heads had 100M).
+# CNNs pool globally, so their size does not grow with the input (the notebook's heads had 100M).
 MAX_PARAMS = {"MLP": 10_000_000, "MLP2": 10_000_000,
               "CEL": 200_000, "CEL2": 200_000, "CEL3": 200_000}
 

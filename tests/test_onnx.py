@@ -70,7 +70,7 @@ def test_each_graph_matches_pytorch_on_real_segments_and_predicts_the_same_genre
         assert got.shape == (len(segments), len(GENRES)), pair
         assert np.abs(got - expected).max() <= onnx_export.TOLERANCE, pair
         assert (got.argmax(1) == expected.argmax(1)).all(), pair
-        # the torch runtime of predict (features.compute_feature, the training path) too
+        # the torch runtime of predict (transforms.compute_feature, the training path) too
         mean = saved.probabilities(segments.numpy())
         assert np.abs(graph.probabilities(segments.numpy()) - mean).max() <= onnx_export.TOLERANCE
 

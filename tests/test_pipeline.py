@@ -8,7 +8,8 @@ import pytest
 from torchaudio.datasets.gtzan import gtzan_genres
 
 from genre_ray import config, data, synthetic
-from genre_ray.features import batch_augmentation, build_features
+from genre_ray.features import build_features
+from genre_ray.transforms import batch_augmentation
 from genre_ray.models import build_model
 from genre_ray.training import Trainer, seed_everything
 from tests.helpers import run_module, trial_config
@@ -40,7 +41,7 @@ def test_a_short_cnn_run_beats_chance_by_a_wide_margin(small):
     so count at worst 20 independent guesses: 0.35 needs 7 right, and
     P(Binomial(20, 0.1) >= 7) = 0.24 %, 2.4 % even after looking at 10 epochs. Measured
     here: 0.45-0.52 by epoch 10 (bench/baseline.py shows the full-size run)."""
-    cfg = trial_config("CEL")  # defaults.yaml with CEL's first point: the seed's configuration
+    cfg = trial_config("CEL")  # defaults.yaml with CEL's first point: the notebook's configuration
     fs = build_features(small, "spectrogram", cfg)
     seed_everything(0)
     model = build_model("CEL", fs.input_shape, len(fs.classes), dataclasses.asdict(cfg.model))

@@ -8,7 +8,8 @@ import torch
 
 from genre_ray import config, training
 from genre_ray.errors import UserError
-from genre_ray.features import batch_augmentation, build_features
+from genre_ray.features import build_features
+from genre_ray.transforms import batch_augmentation
 from genre_ray.models import build_model
 from genre_ray.training import Diverged, Trainer, evaluate
 from tests.helpers import make_tree, run_main, trial_config
