@@ -27,7 +27,7 @@ from genre_ray import config, export, runs
 from genre_ray.errors import UserError
 from genre_ray.search_space import load_space
 from genre_ray.storage import Storage, storage
-from tests.helpers import ONE_SLOT, REPO, make_tree, read_run, record_of
+from tests.helpers import REPO, make_tree, read_run, record_of
 
 MODELS, SAMPLES = ["MLP", "CEL"], 4
 
@@ -43,10 +43,12 @@ def project_copy(base: Path) -> Path:
 
 
 def command(base, *extra: str) -> list[str]:
+    """The chain's command, on two trial slots (not tests.helpers.ONE_SLOT): the Ctrl-C must
+    find a trial running, whose W&B run the continued run goes on."""
     return [sys.executable, str(base / "project" / "tune_main.py"), "--data-dir", str(base / "data"),
             "--models", *MODELS, "--features", "spectrogram", "--num-samples", str(SAMPLES),
             "--max-epochs", "5", "--storage-path", str(base / "runs"), "--name", "r",
-            "--output-dir", str(base / "best"), "--wandb", "offline", *ONE_SLOT, *extra]
+            "--output-dir", str(base / "best"), "--wandb", "offline", *extra]
 
 
 def done_trials(run_dir) -> dict[str, str]:
