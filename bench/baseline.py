@@ -24,10 +24,10 @@ from sklearn.preprocessing import StandardScaler
 from bench import harness
 from genre_ray import config
 from genre_ray.features import FeatureSet, build_features
-from genre_ray.transforms import batch_augmentation
 from genre_ray.models import build_model
 from genre_ray.search_space import first_point
 from genre_ray.training import Trainer, evaluate, seed_everything, track_accuracy
+from genre_ray.transforms import batch_augmentation
 
 
 def summary(x: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,8 @@ the machine's other load, and 1 / it is the trial rate one driver core sustains.
 Two Tuners run one after the other on the same Ray, each for at most `--budget-s`
 seconds of tuning (a run that has not finished its trials by then is stopped: rates are
 compared over the same wall time): the baseline keeps one checkpoint per trial,
-which makes Tune snapshot the experiment after every checkpoint; the other keeps `--keep-checkpoints` (default: make_tuner's, 2). Printed per run: utilisation (busy
+which makes Tune snapshot the experiment after every checkpoint; the other keeps
+`--keep-checkpoints` (default: make_tuner's, 2). Printed per run: utilisation (busy
 trial-seconds over wall x slots, tuning.utilisation; "steady" counts from when every
 slot had started its first trial: starting 32 worker processes on a small machine is
 not the control plane), trials started per second, driver CPU per trial, and the time

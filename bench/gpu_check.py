@@ -48,11 +48,11 @@ from bench.harness import context
 from genre_ray import config, training
 from genre_ray.export import export_name
 from genre_ray.features import FeatureSet, build_features
-from genre_ray.transforms import batch_augmentation
 from genre_ray.models import build_model
 from genre_ray.search_space import first_point
 from genre_ray.synthetic import embedded_dataset
 from genre_ray.trainable import STATE_FILE, load_trial_state, on_cpu
+from genre_ray.transforms import batch_augmentation
 from bench.cluster import free_port, kill_node, start_node, wait_for_nodes
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,10 +19,10 @@ from pathlib import Path
 from bench import harness
 from genre_ray import config
 from genre_ray.features import build_features
-from genre_ray.transforms import batch_augmentation
 from genre_ray.models import build_model
 from genre_ray.search_space import first_point
 from genre_ray.training import Trainer, evaluate, seed_everything
+from genre_ray.transforms import batch_augmentation
 
 
 def trained(data_dir: Path, run: config.Config, model: str, feature: str, hyper: dict,

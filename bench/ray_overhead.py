@@ -25,12 +25,12 @@ import torch
 from bench import harness
 from genre_ray import config, tuning
 from genre_ray.features import FeatureSet, build_features
-from genre_ray.transforms import batch_augmentation
 from genre_ray.models import build_model
 from genre_ray.search_space import first_point
 from genre_ray.tracking import wandb_callback
 from genre_ray.trainable import share
 from genre_ray.training import Trainer, seed_everything
+from genre_ray.transforms import batch_augmentation
 
 PAIRS = [("CEL", "spectrogram"), ("MLP", "waveform")]
 SMOKE = {"pairs": [("CEL", "spectrogram")], "epochs": 2}  # the first epoch is not counted
@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"Tune trial {rate['trial']:.0f} seg/s (W&B {args.wandb})", flush=True)
             print(harness.ratio(rate["trial"] / rate["plain"], "Tune trial over plain loop",
                                 0.9, at_least=True), flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -13,9 +13,9 @@ from pathlib import Path
 from genre_ray import capacity, config, runs, storage
 from genre_ray.config import Config
 from genre_ray.features import Variant, estimated_bytes, variant_of
-from genre_ray.transforms import canonical_feature
 from genre_ray.files import writable_folder
 from genre_ray.search_space import SearchSpace, load_space, parse_space
+from genre_ray.transforms import canonical_feature
 
 
 @dataclass

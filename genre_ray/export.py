@@ -26,10 +26,10 @@ from torch import nn
 from genre_ray import audio, config, data
 from genre_ray.errors import UserError
 from genre_ray.features import FeatureSet, FeatureSplit, variant_of
-from genre_ray.transforms import compute_feature
 from genre_ray.files import atomic_path
 from genre_ray.models import build_model, count_parameters
 from genre_ray.training import evaluate, track_accuracy
+from genre_ray.transforms import compute_feature
 from genre_ray.trials import TrialRecord
 
 FORMAT = "genre-ray-model/2"  # 2: typed fields (sample_rate, segment_seconds, arch) at the top

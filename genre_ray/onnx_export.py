@@ -31,8 +31,8 @@ import torch
 from genre_ray import onnx_runtime
 from genre_ray.cost import Served
 from genre_ray.export import Exported, PairExport
-from genre_ray.transforms import FrontEnd
 from genre_ray.files import atomic_path
+from genre_ray.transforms import FrontEnd
 
 TOLERANCE = 1e-4  # max abs difference of a probability, onnxruntime vs PyTorch (seen: ~1e-7)
 OPSET = 18  # the dynamo exporter's default; onnxruntime 1.31 runs up to 23

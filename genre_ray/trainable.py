@@ -38,9 +38,9 @@ from ray import tune
 from genre_ray import config, cost
 from genre_ray.export import CHECKPOINT_METRIC
 from genre_ray.features import FeatureSet, variant_of
-from genre_ray.transforms import FrontEnd, batch_augmentation, unit_stats
 from genre_ray.models import build_model
 from genre_ray.training import Diverged, Evaluation, Trainer, pick_device, seed_everything
+from genre_ray.transforms import FrontEnd, batch_augmentation, unit_stats
 
 STATE_FILE = "trial_state.pt"
 LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None  # glibc

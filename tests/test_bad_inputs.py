@@ -30,11 +30,11 @@ import torch
 
 from genre_ray import config
 from genre_ray.features import build_features, probe_segments
-from genre_ray.transforms import FEATURES
 from genre_ray.models import build_model
 from genre_ray.onnx_export import export_onnx
 from genre_ray.onnx_runtime import META_KEY
 from genre_ray.search_space import SPACES_DIR
+from genre_ray.transforms import FEATURES
 from tests.helpers import REPO, arch, exported, make_tree, write_tone
 
 RATE = 22050

@@ -20,10 +20,8 @@ SMOKED = ["feature_cache", "synthetic", "baseline", "knobs", "serving", "search"
 
 @pytest.fixture(scope="module")
 def one_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False,
-             log_to_driver=False)
-    yield
-    ray.shutdown()
+    with harness.local_ray(num_cpus=2, log_to_driver=False):
+        yield
 
 
 @pytest.mark.parametrize("name", SMOKED)

@@ -15,8 +15,8 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
 from genre_ray import config, cost, export, report
-from genre_ray.transforms import FrontEnd, unit_stats
 from genre_ray.models import build_model, count_parameters
+from genre_ray.transforms import FrontEnd, unit_stats
 from tests.helpers import REPO, arch, make_tree
 
 # (name, feature, val_loss, latency_ms): a hand-built field with a known front

@@ -15,8 +15,8 @@ from genre_ray import config, features
 from genre_ray.augment import augment
 from genre_ray.errors import UserError
 from genre_ray.features import build_features
-from genre_ray.transforms import LogMel
 from genre_ray.files import atomic_path
+from genre_ray.transforms import LogMel
 from tests.helpers import make_tree
 
 RATE, SEG = 22050, 110250

@@ -9,9 +9,9 @@ from torchaudio.datasets.gtzan import gtzan_genres
 
 from genre_ray import config, data, synthetic
 from genre_ray.features import build_features
-from genre_ray.transforms import batch_augmentation
 from genre_ray.models import build_model
 from genre_ray.training import Trainer, seed_everything
+from genre_ray.transforms import batch_augmentation
 from tests.helpers import run_module, trial_config
 
 pytestmark = pytest.mark.slow  # trains a CNN on the embedded dataset

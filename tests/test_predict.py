@@ -21,9 +21,9 @@ import torch
 from genre_ray import config, data, export
 from genre_ray.export import Exported
 from genre_ray.features import build_features
-from genre_ray.transforms import compute_feature
 from genre_ray.models import build_model
 from genre_ray.training import Trainer, seed_everything
+from genre_ray.transforms import compute_feature
 from tests.helpers import GENRES, REPO, arch, exported, make_tree, run_main, trial_config, write_tone
 
 RATE = 22050

@@ -9,9 +9,9 @@ import torch
 from genre_ray import config, training
 from genre_ray.errors import UserError
 from genre_ray.features import build_features
-from genre_ray.transforms import batch_augmentation
 from genre_ray.models import build_model
 from genre_ray.training import Diverged, Trainer, evaluate
+from genre_ray.transforms import batch_augmentation
 from tests.helpers import make_tree, run_main, trial_config
 
 CONFIG = {"learning_rate": 0.001, "batch_size": 8, "nodes": 16, "hidden_layers": 2,
