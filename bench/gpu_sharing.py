@@ -1,6 +1,7 @@
 """GPU sharing and bf16: training throughput of one trial per GPU vs four at 0.25 GPU each.
 
     python -m bench.gpu_sharing [--epochs 4] [--repeats 2]
+    python -m bench.gpu_sharing --smoke    # fp32 only, 2 epochs, 1 run: checks the bench
 
 CEL on spectrograms of the embedded dataset trains for `--epochs` epochs as real trials
 of the Tuner (`tuning.fit`: features from the object store, a report every epoch,
@@ -114,11 +115,12 @@ def mps_status() -> str:
             f"off (no control pipe in {pipe}): trials sharing a GPU time-slice it")
 
 
-def measure(fs: FeatureSet, plan: list[Layout], epochs: int,
+def measure(fs: FeatureSet, plan: list[Layout], precisions: list[str], epochs: int,
             repeats: int) -> dict[tuple[Layout, str], float]:
-    """Segments/s of every (layout, precision) of `plan`, the best of `repeats` runs, on a
-    local Ray holding `plan`'s first layout: every CPU and, with a GPU, `one_gpu`'s."""
-    cases = [(layout, precision) for precision in PRECISIONS for layout in plan]
+    """Segments/s of every (layout, precision) of `plan` x `precisions`, the best of
+    `repeats` runs, on a local Ray holding `plan`'s first layout: every CPU and, with a
+    GPU, `one_gpu`'s."""
+    cases = [(layout, precision) for precision in precisions for layout in plan]
     rate = dict.fromkeys(cases, 0.0)
     gpu_env = one_gpu() if plan[0].gpus else {}  # what Ray's processes inherit
     with mock.patch.dict(os.environ, gpu_env), tempfile.TemporaryDirectory() as tmp, \
@@ -136,8 +138,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=4, help="per trial; at least 2")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each case; the best counts")
     args = parser.parse_args(argv)
+    precisions = list(PRECISIONS)
     if args.smoke:
-        args.epochs, args.repeats = 2, 1
+        args.epochs, args.repeats, precisions = 2, 1, precisions[:1]
     if args.epochs < 2:
         parser.error("--epochs must be at least 2 (the first epoch is dropped)")
     gpu, cpus = torch.cuda.is_available(), os.cpu_count() or 1
@@ -145,23 +148,25 @@ def main(argv: list[str] | None = None) -> None:
     print(harness.context())
     print(f"NVIDIA MPS: {mps_status()}" if gpu else "no GPU found: running on the CPU")
     plan = layouts(cpus, gpu)
-    rate = measure(fs, plan, args.epochs, args.repeats)
+    rate = measure(fs, plan, precisions, args.epochs, args.repeats)
     print(f"{MODEL} on {FEATURE}, {args.epochs} epochs per trial, best of {args.repeats} runs; "
           f"seg/s summed over a layout's trials")
     print_table(rate, *plan)
 
 
 def print_table(rate: dict[tuple[Layout, str], float], one: Layout, shared: Layout) -> None:
-    """Each figure against (one, fp32), then sharing's and bf16's ratios."""
+    """Each figure against (one, fp32), then sharing's ratios, and bf16's where measured."""
     fp32, bf16 = PRECISIONS
+    measured = [p for p in PRECISIONS if (one, p) in rate]
     print(f"{'layout':<20}{'precision':<11}{'seg/s':>8}{f'vs {one}, {fp32}':>26}")
     for (layout, precision), value in rate.items():
         print(f"{str(layout):<20}{precision:<11}{value:>8.0f}{value / rate[one, fp32]:>26.2f}")
     print(f"sharing ({shared} / {one}): "
-          + ", ".join(f"{p} {rate[shared, p] / rate[one, p]:.2f}" for p in (fp32, bf16)))
-    print(f"{bf16} / {fp32}: "
-          + ", ".join(f"{layout} {rate[layout, bf16] / rate[layout, fp32]:.2f}"
-                      for layout in (one, shared)))
+          + ", ".join(f"{p} {rate[shared, p] / rate[one, p]:.2f}" for p in measured))
+    if bf16 in measured:
+        print(f"{bf16} / {fp32}: "
+              + ", ".join(f"{layout} {rate[layout, bf16] / rate[layout, fp32]:.2f}"
+                          for layout in (one, shared)))
     print(harness.ratio(rate[shared, fp32] / rate[one, fp32], f"{shared} over {one}, {fp32} seg/s"))
 
 
