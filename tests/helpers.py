@@ -8,6 +8,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +76,12 @@ def make_tree(root: Path, *, layout: str = "genres_original", ext: str = ".wav",
                               seconds, rate, channels)
             os.utime(path, (TREE_MTIME, TREE_MTIME))
     return root
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 where nothing answers (a W&B server out of reach)."""
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        return listening.getsockname()[1]  # closed on return
 
 
 def record_of(run_dir: Path) -> dict:

@@ -106,3 +106,14 @@ def test_commands_are_found_whole():
     assert commands(text) == [".venv/bin/python tune_main.py --name a --check",
                               "ray job submit --address X -- python tune_main.py --seed 1"]
     assert entry(shlex.split(commands(text)[1])) == "ray job submit"
+
+
+def test_every_test_the_docs_cite_exists():
+    """A test the docs name as what holds a behaviour (`tests/FILE.py::NAME`) is a test of
+    that file: a test renamed or moved must take its citations with it."""
+    cited = {(file, name) for doc in DOCS
+             for file, name in re.findall(r"tests/(\w+\.py)::(\w+)", doc.read_text())}
+    assert len(cited) > 20
+    missing = [f"tests/{file}::{name}" for file, name in sorted(cited)
+               if not re.search(rf"^def {name}\(", (REPO / "tests" / file).read_text(), re.MULTILINE)]
+    assert missing == []

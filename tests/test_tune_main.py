@@ -6,6 +6,7 @@ import base64
 import csv
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -22,30 +23,43 @@ from genre_ray import config, export, onnx_export, report
 from genre_ray.features import build_variants
 from genre_ray.search_space import load_space
 from genre_ray.training import evaluate, track_accuracy
-from tests.helpers import ONE_SLOT, REPO, make_tree, read_runs
+from tests.helpers import ONE_SLOT, REPO, make_tree, closed_port, read_runs, record_of
 
 pytestmark = pytest.mark.slow  # a whole tune_main run
 
 PAIRS = [("MLP", "spectrogram"), ("CEL", "spectrogram")]
 
 
-def tune_main(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "tune_main.py"), *args], cwd=cwd,
+def tune_main(*args: str, cwd=REPO, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "tune_main.py"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=900)
 
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
-    """One real run: 2 pairs x 3 trials x up to 3 epochs on three genres of tones."""
+    """One real run: 2 pairs x 3 trials x up to 3 epochs on three genres of tones, from a
+    folder with a W&B key in its .env, on a laptop with no network (`--wandb auto`, the
+    default): it logs offline."""
     base = tmp_path_factory.mktemp("job")
     data = make_tree(base / "data", tracks=3, seconds=11.0)
+    (base / ".env").write_text("WANDB_API_KEY=" + "k" * 40 + "\n")
+    env = {**{k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"},
+           "WANDB_BASE_URL": f"http://127.0.0.1:{closed_port()}"}
     args = ["--data-dir", str(data), "--models", "MLP", "CEL", "--features", "spectrogram",
             "--num-samples", "3", "--max-epochs", "3", "--storage-path", str(base / "runs"),
-            "--name", "job", "--output-dir", str(base / "best"), "--wandb", "offline",
+            "--name", "job", "--output-dir", str(base / "best"), "--wandb", "auto",
             *ONE_SLOT]
-    out = tune_main(*args)
+    out = tune_main(*args, cwd=base, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     return base, data, out
+
+
+def test_a_key_in_env_and_no_network_logs_offline_and_finishes(job):
+    """Its summary run cannot fail the run with CommError (exit 1, the record left `running`)."""
+    base, _, out = job
+    assert "logging offline instead" in out.stdout and "Traceback" not in out.stderr
+    assert record_of(base / "runs" / "job")["status"] == "finished"
+    assert list((base / "runs" / "job" / "wandb").glob("offline-run-*"))
 
 
 def features_of(data, saved: export.Exported):
