@@ -52,12 +52,8 @@ def untrained_export(folder: Path, data_dir: Path, model: str = "CEL",
     net = build_model(model, fs.input_shape, len(fs.classes), arch)
     best = export.Best("smoke", {"model": model, **hyper}, {"val_loss": 1.0, "val_acc": 0.0, "epoch": 0},
                        net.state_dict())
-    saved = Exported.of(best, fs, arch, hyper)
-    scores = export.test_scores(saved.rebuild(), fs.splits["test"], len(fs.classes))
-    saved = dataclasses.replace(saved, test=scores.summary())
-    pth = folder / export.export_name(model, feature)
-    saved.save([pth])
-    export_onnx(saved, probe_segments(data_dir, cfg), [pth.with_suffix(".onnx")])
+    pair = export.save_scored(best, fs, arch, hyper, [folder])
+    export_onnx(pair.exported, probe_segments(data_dir, cfg), [pair.path.with_suffix(".onnx")])
     return folder
 
 

@@ -30,7 +30,7 @@ from genre_ray.files import atomic_path
 from genre_ray.models import build_model, count_parameters
 from genre_ray.training import evaluate, track_accuracy
 from genre_ray.transforms import compute_feature
-from genre_ray.trials import TrialRecord
+from genre_ray.trials import TrialKeys, TrialRecord
 
 FORMAT = "genre-ray-model/2"  # 2: typed fields (sample_rate, segment_seconds, arch) at the top
 # Reported by a trial with each checkpoint (trainable.BestSaver): the validation loss of the
@@ -233,10 +233,16 @@ def export_pair(records: list[TrialRecord], sets: dict[str, FeatureSet], cfg: co
     best = best_of_pair(records, load_state)
     if best is None:
         return None
-    _, hyper = config.TrialKeys.split(best.config)
+    _, hyper = TrialKeys.split(best.config)
     trained = config.tuned(cfg, hyper, best.config["feature"])
     fs = sets[variant_of(trained, best.config["feature"])]
-    exported = Exported.of(best, fs, dataclasses.asdict(trained.model), hyper)
+    return save_scored(best, fs, dataclasses.asdict(trained.model), hyper, folders)
+
+
+def save_scored(best: Best, fs: FeatureSet, arch: dict, hyper: dict, folders: list[Path]) -> PairExport:
+    """`best` (built with `arch`, trained on `fs`) as an export scored on fs's test split,
+    saved into every folder of `folders` (its path in the first)."""
+    exported = Exported.of(best, fs, arch, hyper)
     net = exported.rebuild()
     scores = test_scores(net, fs.splits["test"], len(fs.classes))
     exported = dataclasses.replace(exported, test=scores.summary())
