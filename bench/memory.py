@@ -60,6 +60,7 @@ from typing import Any, NoReturn
 from bench.harness import context
 from genre_ray import config
 from genre_ray.synthetic import embedded_dataset
+from genre_ray.trials import TrialKeys
 
 ROOT = Path(__file__).resolve().parents[1]
 MB, GB = 1e6, 1e9
@@ -215,7 +216,7 @@ def one_batch(trial: dict[str, Any], shape: list[int], n_classes: int) -> tuple[
     from genre_ray.models import build_model
     from genre_ray.trainable import on_cpu
     from genre_ray.training import Trainer
-    keys, hyper = config.TrialKeys.split(trial)
+    keys, hyper = TrialKeys.split(trial)
     cfg = config.tuned(config.load(), hyper)
     n = cfg.training.eval_batch_size
     x, y = torch.randn(n, *shape), torch.randint(n_classes, (n,))
@@ -297,7 +298,7 @@ def row(name: str, mem: dict[str, int]) -> str:
 
 def label(trial: str) -> str:
     """A trial config (JSON) in a few words: pair and hyperparameters."""
-    keys, hyper = config.TrialKeys.split(json.loads(trial))
+    keys, hyper = TrialKeys.split(json.loads(trial))
     return " ".join([keys.pair] + [f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                    for k, v in sorted(hyper.items())])
 

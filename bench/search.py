@@ -30,6 +30,7 @@ from ray.tune.schedulers import FIFOScheduler
 from bench import harness
 from genre_ray import config, tuning
 from genre_ray.search_space import load_space
+from genre_ray.trials import TrialKeys
 
 
 # The baseline's sampler seed is offset: TPE's startup trials draw from a RandomSampler of
@@ -63,7 +64,7 @@ def random_fifo(model: str, feature: str, cfg: config.Config, study: str,
         load_space(model).of(feature).distributions, metric=tuning.METRIC, mode=tuning.MODE,
         sampler=optuna.samplers.RandomSampler(seed=seed + RANDOM_STREAM),
         storage=storage, study_name=f"{study}/{pair}", max_t=search.max_epochs)
-    keys = config.TrialKeys(pair, model, feature, search.max_epochs, seed,
+    keys = TrialKeys(pair, model, feature, search.max_epochs, seed,
                             tuning.checkpoint_epochs(search))
     return (tuning.PairSearcher({pair: searcher}, {pair: search.num_samples},
                                 {pair: dataclasses.asdict(keys)}),

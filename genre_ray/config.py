@@ -271,26 +271,6 @@ class Config:
     spaces: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class TrialKeys:
-    """What each trial's Tune config holds beside its sampled hyperparameters (the one
-    owner of these keys: tuning puts them there, the trainable and the export read them)."""
-
-    pair: str
-    model: str
-    feature: str
-    max_epochs: int
-    seed: int
-    checkpoint_epochs: list[int]  # tuning.checkpoint_epochs
-
-    @classmethod
-    def split(cls, tune_config: Mapping[str, Any]) -> tuple[TrialKeys, dict[str, Any]]:
-        """(the keys, the sampled hyperparameters) of a trial's Tune config."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return (cls(**{k: v for k, v in tune_config.items() if k in names}),
-                {k: v for k, v in tune_config.items() if k not in names})
-
-
 _ADAPTER = pydantic.TypeAdapter(Config)
 _SECTIONS = {name: hint for name, hint in typing.get_type_hints(Config).items() if name != "spaces"}
 _FIELD_FLAGS = {f.field: flag for flag, f in FLAGS.items()}

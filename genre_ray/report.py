@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from genre_ray import cost, plots
-from genre_ray.config import TrialKeys
 from genre_ray.export import PairExport, TestScores
 from genre_ray.files import atomic_path
-from genre_ray.trials import COST_KEYS, EXCLUDED, FAILED, FINISHED, PRUNED, TrialRecord, of_pair
+from genre_ray.trials import COST_KEYS, EXCLUDED, FAILED, FINISHED, PRUNED, TrialKeys, TrialRecord, of_pair
 
 COLUMNS = ["pair", "test_track_acc", "test_acc", "test_macro_f1", "val_acc", "val_loss",
            "first_point_val_loss", "winner", "params", "latency_ms", "pareto", "epochs", "finished",

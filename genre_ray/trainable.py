@@ -41,6 +41,7 @@ from genre_ray.features import FeatureSet, variant_of
 from genre_ray.models import build_model
 from genre_ray.training import Diverged, Evaluation, Trainer, pick_device, seed_everything
 from genre_ray.transforms import FrontEnd, batch_augmentation, unit_stats
+from genre_ray.trials import TrialKeys
 
 STATE_FILE = "trial_state.pt"
 LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None  # glibc
@@ -81,17 +82,17 @@ def tensors(arrays: tuple[np.ndarray, ...]) -> tuple[torch.Tensor, ...]:
 
 def train_pair(trial_config: Mapping[str, Any], feature_refs: Mapping[str, ray.ObjectRef],
                run_cfg: config.Config) -> None:
-    """The function trainable: `trial_config` = config.TrialKeys + sampled hyperparameters;
+    """The function trainable: `trial_config` = TrialKeys + sampled hyperparameters;
     `run_cfg`: the run's configuration, which the hyperparameters go into; `feature_refs`:
     features.variant_name -> its shared TrialData (the features of the trial's front end)."""
     release_memory()  # what an earlier trial in this (reused) worker freed
     quiet_exit_in_callbacks()
-    keys, hyper = config.TrialKeys.split(trial_config)
+    keys, hyper = TrialKeys.split(trial_config)
     cfg = config.tuned(run_cfg, hyper, keys.feature)
     _train(keys, cfg, feature_refs[variant_of(cfg, keys.feature)])
 
 
-def _train(keys: config.TrialKeys, cfg: config.Config, feature_ref: ray.ObjectRef) -> None:
+def _train(keys: TrialKeys, cfg: config.Config, feature_ref: ray.ObjectRef) -> None:
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # a line per checkpoint
     data: TrialData = ray.get(feature_ref)
     seed_everything(keys.seed)

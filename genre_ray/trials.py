@@ -3,13 +3,15 @@
 Tune's results are read once, at the end of tuning (tuning.records); everything after
 reads these records only, so export, the leaderboard, the Pareto front, importances and
 plots are functions of them, testable on records made by hand. The outcome rule lives
-here too: Optuna's states, the leaderboard's counts and the search plot all use it.
+here too: Optuna's states, the leaderboard's counts and the search plot all use it, and
+the trial contract: what a trial's Tune config holds beside its hyperparameters.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 FINISHED, PRUNED, FAILED, EXCLUDED = "finished", "pruned", "failed", "excluded"
 COST_KEYS = ("params", "latency_ms", "latency_ms_b64")  # cost.Cost, in every trial's results
@@ -29,8 +31,28 @@ def outcome(last_epoch: int, max_epochs: int, failed: bool, excluded: bool = Fal
 
 
 @dataclass(frozen=True)
+class TrialKeys:
+    """What each trial's Tune config holds beside its sampled hyperparameters (the one
+    owner of these keys: tuning puts them there, the trainable and the export read them)."""
+
+    pair: str
+    model: str
+    feature: str
+    max_epochs: int
+    seed: int
+    checkpoint_epochs: list[int]  # tuning.checkpoint_epochs
+
+    @classmethod
+    def split(cls, tune_config: Mapping[str, Any]) -> tuple[TrialKeys, dict[str, Any]]:
+        """(the keys, the sampled hyperparameters) of a trial's Tune config."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return (cls(**{k: v for k, v in tune_config.items() if k in names}),
+                {k: v for k, v in tune_config.items() if k not in names})
+
+
+@dataclass(frozen=True)
 class TrialRecord:
-    """One trial of a run. `config`: its Tune config (config.TrialKeys and the sampled
+    """One trial of a run. `config`: its Tune config (TrialKeys and the sampled
     hyperparameters); `epochs`: per epoch reported, its last report's EPOCH_KEYS (NaN
     where it reported none); `checkpoints`: (checkpoint, loss of the state it holds) of
     the checkpoints Tune kept, each checkpoint as trainable.load_trial_state reads it."""

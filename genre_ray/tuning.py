@@ -42,13 +42,13 @@ from ray.tune.search.optuna import OptunaSearch
 
 from genre_ray import cost as cost_limits
 from genre_ray import runs
-from genre_ray.config import Config, Search, TrialKeys
+from genre_ray.config import Config, Search
 from genre_ray.internals import (asked, deleted_checkpoints_stay_deleted, memory_kills_fail_trials,
                                  snapshots_name_kept_checkpoints, study_of, told)
 from genre_ray.search_space import SearchSpace
 from genre_ray.storage import JOURNAL, RunFolder, Storage, StorageError
-from genre_ray.trials import (COST_KEYS, EPOCH_KEYS, EXCLUDED, FAILED, FINISHED, PRUNED, TrialRecord,
-                              outcome)
+from genre_ray.trials import (COST_KEYS, EPOCH_KEYS, EXCLUDED, FAILED, FINISHED, PRUNED, TrialKeys,
+                              TrialRecord, outcome)
 
 METRIC, MODE = "val_loss", "min"
 TIME_ATTR = "training_iteration"  # one per epoch

@@ -15,6 +15,7 @@ from genre_ray.errors import UserError
 from genre_ray.models import POOLINGS
 from genre_ray.optim import OPTIMIZERS, SCHEDULERS
 from genre_ray.training import PRECISIONS
+from genre_ray.trials import TrialKeys
 
 PACKAGE = Path(config.__file__).parent
 
@@ -65,9 +66,9 @@ def test_a_saved_configuration_reads_back_equal_and_names_each_change():
 
 def test_a_trials_configuration_is_the_runs_with_its_hyperparameters_in_place():
     cfg = config.load()
-    keys = config.TrialKeys("CEL_spectrogram", "CEL", "spectrogram", 8, 0, [2, 4, 8])
+    keys = TrialKeys("CEL_spectrogram", "CEL", "spectrogram", 8, 0, [2, 4, 8])
     tune_config = {**vars(keys), "learning_rate": 0.01, "nodes": 16}
-    split_keys, hyper = config.TrialKeys.split(tune_config)
+    split_keys, hyper = TrialKeys.split(tune_config)
     assert split_keys == keys and hyper == {"learning_rate": 0.01, "nodes": 16}
     tuned = config.tuned(cfg, hyper)
     assert (tuned.training.learning_rate, tuned.model.nodes) == (0.01, 16)
