@@ -48,7 +48,7 @@ def from_file(path: Path) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise UserError(f"--config {path} is not a mapping of sections; write e.g. "
                         "search: {num_samples: 5}")
-    doc.pop("spaces", None)  # a run.json's search spaces as read: the files are read again
+    doc.pop("spaces", None)  # an older run.json keeps its search spaces here: the files are read again
     return doc
 
 

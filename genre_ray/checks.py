@@ -6,7 +6,6 @@ names the first problem. The configuration a run keeps is `resolved`'s.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,36 +38,36 @@ def prepared(cfg: Config, name: str | None, resume: bool,
     store = storage.storage(cfg.run.storage_path)
     if store.remote:  # first: every other check reads the storage
         store.check_writable()
-    keeps_own = resume or bool(more_samples)  # the run's saved configuration
-    chosen = runs.choose(store, name, config.as_json(resolved(cfg, keeps_own)), resume, more_samples)
+    cfg = resolved(cfg)
+    keeps_own = resume or bool(more_samples)  # the run's saved configuration and spaces
+    spaces = {} if keeps_own else {m: load_space(m, cfg.run.search_spaces).doc for m in cfg.run.models}
+    chosen = runs.choose(store, name, config.as_json(cfg), spaces, resume, more_samples)
     cfg = config.from_json(chosen.config)
     config.cache_dir()  # UserError if the cache folder cannot be written
     if not store.remote:
         writable_folder(store.local, "--storage-path")
-    return store, chosen, cfg, _checked(cfg)
+    return store, chosen, cfg, _checked(cfg, chosen.spaces)
 
 
-def resolved(cfg: Config, resume: bool = False) -> Config:
+def resolved(cfg: Config) -> Config:
     """`cfg` as a run keeps it: paths absolute, feature names canonical, lists without
-    repeats, and each model's search space read (a --resume takes the run's saved ones:
-    none are read)."""
+    repeats."""
     def absolute(path: str | None) -> str | None:
         return path and (path if "://" in path else str(Path(path).expanduser().resolve()))
 
     run_ = cfg.run
-    cfg = config.replaced(cfg, {  # a list given twice (or an alias beside its name): once
+    return config.replaced(cfg, {  # a list given twice (or an alias beside its name): once
         "run.models": list(dict.fromkeys(run_.models)),
         "run.features": list(dict.fromkeys(canonical_feature(f) for f in run_.features)),
         **{f"run.{key}": absolute(getattr(run_, key))
            for key in ("data_dir", "output_dir", "storage_path", "search_spaces")}})
-    spaces = {} if resume else {m: load_space(m, cfg.run.search_spaces).doc for m in cfg.run.models}
-    return dataclasses.replace(cfg, spaces=spaces)
 
 
-def _checked(cfg: Config) -> Checked:
+def _checked(cfg: Config, docs: dict[str, dict]) -> Checked:
+    """What the run needs, for `cfg` and its search spaces' documents `docs`."""
     from genre_ray.tracking import resolve_mode
 
-    spaces = {m: parse_space(m, cfg.spaces[m], Path(f"run.json spaces.{m}")) for m in cfg.run.models}
+    spaces = {m: parse_space(m, docs[m], Path(f"run.json spaces.{m}")) for m in cfg.run.models}
     output_dir = writable_folder(Path(cfg.run.output_dir), "--output-dir")
     mode = resolve_mode(cfg.tracking.wandb, Path(cfg.run.env_file))
     data_dir = Path(cfg.run.data_dir) if cfg.run.data_dir else _embedded()

@@ -252,8 +252,8 @@ class Memory:
 
 @dataclass(frozen=True)
 class Config:
-    """One run's whole configuration. `spaces`: each tuned model's search space as read
-    (its file with `extends` applied), filled in by `checks.resolved`."""
+    """One run's whole configuration: defaults.yaml's sections, with the flags' and a
+    --config file's values in place."""
 
     __pydantic_config__ = _STRICT
     run: RunSection
@@ -268,11 +268,10 @@ class Config:
     resources: Resources
     tracking: Tracking
     memory: Memory
-    spaces: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 _ADAPTER = pydantic.TypeAdapter(Config)
-_SECTIONS = {name: hint for name, hint in typing.get_type_hints(Config).items() if name != "spaces"}
+_SECTIONS = typing.get_type_hints(Config)
 _FIELD_FLAGS = {f.field: flag for flag, f in FLAGS.items()}
 
 
@@ -320,13 +319,20 @@ def as_json(cfg: Config) -> dict[str, Any]:
     return _ADAPTER.dump_python(cfg, mode="json")
 
 
+def identity(doc: Mapping[str, Any], spaces: Mapping[str, Any]) -> dict[str, Any]:
+    """What makes two runs the same run: a configuration (as_json's) and each tuned model's
+    search space as read (its file with `extends` applied), which run.json keeps beside it.
+    `digest` and `changes` compare these."""
+    return {**doc, "spaces": dict(spaces)}
+
+
 def digest(doc: Mapping[str, Any]) -> str:
-    """A short hash of what a configuration (as_json's) runs: search spaces included,
-    MACHINE_FIELDS not."""
-    return hashlib.sha256(json.dumps(_identity(doc), sort_keys=True).encode()).hexdigest()[:16]
+    """A short hash of what a run (`identity`'s) runs, MACHINE_FIELDS left out."""
+    return hashlib.sha256(json.dumps(_portable(doc), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _identity(doc: Mapping[str, Any]) -> dict[str, Any]:
+def _portable(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """`doc` without MACHINE_FIELDS: the same on every machine."""
     run = {k: v for k, v in (doc.get("run") or {}).items() if f"run.{k}" not in MACHINE_FIELDS}
     return {**doc, "run": run}
 
@@ -338,11 +344,11 @@ def here(saved: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
-    """What differs from `saved` in `now`, one phrase each: `--num-samples 3 (now 5)` for a
+    """What differs from run `saved` in `now` (`identity`'s), one phrase each: `--num-samples 3 (now 5)` for a
     flag's field, `training.learning_rate 0.001 (now 0.01)` for a file's, `search space
     CEL` for a model's search space."""
     found = []
-    saved, now = _identity(saved), _identity(now)
+    saved, now = _portable(saved), _portable(now)
     for section in sorted(set(saved) | set(now)):
         old, new = saved.get(section) or {}, now.get(section) or {}
         for key in sorted(set(old) | set(new)):

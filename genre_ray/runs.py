@@ -2,8 +2,8 @@
 
 A run is `<storage>/<name>/` (storage.py). Beside Tune's experiment, genre-ray keeps
 `run.json` there, the run's record: its whole resolved configuration (config.as_json:
-every section of defaults.yaml, the flags, the search spaces as read) with its hash,
-its status and rounds. One driver at a time holds a run (lease.py). So:
+every section of defaults.yaml, with the flags'), beside it the search spaces as read,
+the hash of both (config.identity), its status and rounds. One driver at a time holds a run (lease.py). So:
 
 - a run whose record is not `finished` and that no driver holds was interrupted (Ctrl-C,
   SIGTERM, `ray job stop`, a killed driver, a lost head) or `failed` (an error after it
@@ -53,14 +53,15 @@ GIVE_UP_S = 10.0  # the storage failing this long stops the run (trials fail at 
 
 @dataclass
 class Run:
-    """The run this command works on, with its configuration (config.as_json); `resume`:
-    continue it through Tuner.restore; `seen`: its record when chosen (None: it had none);
+    """The run this command works on, with its configuration (config.as_json) and search
+    spaces as read (each model's document); `resume`: continue it through Tuner.restore; `seen`: its record when chosen (None: it had none);
     `rounds`: trials per pair of each round, the last the one this command runs (the first
     is the configuration's num_samples, each later one a --more-samples); `folder`: its
     files, once claimed; `lost`: why the keeper stopped it (the storage failed)."""
 
     name: str | None
     config: dict[str, Any]
+    spaces: dict[str, Any]
     resume: bool
     seen: dict[str, Any] | None = None
     rounds: tuple[int, ...] = ()
@@ -86,6 +87,13 @@ def round_name(name: str, round_: int) -> str:
     return name if round_ == 0 else f"{name}/more-{round_}"
 
 
+def _saved(record: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(configuration, search spaces) of a run's record; an older record keeps its spaces
+    inside its configuration."""
+    saved = dict(record["config"])
+    return saved, record.get("spaces", saved.pop("spaces", {}))
+
+
 def _rounds(record: dict[str, Any]) -> tuple[int, ...]:
     return tuple(record.get("rounds") or (record["config"]["search"]["num_samples"],))
 
@@ -106,7 +114,8 @@ def write_record(run: Run, status: str, reason: str | None = None) -> None:
     """Write the run's record, here and in its storage: `status` running | interrupted |
     failed (`reason`) | finished."""
     record = {"name": run.name, "status": status, "format": FORMAT, "config": run.config,
-              "config_hash": config.digest(run.config), "rounds": list(run.rounds),
+              "spaces": run.spaces, "config_hash": config.digest(config.identity(run.config, run.spaces)),
+              "rounds": list(run.rounds),
               "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               **({"reason": reason} if reason else {})}
     with atomic_path(run.dir / RECORD) as tmp:
@@ -114,9 +123,10 @@ def write_record(run: Run, status: str, reason: str | None = None) -> None:
     run.folder.push(RECORD)
 
 
-def choose(store: Storage, name: str | None, cfg: dict[str, Any], resume: bool,
-           more: int = 0) -> Run:
-    """The run a command works on, read-only: the named run, else the newest interrupted
+def choose(store: Storage, name: str | None, cfg: dict[str, Any], spaces: dict[str, Any],
+           resume: bool, more: int = 0) -> Run:
+    """The run a command works on, read-only, for configuration `cfg` (config.as_json) and
+    search spaces `spaces` (each model's document as read): the named run, else the newest interrupted
     run this command started (same flags; with `resume`: any), else a new run (name None,
     given when claimed). `more`: grow the named finished run by a round of `more` trials
     per pair (or continue that round, interrupted). UserError when the named run is
@@ -127,9 +137,9 @@ def choose(store: Storage, name: str | None, cfg: dict[str, Any], resume: bool,
         raise UserError("--more-samples grows a finished run: name it with --name (its folder "
                         "under --storage-path)")
     if name is not None:
-        chosen = _named(store, _checked_name(name), cfg, resume, more)
+        chosen = _named(store, _checked_name(name), cfg, spaces, resume, more)
     else:
-        chosen = _latest(store, cfg, resume) or Run(None, cfg, resume=False)
+        chosen = _latest(store, cfg, spaces, resume) or Run(None, cfg, spaces, resume=False)
     if not (resume or more):  # the same command, on this machine or another
         chosen.config = config.here(chosen.config, cfg)
     return chosen
@@ -143,7 +153,8 @@ def _checked_name(name: str) -> str:
     return name
 
 
-def _named(store: Storage, name: str, cfg: dict[str, Any], resume: bool, more: int) -> Run:
+def _named(store: Storage, name: str, cfg: dict[str, Any], spaces: dict[str, Any], resume: bool,
+           more: int) -> Run:
     if (who := lease.holder(store, name)) is not None:  # now, not after Ray and the features
         raise lease.Busy(lease.busy_message(name, who))
     record = read_record(store, name)
@@ -156,13 +167,13 @@ def _named(store: Storage, name: str, cfg: dict[str, Any], resume: bool, more: i
         if any(info.base_name not in (LOCK, lease.LEASE) for info in store.listing(name)):
             raise UserError(f"{store.tune_path(name)} exists and is not a genre-ray run; pass "
                             "another --name")
-        return Run(name, cfg, resume=False)
+        return Run(name, cfg, spaces, resume=False)
     if record.get("format") != FORMAT and not (record["status"] == "finished" and not more):
         raise UserError(f"run {name!r} was saved by another version of genre-ray and cannot be "
                         f"{'grown' if more else 'continued'}; pass a new --name to start another run")
     if record["status"] == "finished":  # an older format's record has no config: no output_dir
         if more:
-            return Run(name, record["config"], resume=False, seen=record,
+            return Run(name, *_saved(record), resume=False, seen=record,
                        rounds=(*_rounds(record), more))
         models = (record.get("config") or {}).get("run", {}).get("output_dir")
         raise UserError(f"run {name!r} is finished: its leaderboard is "
@@ -176,18 +187,18 @@ def _named(store: Storage, name: str, cfg: dict[str, Any], resume: bool, more: i
         raise UserError(f"run {name!r} is not finished ({record['status']}); continue it first"
                         f"{growing}: tune_main.py --name {name} --resume, then grow it")
     if not (resume or more):
-        _require_same(name, record["config"], cfg)
-    return Run(name, record["config"], resume=True, seen=record, rounds=rounds)
+        _require_same(name, record, cfg, spaces)
+    return Run(name, *_saved(record), resume=True, seen=record, rounds=rounds)
 
 
-def _latest(store: Storage, cfg: dict[str, Any], resume: bool) -> Run | None:
+def _latest(store: Storage, cfg: dict[str, Any], spaces: dict[str, Any], resume: bool) -> Run | None:
     """The newest interrupted run this command started: the same flags' values (with
     `resume`: any run). UserError if its configuration changed since (not with `resume`)."""
     for name, record in _unfinished(store):
         if resume or config.command(record["config"]) == config.command(cfg):
             if not resume:
-                _require_same(name, record["config"], cfg)
-            return Run(name, record["config"], resume=True, seen=record, rounds=_rounds(record))
+                _require_same(name, record, cfg, spaces)
+            return Run(name, *_saved(record), resume=True, seen=record, rounds=_rounds(record))
     if resume:
         raise UserError(f"no interrupted run under {store.uri} to resume; drop --resume to start "
                         "a new run, or pass the --storage-path where the run lives")
@@ -210,11 +221,13 @@ def _new_name(store: Storage) -> str:
     return next(n for n in [stamp, *(f"{stamp}-{i}" for i in range(2, 1000))] if n not in taken)
 
 
-def _require_same(name: str, saved: dict[str, Any], cfg: dict[str, Any]) -> None:
-    """UserError naming what changed, unless `cfg` is the configuration run `name` saved."""
-    if config.digest(saved) != config.digest(cfg):
+def _require_same(name: str, record: dict[str, Any], cfg: dict[str, Any], spaces: dict[str, Any]) -> None:
+    """UserError naming what changed, unless `cfg` and `spaces` are what run `name`'s
+    `record` saved."""
+    saved, now = config.identity(*_saved(record)), config.identity(cfg, spaces)
+    if config.digest(saved) != config.digest(now):
         raise UserError(f"run {name!r} was interrupted with another configuration than this "
-                        f"command's ({'; '.join(config.changes(saved, cfg))}); add --resume to "
+                        f"command's ({'; '.join(config.changes(saved, now))}); add --resume to "
                         "continue it as it was started, or pass a new --name to start another run")
 
 

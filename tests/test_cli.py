@@ -59,7 +59,7 @@ def test_config_replays_a_runs_configuration_and_flags_beside_it_win(tmp_path):
     (tmp_path / "c.yaml").write_text("training: {weight_decay: 0.01}\n")
     first = spec([*argv, "--config", str(tmp_path / "c.yaml")])
     folder = storage(str(tmp_path)).folder("r")
-    runs.write_record(runs.Run("r", first, resume=False, folder=folder), "finished")
+    runs.write_record(runs.Run("r", first, {}, resume=False, folder=folder), "finished")
     record = tmp_path / "r" / runs.RECORD
     assert spec(["--config", str(record)]) == first
     assert spec(["--config", str(record), "--num-samples", "2"])["search"]["num_samples"] == 2

@@ -167,7 +167,8 @@ def test_resume_continues_with_the_configuration_the_run_was_started_with(resume
     base, out, _ = resumed
     record = record_of(base / "runs" / "r")
     assert record["config"]["training"]["weight_decay"] == 0.0  # not the edited 0.5
-    assert record["config_hash"] == config.digest(record["config"])
+    assert record["config_hash"] == config.digest(config.identity(record["config"], record["spaces"]))
+    assert sorted(record["spaces"]) == MODELS and "spaces" not in record["config"]
 
 
 @pytest.mark.slow
@@ -301,7 +302,7 @@ SPEC = doc()
 
 
 def make_run(store: Storage, name: str, status: str, spec: dict, age: float) -> runs.Run:
-    run = runs.Run(name, spec, resume=False)
+    run = runs.Run(name, spec, {}, resume=False)
     with runs.claimed(store, run):
         runs.write_record(run, status)
     stamp = time.time() - age
@@ -315,11 +316,11 @@ def test_without_a_name_the_newest_interrupted_run_with_these_settings_continues
     make_run(store, "newer", "interrupted", SPEC, age=200)
     make_run(store, "other", "interrupted", doc(**{"search.max_epochs": 9}), age=100)
     make_run(store, "done", "finished", SPEC, age=0)
-    chosen = runs.choose(store, None, SPEC, resume=False)
+    chosen = runs.choose(store, None, SPEC, {}, resume=False)
     assert (chosen.name, chosen.resume) == ("newer", True)
-    chosen = runs.choose(store, None, SPEC, resume=True)  # --resume: any settings
+    chosen = runs.choose(store, None, SPEC, {}, resume=True)  # --resume: any settings
     assert (chosen.name, chosen.config["search"]["max_epochs"]) == ("other", 9)
-    fresh = runs.choose(store, None, doc(**{"search.max_epochs": 4}), resume=False)
+    fresh = runs.choose(store, None, doc(**{"search.max_epochs": 4}), {}, resume=False)
     assert fresh.name is None and not fresh.resume
     with runs.claimed(store, fresh) as run:
         assert run.name.startswith("tune-") and (run.dir / runs.LOCK).is_file()
@@ -332,13 +333,32 @@ def test_the_same_command_from_another_folder_continues_the_run_writing_where_it
     store = storage(str(tmp_path))
     make_run(store, "r", "interrupted", SPEC, age=0)
     elsewhere = doc(**{"run.output_dir": "/y", "run.search_spaces": "/job/search_spaces"})
-    chosen = runs.choose(store, None, elsewhere, resume=False)
+    chosen = runs.choose(store, None, elsewhere, {}, resume=False)
     assert (chosen.name, chosen.resume) == ("r", True)
     assert chosen.config["run"]["output_dir"] == "/y" and chosen.config["search"] == SPEC["search"]
-    assert runs.choose(store, "r", elsewhere, resume=True).config["run"]["output_dir"] == "/x"
+    assert runs.choose(store, "r", elsewhere, {}, resume=True).config["run"]["output_dir"] == "/x"
     other = doc(**{"run.output_dir": "/y", "search.max_epochs": 9})
     with pytest.raises(UserError, match=r"--max-epochs 3 \(now 9\)\)"):  # what it runs: refused
-        runs.choose(store, "r", other, resume=False)
+        runs.choose(store, "r", other, {}, resume=False)
+
+
+def test_a_run_saved_with_its_search_spaces_inside_its_configuration_still_continues(tmp_path):
+    """run.json keeps the search spaces beside the configuration; a record that keeps them
+    inside it (as genre-ray wrote them before) is continued the same, and a changed space
+    is named."""
+    store, spaces = storage(str(tmp_path)), {"MLP": load_space("MLP").doc}
+    run = make_run(store, "r", "interrupted", SPEC, age=0)
+    record = record_of(run.dir)
+    assert record["spaces"] == {} and "spaces" not in record["config"]
+    inside = {**record, "config": {**SPEC, "spaces": spaces}}
+    inside.pop("spaces")
+    inside["config_hash"] = config.digest(inside["config"])
+    (run.dir / runs.RECORD).write_text(json.dumps(inside))
+    chosen = runs.choose(store, None, SPEC, spaces, resume=False)
+    assert (chosen.name, chosen.config, chosen.spaces) == ("r", SPEC, spaces)
+    edited = {"MLP": {**spaces["MLP"], "first_point": {}}}
+    with pytest.raises(UserError, match=r"\(search space MLP\)"):
+        runs.choose(store, "r", SPEC, edited, resume=False)
 
 
 def test_a_run_held_by_another_process_is_neither_chosen_nor_claimed(tmp_path):
@@ -350,9 +370,9 @@ def test_a_run_held_by_another_process_is_neither_chosen_nor_claimed(tmp_path):
          str(store.local / "busy" / runs.LOCK)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        assert runs.choose(store, None, SPEC, resume=False).name is None
+        assert runs.choose(store, None, SPEC, {}, resume=False).name is None
         with pytest.raises(UserError, match="running in another driver"):
-            with runs.claimed(store, runs.choose(store, "busy", SPEC, resume=False)):
+            with runs.claimed(store, runs.choose(store, "busy", SPEC, {}, resume=False)):
                 pass
     finally:
         holder.kill()
@@ -364,15 +384,15 @@ def test_a_named_run_with_other_settings_is_refused_with_the_difference(tmp_path
     make_run(store, "r", "interrupted", SPEC, age=0)
     five = doc(**{"search.max_epochs": 5})
     with pytest.raises(UserError, match=r"--max-epochs 3 \(now 5\).*--resume"):
-        runs.choose(store, "r", five, resume=False)
-    assert runs.choose(store, "r", five, resume=True).config == SPEC
+        runs.choose(store, "r", five, {}, resume=False)
+    assert runs.choose(store, "r", five, {}, resume=True).config == SPEC
     with pytest.raises(UserError, match="no run 'x'.*drop --resume"):
-        runs.choose(store, "x", SPEC, resume=True)
+        runs.choose(store, "x", SPEC, {}, resume=True)
 
 
 def test_a_run_taken_by_another_process_between_choice_and_lock_is_refused(tmp_path):
     store = storage(str(tmp_path))
-    chosen = runs.choose(store, "r", SPEC, resume=False)  # no such run yet: a new one
+    chosen = runs.choose(store, "r", SPEC, {}, resume=False)  # no such run yet: a new one
     make_run(store, "r", "interrupted", SPEC, age=0)  # another process ran it meanwhile
     with pytest.raises(UserError, match="another process"):
         with runs.claimed(store, chosen):
@@ -384,9 +404,9 @@ def test_a_run_saved_by_another_format_is_not_continued(tmp_path):
     run = make_run(store, "old", "interrupted", SPEC, age=0)
     record = record_of(run.dir)
     (run.dir / runs.RECORD).write_text(json.dumps({**record, "format": runs.FORMAT - 1}))
-    assert runs.choose(store, None, SPEC, resume=False).name is None
+    assert runs.choose(store, None, SPEC, {}, resume=False).name is None
     with pytest.raises(UserError, match="another version of genre-ray"):
-        runs.choose(store, "old", SPEC, resume=False)
+        runs.choose(store, "old", SPEC, {}, resume=False)
 
 
 def test_a_folder_in_the_storage_that_is_not_a_run_is_refused(tmp_path):
@@ -395,8 +415,8 @@ def test_a_folder_in_the_storage_that_is_not_a_run_is_refused(tmp_path):
     saved.mkdir(parents=True)
     (saved / "experiment_state-2026-01-01_00-00-00.json").write_text("{}")
     with pytest.raises(UserError, match="exists and is not a genre-ray run"):
-        runs.choose(store, "r", SPEC, resume=False)
-    assert runs.choose(store, "s", SPEC, resume=False).name == "s"
+        runs.choose(store, "r", SPEC, {}, resume=False)
+    assert runs.choose(store, "s", SPEC, {}, resume=False).name == "s"
 
 
 def test_a_run_name_goes_before_a_storage_uri_query():
