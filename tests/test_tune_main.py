@@ -55,9 +55,11 @@ def job(tmp_path_factory):
 
 
 def test_a_key_in_env_and_no_network_logs_offline_and_finishes(job):
-    """Its summary run cannot fail the run with CommError (exit 1, the record left `running`)."""
+    """Its summary run cannot fail the run with CommError (exit 1, the record left `running`).
+    (Not "no traceback at all": Tune logs one when a state file it is renaming vanishes
+    under its background sync, and syncs again.)"""
     base, _, out = job
-    assert "logging offline instead" in out.stdout and "Traceback" not in out.stderr
+    assert "logging offline instead" in out.stdout and "CommError" not in out.stderr
     assert record_of(base / "runs" / "job")["status"] == "finished"
     assert list((base / "runs" / "job" / "wandb").glob("offline-run-*"))
 
