@@ -20,7 +20,7 @@ RUN_ELSEWHERE = {"-m bench.gpu_check": "tests/test_gpu_check.py"}  # its --dry r
 NOT_RUN = {
     "-m bench.default_run": "runs tune_main.py whole at two revisions: no smoke run yet",
     "-m bench.growth": "runs tune_main.py whole six times a seed: no smoke run yet",
-    "-m bench.storage": "runs tune_main.py whole on three storages: no smoke run yet",
+    "-m bench.storage": "its smoke runs tune_main.py whole six times beside an S3 server: too long for CI",
     "-m bench.memory": "samples child processes for minutes: no smoke run yet",
     "-m bench.quality": "needs bench/requirements-realistic.txt, not installed by CI",
     "-m bench.realistic": "needs bench/requirements-realistic.txt, not installed by CI",
