@@ -30,6 +30,7 @@ class S3:
     endpoint: str  # the relay's http://127.0.0.1:PORT
     keys: dict[str, tuple[str, str]]  # user -> (access key, secret key)
     relay: Relay
+    log: Path  # the server's log: a line per request
 
     def env(self, user: str = "writer") -> dict[str, str]:
         """The environment a process reaches the server with, as `user` (any other name:
@@ -79,7 +80,7 @@ def s3_server(logs: Path) -> Iterator[S3]:
         _wait_for(port)
         keys = _users(f"http://127.0.0.1:{port}")
         relay.start()
-        yield S3(f"http://127.0.0.1:{relay.port}", keys, relay)
+        yield S3(f"http://127.0.0.1:{relay.port}", keys, relay, logs / "moto.log")
     finally:
         relay.stop()
         server.kill()

@@ -551,13 +551,13 @@ def tune_round(cfg: Config, sets: dict[str, Any], pairs: list[tuple[str, str]],
     start, store = time.perf_counter(), run_.folder.store
     tune_name = runs.round_name(run_.name, run_.round)
     if run_.resume and runs.tune_state_exists(store, tune_name):
-        tuner = restore_tuner(store.tune_path(tune_name), refs, cfg, **resources)
+        tuner = restore_tuner(store.tune_uri(tune_name), refs, cfg, **resources)
     else:
         callbacks = wandb_callback(mode, project=cfg.tracking.wandb_project, run_dir=run_.dir,
                                    classes=next(iter(sets.values())).classes)
         parent, _, folder = tune_name.rpartition("/")  # a later round: inside the run's folder
         tuner = make_tuner(refs, *_round_search(cfg, pairs, spaces, run_), cfg, **resources,
-                           storage_path=store.tune_path(parent) if parent else store.uri,
+                           storage_path=store.tune_uri(parent),
                            name=folder, num_trials=cfg.search.num_samples * len(pairs),
                            max_concurrent=slots, callbacks=callbacks)
     grid = fit_in_main_thread(tuner)

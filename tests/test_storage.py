@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -345,3 +346,13 @@ def test_the_wandb_model_artifacts_reference_the_storages_exports(where, chain):
         for entry in artifact["manifest"]["contents"]:
             assert entry["ref"] == f"{where.uri}/chain/best_models/{entry['path']}" and entry["digest"]
             assert int(entry["size"]) == len(where.read(f"chain/best_models/{entry['path']}"))
+
+
+def test_each_small_file_reaches_the_bucket_in_one_request(s3, chains):
+    """Tune uploads every trial's small files again at each of its syncs, and a trial its
+    checkpoints: each is one PUT (pyarrow's allow_delayed_open, which genre-ray gives Tune
+    too), not a multipart upload of three requests."""
+    requests = s3.log.read_text().splitlines()
+    puts = [line for line in requests if '"PUT /runs-' in line and "/chain/" in line]
+    assert len(puts) > 100, len(puts)  # the chain's files went up
+    assert not [line for line in requests if re.search(r'"POST \S*\?uploads', line)]
