@@ -344,9 +344,9 @@ def here(saved: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
-    """What differs from run `saved` in `now` (`identity`'s), one phrase each: `--num-samples 3 (now 5)` for a
-    flag's field, `training.learning_rate 0.001 (now 0.01)` for a file's, `search space
-    CEL` for a model's search space."""
+    """What differs from run `saved` in `now` (`identity`'s), one phrase each:
+    `--num-samples 3 (now 5)` for a flag's field, `training.learning_rate 0.001 (now 0.01)`
+    for a file's, `search space CEL` for a model's search space."""
     found = []
     saved, now = _portable(saved), _portable(now)
     for section in sorted(set(saved) | set(now)):

@@ -3,7 +3,8 @@
 A run is `<storage>/<name>/` (storage.py). Beside Tune's experiment, genre-ray keeps
 `run.json` there, the run's record: its whole resolved configuration (config.as_json:
 every section of defaults.yaml, with the flags'), beside it the search spaces as read,
-the hash of both (config.identity), its status and rounds. One driver at a time holds a run (lease.py). So:
+the hash of both (config.identity), its status and rounds. One driver at a time holds a
+run (lease.py). So:
 
 - a run whose record is not `finished` and that no driver holds was interrupted (Ctrl-C,
   SIGTERM, `ray job stop`, a killed driver, a lost head) or `failed` (an error after it
@@ -54,8 +55,8 @@ GIVE_UP_S = 10.0  # the storage failing this long stops the run (trials fail at 
 @dataclass
 class Run:
     """The run this command works on, with its configuration (config.as_json) and search
-    spaces as read (each model's document); `resume`: continue it through Tuner.restore; `seen`: its record when chosen (None: it had none);
-    `rounds`: trials per pair of each round, the last the one this command runs (the first
+    spaces as read (each model's document); `resume`: continue it through Tuner.restore;
+    `seen`: its record when chosen (None: it had none); `rounds`: trials per pair of each round, the last the one this command runs (the first
     is the configuration's num_samples, each later one a --more-samples); `folder`: its
     files, once claimed; `lost`: why the keeper stopped it (the storage failed)."""
 
@@ -114,7 +115,8 @@ def write_record(run: Run, status: str, reason: str | None = None) -> None:
     """Write the run's record, here and in its storage: `status` running | interrupted |
     failed (`reason`) | finished."""
     record = {"name": run.name, "status": status, "format": FORMAT, "config": run.config,
-              "spaces": run.spaces, "config_hash": config.digest(config.identity(run.config, run.spaces)),
+              "spaces": run.spaces,
+              "config_hash": config.digest(config.identity(run.config, run.spaces)),
               "rounds": list(run.rounds),
               "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               **({"reason": reason} if reason else {})}
@@ -126,8 +128,8 @@ def write_record(run: Run, status: str, reason: str | None = None) -> None:
 def choose(store: Storage, name: str | None, cfg: dict[str, Any], spaces: dict[str, Any],
            resume: bool, more: int = 0) -> Run:
     """The run a command works on, read-only, for configuration `cfg` (config.as_json) and
-    search spaces `spaces` (each model's document as read): the named run, else the newest interrupted
-    run this command started (same flags; with `resume`: any), else a new run (name None,
+    search spaces `spaces` (each model's document as read): the named run, else the newest
+    interrupted run this command started (same flags; with `resume`: any), else a new run (name None,
     given when claimed). `more`: grow the named finished run by a round of `more` trials
     per pair (or continue that round, interrupted). UserError when the named run is
     finished (and not grown), or when the run to continue was saved with another
@@ -186,9 +188,10 @@ def _named(store: Storage, name: str, cfg: dict[str, Any], spaces: dict[str, Any
         growing = f" (its round of {rounds[-1]} more)" if len(rounds) > 1 else ""
         raise UserError(f"run {name!r} is not finished ({record['status']}); continue it first"
                         f"{growing}: tune_main.py --name {name} --resume, then grow it")
+    saved = _saved(record)
     if not (resume or more):
-        _require_same(name, record, cfg, spaces)
-    return Run(name, *_saved(record), resume=True, seen=record, rounds=rounds)
+        _require_same(name, saved, cfg, spaces)
+    return Run(name, *saved, resume=True, seen=record, rounds=rounds)
 
 
 def _latest(store: Storage, cfg: dict[str, Any], spaces: dict[str, Any], resume: bool) -> Run | None:
@@ -196,9 +199,10 @@ def _latest(store: Storage, cfg: dict[str, Any], spaces: dict[str, Any], resume:
     `resume`: any run). UserError if its configuration changed since (not with `resume`)."""
     for name, record in _unfinished(store):
         if resume or config.command(record["config"]) == config.command(cfg):
+            saved = _saved(record)
             if not resume:
-                _require_same(name, record, cfg, spaces)
-            return Run(name, *_saved(record), resume=True, seen=record, rounds=_rounds(record))
+                _require_same(name, saved, cfg, spaces)
+            return Run(name, *saved, resume=True, seen=record, rounds=_rounds(record))
     if resume:
         raise UserError(f"no interrupted run under {store.uri} to resume; drop --resume to start "
                         "a new run, or pass the --storage-path where the run lives")
@@ -221,10 +225,11 @@ def _new_name(store: Storage) -> str:
     return next(n for n in [stamp, *(f"{stamp}-{i}" for i in range(2, 1000))] if n not in taken)
 
 
-def _require_same(name: str, record: dict[str, Any], cfg: dict[str, Any], spaces: dict[str, Any]) -> None:
-    """UserError naming what changed, unless `cfg` and `spaces` are what run `name`'s
-    `record` saved."""
-    saved, now = config.identity(*_saved(record)), config.identity(cfg, spaces)
+def _require_same(name: str, saved: tuple[dict[str, Any], dict[str, Any]], cfg: dict[str, Any],
+                  spaces: dict[str, Any]) -> None:
+    """UserError naming what changed, unless `cfg` and `spaces` are what run `name` saved
+    (`_saved`'s configuration and spaces)."""
+    saved, now = config.identity(*saved), config.identity(cfg, spaces)
     if config.digest(saved) != config.digest(now):
         raise UserError(f"run {name!r} was interrupted with another configuration than this "
                         f"command's ({'; '.join(config.changes(saved, now))}); add --resume to "
