@@ -34,7 +34,7 @@ from genre_ray import config, export, predict
 from genre_ray.export import Exported
 from genre_ray.features import build_features, probe_segments
 from genre_ray.models import build_model
-from genre_ray.onnx_export import export_onnx
+from genre_ray.onnx_export import export_pair_onnx
 from genre_ray.onnx_export import served as served_model
 from genre_ray.onnx_runtime import OnnxModel
 from genre_ray.search_space import first_point
@@ -48,12 +48,13 @@ def untrained_export(folder: Path, data_dir: Path, model: str = "CEL",
     `folder` as tune_main.py writes them: what --smoke serves (latency does not depend on
     the weights)."""
     cfg, hyper = config.load(), first_point(model)
-    fs, arch = build_features(data_dir, feature, cfg), dataclasses.asdict(config.tuned(cfg, hyper, feature).model)
+    fs = build_features(data_dir, feature, cfg)
+    arch = dataclasses.asdict(config.tuned(cfg, hyper, feature).model)
     net = build_model(model, fs.input_shape, len(fs.classes), arch)
     best = export.Best("smoke", {"model": model, **hyper}, {"val_loss": 1.0, "val_acc": 0.0, "epoch": 0},
                        net.state_dict())
     pair = export.save_scored(best, fs, arch, hyper, [folder])
-    export_onnx(pair.exported, probe_segments(data_dir, cfg), [pair.path.with_suffix(".onnx")])
+    export_pair_onnx(pair, probe_segments(data_dir, cfg), [folder])
     return folder
 
 
@@ -147,6 +148,7 @@ def serve(models_dir: Path, audio: Path, repeats: int, cold_runs: int) -> None:
           f"{cold['.onnx']:.2f} s")
     print(harness.ratio(cold[".onnx"] / cold[".pth"], "cold predict, onnx runtime over torch runtime",
                         1 / 3))
+
 
 if __name__ == "__main__":
     main()
