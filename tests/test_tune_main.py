@@ -28,6 +28,10 @@ from tests.helpers import ONE_SLOT, REPO, make_tree, closed_port, read_runs, rec
 pytestmark = pytest.mark.slow  # a whole tune_main run
 
 PAIRS = [("MLP", "spectrogram"), ("CEL", "spectrogram")]
+# Tune's ERROR line and traceback when its background sync of the experiment folder loses a
+# file it is renaming (a tmp-search_gen_state-*.json): Tune's, and it syncs again.
+TUNE_SYNC_RACE = re.compile(r"Saving experiment state to storage at '[^']*' failed with exception: ?\n"
+                            r"Traceback \(most recent call last\):\n(?:[ \t].*\n)*")
 
 
 def tune_main(*args: str, cwd=REPO, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -56,10 +60,11 @@ def job(tmp_path_factory):
 
 def test_a_key_in_env_and_no_network_logs_offline_and_finishes(job):
     """Its summary run cannot fail the run with CommError (exit 1, the record left `running`).
-    (Not "no traceback at all": Tune logs one when a state file it is renaming vanishes
-    under its background sync, and syncs again.)"""
+    No traceback either, but the one Tune logs when a state file it is renaming vanishes
+    under its own background sync (it syncs again)."""
     base, _, out = job
-    assert "logging offline instead" in out.stdout and "CommError" not in out.stderr
+    own = TUNE_SYNC_RACE.sub("", out.stderr)
+    assert "logging offline instead" in out.stdout and "Traceback" not in own and "CommError" not in own
     assert record_of(base / "runs" / "job")["status"] == "finished"
     assert list((base / "runs" / "job" / "wandb").glob("offline-run-*"))
 
