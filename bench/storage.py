@@ -1,6 +1,6 @@
 """What keeping a run in its storage costs, and what a lost head costs, in one bench run.
 
-    python -m bench.storage [--repeats 1]  # the default run (python tune_main.py); ~30 min a repeat on 2 cores
+    python -m bench.storage [--repeats 1]  # the default run; ~25 min at 1 repeat on 2 cores
     python -m bench.storage --smoke        # one pair on a tiny synthetic set: checks the bench
 
 1. Wall time of the default run (W&B off) with --storage-path a local path, a file://
@@ -110,7 +110,8 @@ def epochs(bucket: Bucket) -> tuple[int, int]:
 def main(argv: list[str] | None = None) -> None:
     parser = harness.parser(__doc__)
     parser.add_argument("--repeats", type=int, default=1,
-                        help="timed runs of each storage, in turn, forwards then backwards; the best counts")
+                        help="timed runs of each storage, in turn, forwards then backwards; "
+                             "the best counts")
     args = parser.parse_args(argv)
     print(harness.context())
     with tempfile.TemporaryDirectory(prefix="bench-storage-") as tmp, \

@@ -56,7 +56,8 @@ def run(tmp_path_factory):
     out = subprocess.run(
         [sys.executable, str(REPO / "tune_main.py"), "--data-dir", str(base / "data"),
          "--models", "MLP", "MLP2", "--features", "spectrogram", "--num-samples", str(SAMPLES),
-         "--seed", str(SEED), "--max-epochs", "3", "--grace-period", "1", "--search-spaces", str(spaces), "--storage-path", str(base / "runs"),
+         "--seed", str(SEED), "--max-epochs", "3", "--grace-period", "1", "--search-spaces", str(spaces),
+         "--storage-path", str(base / "runs"),
          "--name", "r", "--output-dir", str(base / "best"), "--wandb", "offline"],
         cwd=REPO, capture_output=True, text=True, timeout=600, preexec_fn=cap_memory)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
