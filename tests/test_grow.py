@@ -25,7 +25,7 @@ from tests.helpers import ONE_SLOT, REPO, make_tree, read_runs, run_main
 
 pytestmark = pytest.mark.slow  # whole tune_main runs
 
-PAIRS, FIRST, MORE = ["MLP_spectrogram", "CEL_spectrogram"], 2, 4
+PAIRS, FIRST, MORE = ["MLP_spectrogram", "CEL_spectrogram"], 2, 3
 
 
 def tune_main(base: Path, *args: str) -> subprocess.CompletedProcess:

@@ -29,7 +29,7 @@ from genre_ray.search_space import load_space
 from genre_ray.storage import Storage, storage
 from tests.helpers import REPO, make_tree, read_run, record_of
 
-MODELS, SAMPLES = ["MLP", "CEL"], 4
+MODELS, SAMPLES = ["MLP", "CEL"], 3
 
 
 def project_copy(base: Path) -> Path:

@@ -39,7 +39,7 @@ from tests.helpers import ONE_SLOT, REPO, make_tree, read_run, run_main
 from bench.s3 import S3
 
 pytestmark = pytest.mark.slow  # whole runs of tune_main.py
-PAIRS, SAMPLES, EPOCHS = ["MLP_spectrogram", "CEL_spectrogram"], 4, 12
+PAIRS, SAMPLES, EPOCHS = ["MLP_spectrogram", "CEL_spectrogram"], 3, 12
 
 
 @dataclass
