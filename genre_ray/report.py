@@ -30,7 +30,7 @@ from typing import Any
 from genre_ray import cost, plots
 from genre_ray.export import PairExport, TestScores
 from genre_ray.files import atomic_path
-from genre_ray.trials import COST_KEYS, EXCLUDED, FAILED, FINISHED, PRUNED, TrialKeys, TrialRecord, of_pair
+from genre_ray.trials import COST_KEYS, EXCLUDED, FAILED, FINISHED, PRUNED, TrialRecord, of_pair
 
 COLUMNS = ["pair", "test_track_acc", "test_acc", "test_macro_f1", "val_acc", "val_loss",
            "first_point_val_loss", "winner", "params", "latency_ms", "pareto", "epochs", "finished",
@@ -118,7 +118,7 @@ def pair_result(pair: str, records: list[TrialRecord], export: PairExport | None
     ended = Counter(r.outcome for r in records)
     busy = sum(r.busy_s for r in records)
     trial_id = export.exported.trial_id if export else ""
-    first = [r for r in records if TrialKeys.split(r.config)[1] == first_point and r.scored]
+    first = [r for r in records if r.hyper == first_point and r.scored]
     row = PairResult(pair, ended[FINISHED], ended[PRUNED], ended[FAILED], busy * per_trial[0],
                      busy * per_trial[1], excluded=ended[EXCLUDED], importance=importance,
                      first_point_val_loss=first[0].best_val_loss if first else math.nan,

@@ -46,8 +46,14 @@ class TrialKeys:
     def split(cls, tune_config: Mapping[str, Any]) -> tuple[TrialKeys, dict[str, Any]]:
         """(the keys, the sampled hyperparameters) of a trial's Tune config."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return (cls(**{k: v for k, v in tune_config.items() if k in names}),
-                {k: v for k, v in tune_config.items() if k not in names})
+        return cls(**{k: v for k, v in tune_config.items() if k in names}), hyperparameters(tune_config)
+
+
+def hyperparameters(tune_config: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial's sampled hyperparameters: its Tune config without the TrialKeys (any part
+    of a config: one a saved run holds for a trial that failed before reporting is empty)."""
+    names = {f.name for f in dataclasses.fields(TrialKeys)}
+    return {k: v for k, v in tune_config.items() if k not in names}
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,11 @@ class TrialRecord:
         """The lowest validation loss it reported (NaN ignored); NaN if none."""
         losses = [e["val_loss"] for e in self.epochs if not math.isnan(e.get("val_loss", math.nan))]
         return min(losses, default=math.nan)
+
+    @property
+    def hyper(self) -> dict[str, Any]:
+        """Its sampled hyperparameters (empty if it failed before its first report)."""
+        return hyperparameters(self.config)
 
     @property
     def scored(self) -> bool:

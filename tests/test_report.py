@@ -154,6 +154,16 @@ def test_a_trial_that_failed_before_reporting_is_recorded_from_its_folder():
     assert rec.failure == "CEL2_spectrogram_ab12cd34: out of memory" and not rec.scored
 
 
+def test_a_trial_that_failed_before_reporting_is_counted_on_its_pairs_row():
+    """Its record holds no config (above): the row counts it failed, and the first point's
+    trial is still found among the others."""
+    failed = TrialRecord("x", PAIR, "spectrogram", {}, FAILED, 0, failure="x: out of memory")
+    records = [failed, record("a", FINISHED, [0.3]), record("b", PRUNED, [0.9], hyper=FIRST)]
+    row, _ = row_of(records, {PAIR: pair_export("a")})
+    assert (row.finished, row.pruned, row.failed) == (1, 1, 1)
+    assert (row.first_point_val_loss, row.winner) == (0.9, "searched")
+
+
 def test_a_runs_files_and_plots_are_written_from_the_rows(tmp_path):
     records = [record("a", FINISHED, [1.0, 0.5, 0.4, 0.3], cost=cost(1234, 2.0)),
                record("b", PRUNED, [1.2], hyper=FIRST, cost=cost(99, 1.0))]
