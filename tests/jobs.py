@@ -56,12 +56,6 @@ class Jobs:
                               text=True, timeout=timeout)
 
     def submit(self, job_id: str, *command: str, wait: bool = True) -> subprocess.CompletedProcess:
-        """`ray job submit --working-dir .`, the folder's files made its own: Ray deletes a
-        finished job's package from the cluster a moment after the job ends, and a job of
-        the same files submitted in that moment is not sent the package again, so its trials
-        on the other node cannot fetch it (ray-project/ray#46625; seen here between two
-        tests' jobs). A user who resubmits later, as after `ray job stop`, sends it anew."""
-        (self.folder / "submission.txt").write_text(job_id)
         return self.ray("submit", "--submission-id", job_id, "--working-dir", ".",
                         *([] if wait else ["--no-wait"]), "--", *command)
 

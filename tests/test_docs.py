@@ -1,7 +1,7 @@
 """Every command README.md and docs/ show is one a test runs, so that the docs cannot drift
 from what is tested: each command's entry point (`tune_main.py`, `-m genre_ray.predict`,
-`ray job submit`, ...) must be run by a test (or by .ci/run, or by the cluster and job
-helpers the tests use), and each flag the docs give it must be one such a file passes. A bench
+`ray job submit`, ...) must be run by a test (or by .ci/run, or by the cluster helper
+the tests use), and each flag the docs give it must be one such a file passes. A bench
 counts as run when tests/test_bench.py runs its smoke. What no test runs is listed in
 NOT_RUN with the reason, and the list is held exact."""
 from __future__ import annotations
@@ -14,8 +14,7 @@ from tests.helpers import REPO
 from tests.test_bench import SMOKED
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-RUNNERS = [*sorted((REPO / "tests").glob("test_*.py")), REPO / "tests" / "jobs.py",
-           REPO / "bench" / "cluster.py", REPO / ".ci" / "run"]
+RUNNERS = [*sorted((REPO / "tests").glob("test_*.py")), REPO / "bench" / "cluster.py", REPO / ".ci" / "run"]
 PROGRAMS = (".venv/bin/python", "python", "python3", ".venv/bin/pip", "ray", "wandb", "export")
 RUN_ELSEWHERE = {"-m bench.gpu_check": "tests/test_gpu_check.py"}  # its --dry run
 NOT_RUN = {
