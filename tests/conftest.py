@@ -1,6 +1,5 @@
 """Shared fixtures: one feature/dataset cache for the session (never the user's), a fresh
-one for tests of the cache itself; tests that speak S3 share one server, and the cluster
-tests one two-node cluster."""
+one for tests of the cache itself; tests that speak S3 share one server."""
 from __future__ import annotations
 
 import os
@@ -80,16 +79,6 @@ def isolated_cache(tmp_path_factory, monkeypatch) -> Path:
     cache = tmp_path_factory.mktemp("cache")
     monkeypatch.setenv("GENRE_RAY_CACHE", str(cache))
     return cache
-
-
-@pytest.fixture(scope="session")
-def jobs(tmp_path_factory, s3):
-    """A two-node cluster with its job server (tests/jobs.py), started once: the cluster
-    modules' tests that leave it as they found it share it (one unit: one worker)."""
-    from tests.jobs import job_cluster
-
-    with job_cluster(tmp_path_factory.mktemp("jobs"), s3) as running:
-        yield running
 
 
 @pytest.fixture(scope="session")

@@ -29,11 +29,12 @@ def tune_main(cluster, data, tmp_path, *args: str) -> subprocess.CompletedProces
                           env=cluster.env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.fixture
-def cluster(jobs):
-    """The session's two-node cluster (tests/jobs.py), for the tests that leave it as they
-    found it; its dataset."""
-    return jobs.cluster, jobs.data
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """One two-node cluster for the tests that leave it as they found it."""
+    base = tmp_path_factory.mktemp("cluster")
+    with two_node_cluster(base / "logs") as running:
+        yield running, make_tree(base / "data", tracks=3, seconds=6.0)
 
 
 def test_a_node_local_storage_path_is_refused_before_any_trial(cluster, tmp_path):
