@@ -11,11 +11,8 @@ import pytest
 # The suite keeps more threads busy than this 2-core machine has (two workers, each with
 # Ray's trials and their torch threads); OpenMP threads that spin while they wait for work,
 # their default, take the cores from the others: about a tenth of the suite's CPU time.
-# One thread per process, too (Ray gives a trial as many as its CPUs unless this is set):
-# the same results for a tenth fewer busy CPU-seconds (docs/benchmarks.md, the test suite).
 # Set before any test imports torch, and inherited by every process the tests start.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # README's test command runs two pytest-xdist workers (pytest.ini); each takes whole
 # modules (their tests share module-scoped runs), the slowest first, so that neither
