@@ -253,7 +253,8 @@ def claimed(store: Storage, run: Run) -> Iterator[Run]:
             run.folder.sync()
             run.folder.compact()
     finally:
-        held.release()
+        if run.lost is None:  # else the storage is out of reach: the lease ends by itself,
+            held.release()    # when the error says, with no more waiting on the storage
 
 
 def _claim(store: Storage, run: Run) -> lease.Lease:
