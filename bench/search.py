@@ -65,8 +65,7 @@ def random_fifo(model: str, feature: str, cfg: config.Config, study: str,
         load_space(model).of(feature).distributions, metric=tuning.METRIC, mode=tuning.MODE,
         sampler=optuna.samplers.RandomSampler(seed=seed + RANDOM_STREAM),
         storage=storage, study_name=f"{study}/{pair}", max_t=search.max_epochs)
-    keys = TrialKeys(pair, model, feature, search.max_epochs, seed,
-                            tuning.checkpoint_epochs(search))
+    keys = TrialKeys(pair, model, feature, search.max_epochs, seed, tuning.checkpoint_epochs(search))
     return (tuning.PairSearcher({pair: searcher}, {pair: search.num_samples},
                                 {pair: dataclasses.asdict(keys)}),
             FIFOScheduler())

@@ -31,7 +31,8 @@ def tune_main(cluster, data, tmp_path, *args: str) -> subprocess.CompletedProces
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """One two-node cluster for the tests that leave it as they found it."""
+    """The module's two-node cluster: the tests that leave it as they found it, then the
+    last test, which loses its worker node."""
     base = tmp_path_factory.mktemp("cluster")
     with two_node_cluster(base / "logs") as running:
         yield running, make_tree(base / "data", tracks=3, seconds=6.0)
@@ -57,7 +58,7 @@ def test_a_shared_storage_run_on_two_nodes_tunes_and_exports(cluster, tmp_path):
     assert "on 2 trial slots" in out.stdout  # one CPU on each node
 
 
-def test_a_trial_on_a_lost_node_is_retried_from_its_checkpoint(tmp_path):
+def test_a_trial_on_a_lost_node_is_retried_from_its_checkpoint(cluster, tmp_path):
     """ASHA's one rung is epoch 2 (grace 2 x 4 reaches max_epochs 8): a trial checkpoints
     there, and runs on to epoch 8, so the node is lost mid-trial. Both trials train the
     same configuration (a one-point space) with the same seed, so neither is worse at the
@@ -68,19 +69,19 @@ def test_a_trial_on_a_lost_node_is_retried_from_its_checkpoint(tmp_path):
     (spaces / "CEL.yaml").write_text("params: {learning_rate: {choice: [0.001]}}\n"
                                      "first_point: {learning_rate: 0.001}\n")
     run = tmp_path / "runs" / "run"
-    with two_node_cluster(tmp_path / "logs") as cluster:
-        job = subprocess.Popen(
-            tune_args(cluster, data, tmp_path, "--shared-storage", "--models", "CEL",
-                      "--num-samples", "2", "--max-epochs", "8", "--grace-period", "2",
-                      "--reduction-factor", "4", "--search-spaces", str(spaces)),
-            cwd=tmp_path, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True)
-        try:
-            _wait_until(lambda: _both_checkpointed(run), timeout=240)
-            kill_node(cluster.worker)  # every process of the node this test started
-            output, _ = job.communicate(timeout=600)
-        finally:
-            job.kill()
+    cluster, _ = cluster
+    job = subprocess.Popen(
+        tune_args(cluster, data, tmp_path, "--shared-storage", "--models", "CEL",
+                  "--num-samples", "2", "--max-epochs", "8", "--grace-period", "2",
+                  "--reduction-factor", "4", "--search-spaces", str(spaces)),
+        cwd=tmp_path, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+    try:
+        _wait_until(lambda: _both_checkpointed(run), timeout=240)
+        kill_node(cluster.worker)  # every process of the worker node (the module's last test)
+        output, _ = job.communicate(timeout=600)
+    finally:
+        job.kill()
     assert job.returncode == 0, output[-3000:]
     assert (tmp_path / "best" / "CEL_spectrogram_best_model.pth").is_file()
     restarts = [row for f in run.glob("*/result.json") for row in map(json.loads, f.open())
