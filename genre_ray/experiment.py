@@ -118,8 +118,9 @@ def _run(cfg: Config, checked: Checked, sets: dict[str, FeatureSet], slots: int,
                           "Optuna studies are saved. Run the same command again, or add "
                           f"--resume --name {run_.name}, to continue it")
     records = tuning.records([*tuning.earlier_rounds(run_), *grid], cfg.search.max_epochs)
-    exports = _export(records, names, cfg, checked, sets, run_)
     studies = tuning.optuna_storage(run_.folder)  # read once: a journal is replayed when opened
+    tuning.settle(studies, run_.name, records)
+    exports = _export(records, names, cfg, checked, sets, run_)
     results, costs = report.pair_results(
         names, records, exports,
         {tuning.pair_name(m, f): checked.spaces[m].of(f).first_point for m, f in pairs},

@@ -109,6 +109,29 @@ def _failure(result) -> str:
     return f"{Path(result.path).name}: {why}"
 
 
+TUNE_TRIAL = "tune_trial_id"  # user attr of an Optuna trial: the Tune trial it was asked for
+
+
+def settle(storage: optuna.storages.BaseStorage, study: str, ended: list[TrialRecord]) -> None:
+    """Tell each pair's study (`<study>/<pair>`) how every trial Tune ended (`ended`) went,
+    where the study still holds it RUNNING: a continued driver can end a trial without its
+    searcher hearing of it (seen once, after a continuation from a storage that had stopped
+    mid-run), and a trial left RUNNING is one TPE's constant liar counts in every later round."""
+    by_id = {record.trial_id: record for record in ended}
+    for pair in sorted({record.pair for record in ended}):
+        pair_study = optuna.load_study(study_name=f"{study}/{pair}", storage=storage)
+        for trial in pair_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            record = by_id.get(trial.user_attrs.get(TUNE_TRIAL))
+            if record is None:
+                continue
+            state = OPTUNA_STATE[record.outcome]
+            value = record.epochs[-1].get(METRIC, math.nan) if record.epochs else math.nan
+            if state == TrialState.COMPLETE and _finite(value):
+                pair_study.tell(trial.number, value)
+            else:
+                pair_study.tell(trial.number, state=TrialState.FAIL if state == TrialState.COMPLETE else state)
+
+
 # an excluded trial is PRUNED with its cost over a limit: TPE's constraints see it (constraints)
 OPTUNA_STATE = {FINISHED: TrialState.COMPLETE, PRUNED: TrialState.PRUNED, FAILED: TrialState.FAIL,
                 EXCLUDED: TrialState.PRUNED}
@@ -219,6 +242,7 @@ class PairSearcher(Searcher):
         for pair in sorted(open_pairs, key=lambda p: self._started[p]):
             config = self._searchers[pair].suggest(trial_id)
             if config is not None and config != Searcher.FINISHED:
+                asked(self._searchers[pair])[trial_id].set_user_attr(TUNE_TRIAL, trial_id)
                 self._started[pair] += 1
                 self._owner[trial_id] = pair
                 return {**config, **self._constants[pair]}

@@ -175,7 +175,8 @@ def stage(where: Where, data: Path, base: Path, name: str, stop=None, when=None)
     (a signal, or "storage") once `when(where)` holds."""
     cwd = base / name
     cwd.mkdir()
-    env = {**where.env, "GENRE_RAY_CACHE": str(base / f"cache-{name}"), "PYTHONUNBUFFERED": "1"}
+    env = {**where.env, "GENRE_RAY_CACHE": str(base / f"cache-{name}"), "PYTHONUNBUFFERED": "1",
+           "PYTHONFAULTHANDLER": "1"}  # SIGABRT (ended) prints where each thread was
     with open(cwd / "out.log", "w+") as out, open(cwd / "err.log", "w+") as err:
         proc = subprocess.Popen(command(data, where.uri), cwd=cwd, env=env, stdout=out,
                                 stderr=err, start_new_session=True)
@@ -187,7 +188,7 @@ def stage(where: Where, data: Path, base: Path, name: str, stop=None, when=None)
             where.stop()
         elif stop is not None:
             os.killpg(proc.pid, stop)
-        code = proc.wait(300)
+        code = ended(proc, cwd / "err.log")
     if stop == "storage":
         where.start()
     if stop in (signal.SIGKILL, "storage"):
@@ -196,6 +197,19 @@ def stage(where: Where, data: Path, base: Path, name: str, stop=None, when=None)
     status = json.loads(where.read("chain/run.json"))["status"]
     return Stage(code, (cwd / "out.log").read_text(), (cwd / "err.log").read_text(), finished,
                  status, base / f"cache-{name}")
+
+
+def ended(proc: subprocess.Popen, err: Path, timeout_s: float = 300) -> int:
+    """The command's exit code; a command that hangs is made to print its threads' stacks
+    (faulthandler) and killed with its Ray, and the stage fails with those stacks."""
+    try:
+        return proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGABRT)
+        time.sleep(2)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        pytest.fail(f"{proc.args} hung for {timeout_s} s:\n{err.read_text()[-12000:]}")
 
 
 def run_chain(where: Where, base: Path) -> dict[str, Stage]:

@@ -15,6 +15,7 @@ from genre_ray.features import build_features
 from genre_ray.search_space import load_space
 from genre_ray.export import CHECKPOINT_METRIC
 from genre_ray.trainable import load_trial_state, share
+from genre_ray.trials import FAILED, FINISHED, PRUNED, TrialRecord
 from genre_ray.tuning import build_search
 
 
@@ -124,6 +125,25 @@ def test_a_restored_search_fails_the_trials_asked_after_its_last_save(tmp_path):
     restored.restore(str(tmp_path / "searcher.pkl"))
     study = optuna.load_study(study_name="killed/MLP_spectrogram", storage=storage)
     assert [t.state for t in study.trials] == [TrialState.RUNNING, TrialState.FAIL]
+
+
+def test_a_finished_run_settles_the_trials_its_searcher_never_heard_end(tmp_path):
+    """Trials Tune ended that a study still holds RUNNING are told as their records say;
+    one no record names stays RUNNING."""
+    cfg = cfg_with(num_samples=4, max_epochs=2, grace_period=1, n_startup_trials=1)
+    storage = tuning.optuna_storage(tmp_path)
+    searcher, _ = build_search([("MLP", "spectrogram")], {"MLP": load_space("MLP")}, cfg, "r", storage)
+    for trial_id in ("done", "stopped", "broken", "unknown"):
+        searcher.suggest(trial_id)
+    epochs = [{"epoch": 1, "val_loss": 0.5}, {"epoch": 2, "val_loss": 0.25}]
+    tuning.settle(storage, "r", [
+        TrialRecord("done", "MLP_spectrogram", "spectrogram", {}, FINISHED, 2, epochs),
+        TrialRecord("stopped", "MLP_spectrogram", "spectrogram", {}, PRUNED, 1, epochs[:1]),
+        TrialRecord("broken", "MLP_spectrogram", "spectrogram", {}, FAILED, 1, epochs[:1])])
+    trials = optuna.load_study(study_name="r/MLP_spectrogram", storage=storage).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL,
+                                         TrialState.RUNNING]
+    assert trials[0].value == 0.25
 
 
 @pytest.mark.slow
