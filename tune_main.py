@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from genre_ray import config, experiment, report, runs
+from genre_ray import config, runs
 from genre_ray.errors import UserError, exit_on_user_error
 from genre_ray.files import read_text
 
@@ -52,7 +52,7 @@ def from_file(path: Path) -> dict[str, Any]:
     return doc
 
 
-def parse(argv: list[str] | None = None) -> tuple[config.Config, experiment.Session]:
+def parse(argv: list[str] | None = None) -> tuple[config.Config, runs.Session]:
     """The run's configuration (defaults.yaml < --config FILE < flags) and the session."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=_Help)
     p.add_argument("--config", type=Path,
@@ -94,7 +94,7 @@ def parse(argv: list[str] | None = None) -> tuple[config.Config, experiment.Sess
     for field in ("run.models", "run.features"):
         values[field] = listed(values[field])
     cfg = config.replaced(loaded, values)
-    return cfg, experiment.Session(args["name"], args["resume"], args["address"],
+    return cfg, runs.Session(args["name"], args["resume"], args["address"],
                                    args["shared_storage"], args["check"], args["more_samples"] or 0)
 
 
@@ -113,11 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, terminate)
     try:
         cfg, session = parse(argv)
+        from genre_ray import experiment, report  # after the flags: a mistake or --help in 0.4 s
         if session.check:
             print(experiment.check(cfg, session))
             return 0
         summary = experiment.run(cfg, session)
-    except experiment.Interrupted as stop:
+    except runs.Interrupted as stop:
         print(stop, file=sys.stderr)
         return 128 + stopped_by[0]
     except KeyboardInterrupt:  # a stop outside tuning: what Tune saved is kept

@@ -9,7 +9,6 @@ records once (tuning.records); export and report read only those.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 from genre_ray import capacity, checks, cluster, export, onnx_export, report, runs, tuning
 from genre_ray.checks import Checked
@@ -20,24 +19,7 @@ from genre_ray.trainable import load_trial_state
 from genre_ray.trials import TrialRecord, of_pair
 
 
-@dataclass(frozen=True)
-class Session:
-    """How this command runs, beside what it runs (config.Config): which run, which Ray."""
-
-    name: str | None = None  # None: the newest interrupted run with this configuration, or new
-    resume: bool = False  # continue a run with its saved configuration
-    address: str | None = None  # a Ray cluster to join; None: $RAY_ADDRESS (a submitted
-    # job's cluster) if set, else a new local Ray
-    shared_storage: bool = False  # the storage path is mounted on every node
-    check: bool = False  # check what a run would check, and stop there (tune_main --check)
-    more_samples: int = 0  # grow the finished run `name` by this many trials per pair
-
-
-class Interrupted(Exception):
-    """The run stopped before its last trial (Ctrl-C); its state is saved for a resume."""
-
-
-def run(cfg: Config, session: Session = Session()) -> report.RunSummary:
+def run(cfg: Config, session: runs.Session = runs.Session()) -> report.RunSummary:
     """Tune every (model, feature) pair of `cfg`, export the best model of each, score the
     exports on the test split, and write the leaderboard and plots. Interrupted: Ctrl-C.
 
@@ -53,7 +35,7 @@ def run(cfg: Config, session: Session = Session()) -> report.RunSummary:
             _say_which(run_)
             try:
                 summary = _run(cfg, checked, sets, slots, run_, start)
-            except Interrupted:  # Ctrl-C while tuning: its record says interrupted
+            except runs.Interrupted:  # Ctrl-C while tuning: its record says interrupted
                 raise
             except KeyboardInterrupt:  # Ctrl-C after tuning: the same command exports again
                 runs.write_record(run_, "interrupted")
@@ -66,7 +48,7 @@ def run(cfg: Config, session: Session = Session()) -> report.RunSummary:
     return summary
 
 
-def check(cfg: Config, session: Session = Session()) -> str:
+def check(cfg: Config, session: runs.Session = runs.Session()) -> str:
     """What `run` checks before it starts Ray, and nothing else: which run, the flags and
     files, the data, the memory the features need, and that --address answers. A line
     saying what would run; UserError for the first problem. Writes nothing."""
@@ -114,7 +96,7 @@ def _run(cfg: Config, checked: Checked, sets: dict[str, FeatureSet], slots: int,
     if tuning.interrupted(run_.folder.store.tune_path(runs.round_name(run_.name, run_.round)),
                           run_.rounds[-1] * len(pairs), grid):
         runs.write_record(run_, "interrupted")
-        raise Interrupted(f"run {run_.name!r} was interrupted; its trials, checkpoints and "
+        raise runs.Interrupted(f"run {run_.name!r} was interrupted; its trials, checkpoints and "
                           "Optuna studies are saved. Run the same command again, or add "
                           f"--resume --name {run_.name}, to continue it")
     records = tuning.records([*tuning.earlier_rounds(run_), *grid], cfg.search.max_epochs)

@@ -52,6 +52,24 @@ GIVE_UP_S = 10.0  # the storage failing this long stops the run (trials fail at 
 # checkpoint meanwhile), long before the lease it can no longer renew ends
 
 
+class Interrupted(Exception):
+    """The run stopped before its last trial (Ctrl-C); its state is saved for a resume."""
+
+
+@dataclass(frozen=True)
+class Session:
+    """How this command runs, beside what it runs (config.Config): which run, which Ray."""
+
+    name: str | None = None  # None: the newest interrupted run with this configuration, or new
+    resume: bool = False  # continue a run with its saved configuration
+    address: str | None = None  # a Ray cluster to join; None: $RAY_ADDRESS (a submitted
+    # job's cluster) if set, else a new local Ray
+    shared_storage: bool = False  # the storage path is mounted on every node
+    check: bool = False  # check what a run would check, and stop there (tune_main --check)
+    more_samples: int = 0  # grow the finished run `name` by this many trials per pair
+
+
+
 @dataclass
 class Run:
     """The run this command works on, with its configuration (config.as_json) and search
