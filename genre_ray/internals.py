@@ -1,9 +1,10 @@
-"""The one place genre-ray uses private names of Ray, Optuna and W&B.
+"""The one place genre-ray uses private names of Ray, Optuna, W&B and torch.onnx.
 
 Each use names the private name it touches and the behaviour of the pinned version it
 relies on or works around; tests/test_internals.py fails by name when an upgrade moves
-or changes them. Three kinds: patches of Tune's behaviour, the Optuna handles of Ray's
-OptunaSearch, and Ray's per-trial W&B logger run as a driver thread.
+or changes them. Four kinds: patches of Tune's behaviour, the Optuna handles of Ray's
+OptunaSearch, Ray's per-trial W&B logger run as a driver thread, and torch.onnx's table of
+ONNX functions built once per process.
 """
 from __future__ import annotations
 
@@ -200,3 +201,32 @@ class WandbThreadCallback(WandbLoggerCallback):
         for trial in list(self._trial_logging_actors):
             self._signal_logging_actor_stop(trial)
         super().on_experiment_end(trials, **info)
+
+
+# ---- torch.onnx's exporter: its table of ONNX functions ----------------------------------
+
+def onnx_functions_built_once() -> None:
+    """Build torch.onnx's table of ATen -> ONNX functions once per process, not per export.
+
+    The pinned dynamo exporter builds it (`ONNXRegistry.from_torchlib`, about 0.9 CPU-s)
+    in every `torch.onnx.export`, and a run exports one graph per pair. Each export still
+    gets a table of its own: a copy of the one built, which it may register into."""
+    from torch.onnx._internal.exporter._registration import ONNXRegistry
+
+    if getattr(ONNXRegistry.from_torchlib, "built_once", False):
+        return
+    build, built, lock = ONNXRegistry.from_torchlib.__func__, {}, threading.Lock()
+
+    @functools.wraps(build)
+    def from_torchlib(cls, *args: Any, **kwargs: Any):
+        key = (cls, args, tuple(sorted(kwargs.items())))
+        with lock:
+            if key not in built:
+                built[key] = build(cls, *args, **kwargs)
+        table = cls.__new__(cls)
+        table.__dict__.update(built[key].__dict__)
+        table.functions = {target: list(metas) for target, metas in built[key].functions.items()}
+        return table
+
+    from_torchlib.built_once = True
+    ONNXRegistry.from_torchlib = classmethod(from_torchlib)

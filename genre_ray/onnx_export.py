@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 import torch
 
-from genre_ray import onnx_runtime
+from genre_ray import internals, onnx_runtime
 from genre_ray.cost import Served
 from genre_ray.export import Exported, PairExport
 from genre_ray.files import atomic_path
@@ -92,6 +92,7 @@ def _graph(model: Served, segments: torch.Tensor) -> onnx.ModelProto:
     progress lines and warnings kept off the run's output."""
     example = segments[:2] if len(segments) >= 2 else segments.repeat(2, 1)  # 1 would specialise
     batch = torch.export.Dim("batch", min=1)
+    internals.onnx_functions_built_once()
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level
     quiet.setLevel(logging.ERROR)

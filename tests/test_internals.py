@@ -1,4 +1,4 @@
-"""The private names of Ray, Optuna and W&B that genre_ray.internals uses: still where it
+"""The private names of Ray, Optuna, W&B and torch.onnx that genre_ray.internals uses: still where it
 expects them, with the behaviour it relies on or works around, and each use doing its job."""
 from __future__ import annotations
 
@@ -151,3 +151,28 @@ def test_a_thread_logger_writes_a_trials_results_as_rays_logger_filters_them(tmp
     run = read_run(folder)
     assert [(h["epoch"], h["val_loss"]) for h in run["history"]] == [(1, 1.0), (2, 0.5)]
     assert not any("timestamp" in h for h in run["history"]) and run["exit"]["exit_code"] == 0
+
+
+def test_two_onnx_exports_build_torchs_table_of_onnx_functions_once_each_with_its_own_copy(monkeypatch):
+    import torch
+    from torch.onnx._internal.exporter._registration import ONNXRegistry
+
+    builds = []
+    original = ONNXRegistry.from_torchlib.__func__
+
+    def counted(cls, *args, **kwargs):
+        builds.append(args)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(ONNXRegistry, "from_torchlib", classmethod(counted))
+    internals.onnx_functions_built_once()
+    internals.onnx_functions_built_once()  # idempotent: not wrapped twice
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()).eval()
+    graphs = [torch.onnx.export(model, (torch.randn(2, 4),), dynamo=True, verbose=False)
+              for _ in range(2)]
+    assert len(builds) == 1 and all(g.model_proto.graph.node for g in graphs)  # the exporter's own call
+    first, second = ONNXRegistry.from_torchlib(), ONNXRegistry.from_torchlib()
+    assert first.functions == second.functions and first.functions is not second.functions
+    name = next(iter(first.functions))
+    first.functions[name].clear()
+    assert second.functions[name]
