@@ -62,8 +62,13 @@ class Jobs:
         return {"succeeded": "SUCCEEDED", "failed": "FAILED",
                 "was stopped": "STOPPED"}.get(said[1], said[2])
 
-    def logs(self, job_id: str) -> str:
-        return self.ray("logs", job_id).stdout
+    def logs(self, job_id: str, until: str = "", timeout: float = 30) -> str:
+        """The job's logs, once they hold `until`: the job server may answer with the
+        entrypoint's first line before the rest of a finished job's output reaches it."""
+        deadline = time.monotonic() + timeout
+        while until not in (text := self.ray("logs", job_id).stdout) and time.monotonic() < deadline:
+            time.sleep(1)
+        return text
 
     def wait(self, job_id: str, timeout: float = 600) -> str:
         deadline = time.monotonic() + timeout
@@ -100,7 +105,8 @@ def test_the_working_dir_sends_the_code_and_not_the_data_or_cache(cluster):
     out = jobs.submit("files", "python", "-c",
                       "import os, genre_ray; print(sorted(os.listdir('.')))")
     assert out.returncode == 0, out.stderr[-2000:]
-    listed = ast.literal_eval(jobs.logs("files").strip().splitlines()[-1])  # its folder on the head
+    printed = jobs.logs("files", until="['").strip().splitlines()[-1]
+    listed = ast.literal_eval(printed)  # its folder on the head
     assert {"genre_ray", "search_spaces", "tune_main.py"} <= set(listed)
     assert "data" not in listed and ".cache" not in listed
 
@@ -109,7 +115,7 @@ def test_a_submitted_main_job_tunes_on_the_cluster_and_keeps_its_run_in_the_buck
     jobs, data, uri, s3 = cluster
     out = jobs.submit("main", *tune(data, uri, "main", "--num-samples", "2", "--max-epochs", "2"))
     assert out.returncode == 0 and jobs.status("main") == "SUCCEEDED", out.stdout[-3000:]
-    logs = jobs.logs("main")
+    logs = jobs.logs("main", until="| MLP_spectrogram |")
     assert "Trial status:" in logs and "| MLP_spectrogram |" in logs  # progress, leaderboard
     assert "on 2 trial slots" in logs  # the head's CPU and the worker's
     stored = s3.objects("jobs", "runs/main/")
@@ -122,7 +128,7 @@ def test_a_failing_job_ends_failed_with_its_error_line_last(cluster):
     jobs, data, uri, _ = cluster
     jobs.submit("bad", *tune(data, uri, "bad", "--models", "NOPE"))
     assert jobs.wait("bad") == "FAILED"
-    last = jobs.logs("bad").strip().splitlines()[-1]
+    last = jobs.logs("bad", until="error: ").strip().splitlines()[-1]
     assert last.startswith("error: ") and "unknown model 'NOPE'" in last
 
 
@@ -147,4 +153,4 @@ def test_a_stopped_job_is_recorded_interrupted_and_the_same_job_continues_it(clu
         time.sleep(max(0.0, json.loads(lease["runs/stopped/.lease"])["expires"] - time.time()))
     again = jobs.submit("again", *command)
     assert again.returncode == 0 and jobs.status("again") == "SUCCEEDED", again.stdout[-3000:]
-    assert "continuing interrupted run 'stopped'" in jobs.logs("again")
+    assert "continuing interrupted run 'stopped'" in jobs.logs("again", until="continuing interrupted")
