@@ -1,4 +1,5 @@
-"""The control plane's share of a run: what the searcher keeps per trial, what the Tuner logs.
+"""The control plane's share of a run: what the searcher keeps per trial (what the Tuner
+writes is checked on test_tuning's run).
 
 bench/control_plane.py measures the costs; these tests pin the behaviour behind them.
 """
@@ -8,11 +9,8 @@ import pickle
 from pathlib import Path
 
 import optuna
-import pytest
-import ray
 from optuna.trial import TrialState
 
-from bench.control_plane import landscape, synthetic_trial
 from genre_ray import config, tuning
 from genre_ray.internals import asked
 from genre_ray.search_space import load_space
@@ -82,27 +80,3 @@ def test_a_restored_search_still_finishes_its_running_trials_and_fails_the_orpha
     study = optuna.load_study(study_name="cp/MLP_spectrogram", storage=storage)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.PRUNED,
                                                TrialState.FAIL]
-
-
-@pytest.fixture
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.mark.slow
-def test_the_tuner_writes_csv_and_json_results_and_no_tensorboard(tmp_path, local_ray, monkeypatch):
-    monkeypatch.setenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "")  # undone after the test
-    monkeypatch.delenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS")  # make_tuner's own choice
-    searcher, scheduler, cfg, _ = search(tmp_path / "optuna", num_samples=2, max_epochs=2)
-    grid = tuning.fit(landscape([PAIR], epoch_s=0.0), searcher, scheduler, cfg,
-                      storage_path=str(tmp_path), name="cp", num_trials=2, cpus_per_trial=1,
-                      gpus_per_trial=0, max_concurrent=2, verbose=0, trainable=synthetic_trial)
-    assert len(grid) == 2 and not grid.errors
-    for result in grid:
-        folder = Path(result.path)
-        assert (folder / "result.json").is_file() and (folder / "progress.csv").is_file()
-        assert not list(folder.glob("events.out.tfevents*"))
-        assert len(result.metrics_dataframe) == result.metrics[tuning.TIME_ATTR]
-        assert 1 <= len(result.best_checkpoints) <= tuning.KEEP_CHECKPOINTS

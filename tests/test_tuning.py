@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import optuna
 import pytest
@@ -42,9 +43,11 @@ def run(tmp_path_factory):
         storage = tuning.optuna_storage(run_dir)
         spaces = {m: load_space(m) for m, _ in PAIRS}
         searcher, scheduler = build_search(PAIRS, spaces, cfg, "test-run", storage)
-        grid = tuning.fit(refs, searcher, scheduler, cfg, storage_path=str(run_dir.parent),
-                          name=run_dir.name, num_trials=8, cpus_per_trial=1, gpus_per_trial=0,
-                          max_concurrent=2, verbose=0)
+        with pytest.MonkeyPatch.context() as env:
+            env.delenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", raising=False)  # make_tuner's own choice
+            grid = tuning.fit(refs, searcher, scheduler, cfg, storage_path=str(run_dir.parent),
+                              name=run_dir.name, num_trials=8, cpus_per_trial=1, gpus_per_trial=0,
+                              max_concurrent=2, verbose=0)
     finally:
         ray.shutdown()
     return grid, storage, spaces
@@ -80,7 +83,17 @@ def test_every_trial_reports_every_epoch_and_keeps_its_checkpoints_bounded(run):
         history = result.metrics_dataframe
         assert list(history["epoch"]) == list(range(1, len(history) + 1))
         assert {"train_loss", "val_loss", "val_acc"} <= set(history.columns)
+        assert len(history) == result.metrics[tuning.TIME_ATTR]
         assert 1 <= len(result.best_checkpoints) <= tuning.KEEP_CHECKPOINTS
+
+
+@pytest.mark.slow
+def test_the_tuner_writes_csv_and_json_results_and_no_tensorboard(run):
+    grid, _, _ = run
+    for result in grid:
+        folder = Path(result.path)
+        assert (folder / "result.json").is_file() and (folder / "progress.csv").is_file()
+        assert not list(folder.glob("events.out.tfevents*"))
 
 
 @pytest.mark.slow
