@@ -183,13 +183,21 @@ def describe(err: BaseException) -> str:
     return text.split(" (Request ID")[0] if text else type(err).__name__
 
 
+@functools.lru_cache(maxsize=None)
+def _usable(uri: str) -> None:
+    """Raises unless pyarrow has a filesystem for `uri`; once per URI and process: for an
+    s3:// URI each look resolves the bucket's region (a request), and every RunFolder
+    unpickled from Tune's state looks (a restore unpickles several)."""
+    pafs.FileSystem.from_uri(uri)
+
+
 def storage(path_or_uri: str) -> Storage:
     """The Storage of `--storage-path`: a path, or a URI (s3://, gs://, file://, ...)."""
     if "://" not in path_or_uri:
         local = Path(path_or_uri).expanduser().resolve()
         return Storage(str(local), local)
     try:
-        pafs.FileSystem.from_uri(path_or_uri)
+        _usable(path_or_uri)
     except (pyarrow.ArrowException, OSError, ValueError) as err:
         raise UserError(f"--storage-path {path_or_uri} is not a storage URI this machine can "
                         f"use ({describe(err)}); pass a path, or an s3://, gs:// or file:// "
