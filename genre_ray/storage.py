@@ -185,9 +185,9 @@ def describe(err: BaseException) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _usable(uri: str) -> None:
-    """Raises unless pyarrow has a filesystem for `uri`; once per URI and process: for an
-    s3:// URI each look resolves the bucket's region (a request), and every RunFolder
-    unpickled from Tune's state looks (a restore unpickles several)."""
+    """Raises unless pyarrow has a filesystem for `uri`; once per URI and process: each look
+    makes a client (for s3:// with no region configured, one that asks the bucket for its
+    region), and every RunFolder unpickled from Tune's state looks (a restore unpickles several)."""
     pafs.FileSystem.from_uri(uri)
 
 
