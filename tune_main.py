@@ -95,7 +95,7 @@ def parse(argv: list[str] | None = None) -> tuple[config.Config, runs.Session]:
         values[field] = listed(values[field])
     cfg = config.replaced(loaded, values)
     return cfg, runs.Session(args["name"], args["resume"], args["address"],
-                                   args["shared_storage"], args["check"], args["more_samples"] or 0)
+                             args["shared_storage"], args["check"], args["more_samples"] or 0)
 
 
 @exit_on_user_error
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, terminate)
     try:
         cfg, session = parse(argv)
-        from genre_ray import experiment, report  # after the flags: a mistake or --help in 0.4 s
+        from genre_ray import experiment, report  # after the flags: a mistake or --help in 0.3 s
         if session.check:
             print(experiment.check(cfg, session))
             return 0

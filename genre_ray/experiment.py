@@ -97,8 +97,8 @@ def _run(cfg: Config, checked: Checked, sets: dict[str, FeatureSet], slots: int,
                           run_.rounds[-1] * len(pairs), grid):
         runs.write_record(run_, "interrupted")
         raise runs.Interrupted(f"run {run_.name!r} was interrupted; its trials, checkpoints and "
-                          "Optuna studies are saved. Run the same command again, or add "
-                          f"--resume --name {run_.name}, to continue it")
+                               "Optuna studies are saved. Run the same command again, or add "
+                               f"--resume --name {run_.name}, to continue it")
     records = tuning.records([*tuning.earlier_rounds(run_), *grid], cfg.search.max_epochs)
     studies = tuning.optuna_storage(run_.folder)  # read once: a journal is replayed when opened
     tuning.settle(studies, run_.name, records)

@@ -69,7 +69,6 @@ class Session:
     more_samples: int = 0  # grow the finished run `name` by this many trials per pair
 
 
-
 @dataclass
 class Run:
     """The run this command works on, with its configuration (config.as_json) and search

@@ -126,10 +126,9 @@ def settle(storage: optuna.storages.BaseStorage, study: str, ended: list[TrialRe
                 continue
             state = OPTUNA_STATE[record.outcome]
             value = record.epochs[-1].get(METRIC, math.nan) if record.epochs else math.nan
-            if state == TrialState.COMPLETE and _finite(value):
-                pair_study.tell(trial.number, value)
-            else:
-                pair_study.tell(trial.number, state=TrialState.FAIL if state == TrialState.COMPLETE else state)
+            if state == TrialState.COMPLETE and not _finite(value):
+                state = TrialState.FAIL  # as on_trial_complete tells a non-finite loss
+            pair_study.tell(trial.number, value if state == TrialState.COMPLETE else None, state=state)
 
 
 # an excluded trial is PRUNED with its cost over a limit: TPE's constraints see it (constraints)

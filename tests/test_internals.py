@@ -1,5 +1,6 @@
-"""The private names of Ray, Optuna, W&B and torch.onnx that genre_ray.internals uses: still where it
-expects them, with the behaviour it relies on or works around, and each use doing its job."""
+"""The private names of Ray, Optuna, W&B and torch.onnx that genre_ray.internals uses:
+still where it expects them, with the behaviour it relies on or works around, and each
+use doing its job."""
 from __future__ import annotations
 
 import inspect
